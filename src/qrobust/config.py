@@ -1,0 +1,198 @@
+"""Experiment configuration: TOML file -> validated dataclasses, ``key=value`` overrides on top.
+
+Order of precedence (timm's ``train.py`` idea): dataclass defaults < config file < command-line
+``section.key=value`` overrides. Unknown sections/keys and values of the wrong type are errors that
+name the key and the valid choices. The resolved config is written into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qrobust.errors import ConfigError
+
+
+@dataclass
+class DataSection:
+    name: str = "fashion-mnist"
+    dir: str = ""  # data folder; empty = $QROBUST_DATA or the data set's default place
+    download: bool = False
+    augment: bool = True  # random crop (+ flip where the data set allows it)
+
+
+@dataclass
+class ModelSection:
+    arch: str = "convnet"
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 15
+    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd (Nesterov) | adam
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # not applied to BatchNorm parameters and biases
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"  # cosine | constant (per step, after linear warm-up)
+    warmup_epochs: float = 0.5
+    bf16: bool = False  # bf16 autocast; slower than fp32 on CPUs without AVX512-BF16/AMX
+    channels_last: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class QuantSection:
+    bits: int = 32  # 32 = float; 2..8 = QAT at that weight bit width
+    act_bits: int = 0  # 0 = same as bits
+    backend: str = "server"  # server (x86) | mobile (ARM)
+    first_last_bits: int = 8  # 0 = quantize first/last layers at `bits` too
+    init: str = ""  # float checkpoint (or run folder) to start QAT from
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    name: str = ""
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> RunConfig:
+        t = self.train
+        checks = [
+            (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
+            (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+            (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+            (t.optimizer in ("sgd", "adam"), f"train.optimizer '{t.optimizer}' is unknown; use 'sgd' or 'adam'"),
+            (t.schedule in ("cosine", "constant"), f"train.schedule '{t.schedule}' is unknown; use 'cosine' or 'constant'"),
+            (0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}"),
+            (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+            (t.device in ("auto", "cpu", "cuda"), f"train.device '{t.device}' is unknown; use auto, cpu or cuda"),
+            (self.quant.bits == 32 or 2 <= self.quant.bits <= 8,
+             f"quant.bits must be 32 (float) or 2..8, got {self.quant.bits}"),
+            (self.quant.act_bits == 0 or 2 <= self.quant.act_bits <= 8,
+             f"quant.act_bits must be 0 (same as bits) or 2..8, got {self.quant.act_bits}"),
+            (self.quant.first_last_bits == 0 or 2 <= self.quant.first_last_bits <= 8,
+             f"quant.first_last_bits must be 0 (no exception) or 2..8, got {self.quant.first_last_bits}"),
+            (self.quant.backend in ("server", "mobile"),
+             f"quant.backend '{self.quant.backend}' is unknown; use 'server' (x86) or 'mobile' (ARM)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Convert a TOML value or a command-line string to the field's type, or raise ConfigError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}' expects a {kind.__name__}, got {value!r}")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(names)}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; write e.g. {full}.<key>=<value>")
+            _apply(getattr(obj, key), value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, kind, full))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["train.epochs=3", "seed=1"]`` -> nested dict (values stay strings; typed on apply)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' is not of the form key=value (e.g. train.epochs=3)")
+        key, value = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value.strip()
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: RunConfig | None = None) -> RunConfig:
+    """Defaults, then the TOML file at ``path``, then ``key=value`` overrides; validated."""
+    config = base or RunConfig()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        _apply(config, values)
+    _apply(config, parse_overrides(overrides or []))
+    return config.validate()
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    config = RunConfig()
+    _apply(config, values)
+    return config.validate()
+
+
+def to_toml(values: dict) -> str:
+    """Write a nested dict of scalars as TOML (top-level scalars first, then one table per section)."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if v is None:
+            return '""'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f"{k} = {scalar(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    for section, body in values.items():
+        if isinstance(body, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {scalar(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,301 @@
+"""Uniform fake quantization for quantization-aware training (QAT) at 2..8 bits.
+
+Weights: per-output-channel *symmetric* narrow-range quantization (Jacob et al. 2018, Krishnamoorthi
+2018), for ``b`` bits with ``q_max = 2**(b-1) - 1``::
+
+    s_c = max|W_c| / q_max,    W_q = s_c * clamp(round(W / s_c), -q_max, q_max)
+
+Activations: per-tensor *asymmetric* quantization with a range ``[lo, hi]`` tracked as an exponential
+moving average of batch min/max (torch's ``MovingAverageMinMaxObserver``, constant 0.01), widened to
+contain 0 so that zero is exact, with ``n = 2**b - 1`` levels (``2**(b-1) - 1`` with ``reduce_range``,
+which the x86 int8 kernels need to avoid int16 overflow)::
+
+    s = (hi - lo) / n,   z = clamp(round(-lo / s), 0, n),   x_q = s * (clamp(round(x / s) + z, 0, n) - z)
+
+Gradients pass straight through (STE, Bengio et al. 2013); for activations the straight-through
+gradient is zero outside the clipping range (torch's ``fake_quantize_*`` ops, used here).
+
+QAT is a module swap: :func:`quantize` replaces ``nn.Conv2d`` / ``nn.Linear`` by
+:class:`QuantConv2d` / :class:`QuantLinear` (same parameters, fake-quantized weights in ``forward``) and
+each :class:`QuantPoint` marker of a model by an :class:`ActQuant`. The bit width can be changed at
+run time with :func:`set_bit_width`, as dynamic bit-width training needs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.errors import ConfigError
+
+MIN_BITS, MAX_BITS = 2, 8
+_EPS = 1e-8
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    ``backend`` names the deployment target of an 8-bit model: ``server`` (x86, fbgemm kernels; 8-bit
+    activations use a 7-bit range, ``reduce_range``) or ``mobile`` (ARM, qnnpack; full 8-bit range).
+    ``first_last_bits`` keeps the first conv and the classifier at that width when the body goes lower
+    (common practice since DoReFa/PACT: those two layers are small and the most sensitive); ``None``
+    quantizes them at the body's width too.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    backend: str = "server"
+    first_last_bits: int | None = 8
+    ema_momentum: float = 0.01
+
+    def __post_init__(self):
+        for name in ("weight_bits", "act_bits"):
+            check_bits(getattr(self, name), name)
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        if self.backend not in ("server", "mobile"):
+            raise ConfigError(f"quantization backend '{self.backend}' is unknown; use 'server' (x86) or 'mobile' (ARM)")
+        if not 0.0 < self.ema_momentum <= 1.0:
+            raise ConfigError(f"ema_momentum must be in (0, 1], got {self.ema_momentum}")
+
+    @property
+    def reduce_range(self) -> bool:
+        return self.backend == "server"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_bits(bits, what: str = "bit width") -> int:
+    """Validate a bit width: an int in [2, 8]."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(
+            f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}; "
+            "use 32 (or no quantization) for a float model"
+        )
+    return bits
+
+
+def weight_qparams(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """Per-output-channel symmetric scale ``s_c = max|W_c| / q_max`` and ``q_max`` for ``bits``."""
+    q_max = 2 ** (bits - 1) - 1
+    amax = weight.detach().abs().flatten(1).amax(dim=1)
+    return (amax / q_max).clamp_min(_EPS), q_max
+
+
+def weight_int_repr(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes ``clamp(round(W / s_c), -q_max, q_max)`` and scales; used by int8 export.
+
+    Uses the same arithmetic as torch's fake-quant kernel (multiply by the float32 inverse scale, round
+    half to even) so the exported integers are exactly those the QAT twin used.
+    """
+    scale, q_max = weight_qparams(weight, bits)
+    inv = (1.0 / scale).view(-1, *([1] * (weight.dim() - 1)))
+    codes = torch.clamp(torch.round(weight.detach() * inv), -q_max, q_max)
+    return codes.to(torch.int8), scale
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-channel symmetric fake quantization with a straight-through gradient."""
+    scale, q_max = weight_qparams(weight, bits)
+    zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, -q_max, q_max)
+
+
+def act_qparams(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scale and zero point for the range ``[lo, hi]`` widened to contain 0."""
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = ((hi - lo) / levels).clamp_min(_EPS)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, levels).to(torch.int32)
+    return scale.reshape(1).float(), zero_point.reshape(1)
+
+
+class QuantPoint(nn.Identity):
+    """Marks where a model's activations are quantized; an identity in a float model.
+
+    :func:`quantize` replaces each marker by an :class:`ActQuant`; int8 export reads the range there.
+    """
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation fake quantizer with an EMA min/max range (frozen in eval mode)."""
+
+    def __init__(self, bits: int = 8, momentum: float = 0.01, reduce_range: bool = False):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.momentum = momentum
+        self.reduce_range = reduce_range
+        self.enabled = True
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def levels(self) -> int:
+        bits = self.bits - 1 if (self.reduce_range and self.bits == MAX_BITS) else self.bits
+        return 2**bits - 1
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return act_qparams(self.lo, self.hi, self.levels)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(x.detach().float())
+        if not bool(self.initialized):
+            self.lo.copy_(lo)
+            self.hi.copy_(hi)
+            self.initialized.fill_(True)
+        else:
+            self.lo.lerp_(lo, self.momentum)
+            self.hi.lerp_(hi, self.momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.training:
+            self.observe(x)
+        elif not bool(self.initialized):
+            raise RuntimeError(
+                "activation quantizer has no range yet: run at least one training step (or calibrate) before eval"
+            )
+        scale, zero_point = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, self.levels)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, reduce_range={self.reduce_range}"
+
+
+class _WeightQuantMixin:
+    bits: int
+    enabled: bool
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize_weight(self.weight, self.bits) if self.enabled else self.weight
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bits={self.bits}"
+
+
+class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose forward uses per-channel fake-quantized weights (same parameters)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: int) -> QuantConv2d:
+        new = copy.copy(conv)  # same Parameter objects: an optimizer built on the model keeps working
+        new.__class__ = cls
+        new.bits, new.enabled = check_bits(bits), True
+        return new
+
+    def to_float(self) -> nn.Conv2d:
+        new = copy.copy(self)
+        new.__class__ = nn.Conv2d
+        del new.bits, new.enabled
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(_WeightQuantMixin, nn.Linear):
+    """``nn.Linear`` whose forward uses per-channel fake-quantized weights (same parameters)."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int) -> QuantLinear:
+        new = copy.copy(linear)
+        new.__class__ = cls
+        new.bits, new.enabled = check_bits(bits), True
+        return new
+
+    def to_float(self) -> nn.Linear:
+        new = copy.copy(self)
+        new.__class__ = nn.Linear
+        del new.bits, new.enabled
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bool = False) -> nn.Module:
+    """Return the QAT twin of ``model``: conv/linear layers and quant points swapped for fake quantizers.
+
+    The twin is a deep copy (unless ``inplace``), so the float model stays usable as the DivQAT teacher.
+    """
+    config = config or QuantConfig()
+    if is_quantized(model):
+        raise ConfigError("model is already quantized; use set_bit_width() to change its bit width")
+    qmodel = model if inplace else copy.deepcopy(model)
+    layers = _weight_layers(qmodel)
+    edge = {layers[0][0], layers[-1][0]} if layers else set()
+    for name, layer in layers:
+        bits = config.weight_bits
+        if name in edge and config.first_last_bits is not None:
+            bits = max(bits, config.first_last_bits)
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        _replace(qmodel, name, cls.from_float(layer, bits))
+    for name, module in list(qmodel.named_modules()):
+        if isinstance(module, QuantPoint):
+            _replace(qmodel, name, ActQuant(config.act_bits, config.ema_momentum, config.reduce_range))
+    qmodel.quant_config = config
+    qmodel.quant_edge_layers = sorted(edge)
+    return qmodel
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantConv2d, QuantLinear, ActQuant)) for m in model.modules())
+
+
+def set_bit_width(model: nn.Module, bits: int, act_bits: int | None = None) -> nn.Module:
+    """Switch a QAT model to ``bits``-bit weights (and ``act_bits``, default ``bits``) in place.
+
+    The first/last layers stay at ``config.first_last_bits`` when that is set. Returns the model.
+    """
+    check_bits(bits, "weight bit width")
+    act_bits = check_bits(bits if act_bits is None else act_bits, "activation bit width")
+    if not is_quantized(model):
+        raise ConfigError("set_bit_width needs a quantized model: call qrobust.quant.quantize(model) first")
+    config: QuantConfig = getattr(model, "quant_config", QuantConfig())
+    edge = set(getattr(model, "quant_edge_layers", ()))
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            keep = name in edge and config.first_last_bits is not None
+            module.bits = max(bits, config.first_last_bits) if keep else bits
+        elif isinstance(module, ActQuant):
+            module.bits = act_bits
+    return model
+
+
+def get_bit_width(model: nn.Module) -> int | None:
+    """The body's weight bit width of a QAT model (None for a float model)."""
+    edge = set(getattr(model, "quant_edge_layers", ()))
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)) and name not in edge:
+            return module.bits
+    for module in model.modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            return module.bits
+    return None
+
+
+def set_quantization_enabled(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn all fake quantizers on or off (off = the float network with the same weights)."""
+    for module in model.modules():
+        if isinstance(module, (QuantConv2d, QuantLinear, ActQuant)):
+            module.enabled = enabled
+    return model
