@@ -1,0 +1,357 @@
+"""Stochastic Quantizer (SQ) and the ensemble of quantized networks it defines.
+
+Farkya, Raghavan, Ziskind, "Improving the Robustness of Quantized DNNs to White-Box Attacks using
+Stochastic Quantization and Information-Theoretic Ensemble Training", arXiv:2312.00105 (2023).
+Threat model: white-box; the attacker may backpropagate through the SQ (it is differentiable), so
+attacks must average over draws (EOT) to be fair.
+
+**The quantizer.** Each value ``v`` is quantized to one of ``K`` ordered bin centres
+``b_0 < ... < b_{K-1}`` drawn from a categorical distribution whose logits fall with the squared
+distance to the bins, in units of the mean bin gap ``D = (b_{K-1} - b_0) / (K - 1)``::
+
+    l_k(v) = -alpha * (v - b_k)**2 / D**2
+    k*     = argmax_k (l_k + g_k),       g_k ~ Gumbel(0, 1)   (Gumbel-max: k* ~ Categorical(softmax(l)))
+    s      = softmax((l + g) / tau)                            (Gumbel-softmax relaxation, Jang et al. 2017)
+    SQ(v)  = b_{k*}  in the forward pass; d SQ / d(v, b) = d (sum_k s_k b_k) / d(v, b)  (straight-through)
+
+so the output is *exactly* a bin value and the gradient is the relaxed sample's. ``alpha`` sets the
+noise: a value on a bin centre moves to a neighbour with probability ~``exp(-alpha)`` (alpha = 4:
+~2% per neighbour), a value half-way between two bins goes either way with probability 1/2; large
+alpha tends to nearest-bin rounding. ``tau`` only shapes the gradient: the hard sample's distribution
+is ``softmax(l)`` whatever ``tau`` is (Gumbel-max trick); low ``tau`` gives a gradient closer to the hard
+sample but noisier. The paper's text was not retrievable here (only the abstract and a summary); the
+exact logit form is our choice and ``alpha``/``tau`` are settings.
+
+**Bins.** Uniform over ``[low, high]`` at initialisation. With ``learnable=True`` the bins are
+``b_0 = low + shift`` and ``b_k = b_{k-1} + softplus(r_k)``, so they stay ordered and distinct whatever
+the optimiser does; :meth:`StochasticQuantizer.spacing_regulariser` keeps them near the configured grid.
+
+**Inference.** The SQ stays random in ``eval()`` mode: the defense *is* the randomness (the network
+with its SQs is an ensemble of quantized networks, one member per draw). ``deterministic=True`` (or the
+:func:`deterministic_sq` context) gives nearest-bin rounding, e.g. for a single-member baseline.
+
+**Ensembles.** :func:`ensemble_forward` runs ``N`` draws as one batched forward pass (the input repeated
+``N`` times), :func:`ensemble_predict` averages the draws' probabilities, :class:`EnsembleSQ` wraps a
+model so that ``forward`` returns the log of that average (a logits-like output for losses and attacks),
+:func:`ensemble_entropies` gives ``H(T)``, ``H(T|X)`` and their difference, the mutual information.
+
+**Memory.** The SQ materialises ``[..., K]`` tensors per quantized element (logits, noise, relaxed
+sample; autograd keeps about three of them): roughly ``3 * K * 4`` bytes per element on top of the
+activation itself, times ``N`` under :func:`ensemble_forward`. Keep ``K`` small (2..16); e.g. an SQ on a
+3x32x32 input with ``K=8``, ``N=16`` and batch 128 holds ~0.6 GB of such tensors during training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.errors import ConfigError
+
+__all__ = [
+    "SQConfig",
+    "StochasticQuantizer",
+    "stochastic_quantizers",
+    "spacing_penalty",
+    "deterministic_sq",
+    "insert_stochastic_quantizers",
+    "check_num_draws",
+    "ensemble_forward",
+    "ensemble_log_probs",
+    "ensemble_predict",
+    "ensemble_entropies",
+    "EnsembleSQ",
+]
+
+
+@dataclass
+class SQConfig:
+    """Settings of one :class:`StochasticQuantizer` (see the module docstring for the formulas).
+
+    ``num_bins`` (K): bins per value, >= 2; memory grows linearly with it.
+    ``low``, ``high``: the range the bins cover at initialisation (the inputs' range: [0, 1] for images).
+    ``alpha``: sharpness of the bin distribution in units of the bin gap; larger = less noise, less
+    diversity (4 is the value the paper summary mentions for LeNet-5/MNIST).
+    ``tau``: Gumbel-softmax temperature of the straight-through gradient (> 0).
+    ``learnable``: learn the bins' offset and gaps.
+    ``deterministic``: nearest-bin rounding instead of sampling (also in training).
+    """
+
+    num_bins: int = 4
+    low: float = 0.0
+    high: float = 1.0
+    alpha: float = 4.0
+    tau: float = 1.0
+    learnable: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self):
+        k = self.num_bins
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ConfigError(
+                f"the stochastic quantizer needs num_bins >= 2 (an integer), got {k!r}; "
+                "use 2..16 (memory grows with num_bins)"
+            )
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.high <= self.low:
+            raise ConfigError(
+                f"the stochastic quantizer's range needs finite low < high, got low={self.low}, "
+                f"high={self.high}; set them to the range of the values it quantizes ([0, 1] for images)"
+            )
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ConfigError(
+                f"the Gumbel-softmax temperature tau must be a finite number > 0, got {self.tau!r}; "
+                "use e.g. 1.0 (lower = gradient closer to the hard sample, but noisier)"
+            )
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(
+                f"alpha must be a finite number > 0, got {self.alpha!r}; "
+                "larger alpha = less quantization noise (e.g. 4)"
+            )
+
+    @property
+    def nominal_gap(self) -> float:
+        return (self.high - self.low) / (self.num_bins - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))  # log(exp(y) - 1), stable for small and large y
+
+
+class StochasticQuantizer(nn.Module):
+    """Differentiable random quantizer to ``K`` bins (Gumbel-softmax, straight-through; see module doc).
+
+    Applies elementwise to a tensor of any shape; the bins are shared by all elements.
+    """
+
+    def __init__(self, config: SQConfig | None = None, **kwargs):
+        super().__init__()
+        if config is not None and kwargs:
+            raise ConfigError("give either an SQConfig or keyword settings to StochasticQuantizer, not both")
+        # A copy: the `deterministic` flag lives in the config and must not be shared between SQs.
+        self.config = replace(config) if config is not None else SQConfig(**kwargs)
+        cfg = self.config
+        raw = torch.full((cfg.num_bins - 1,), _inverse_softplus(cfg.nominal_gap))
+        shift = torch.zeros(())
+        if cfg.learnable:
+            self.raw_gaps = nn.Parameter(raw)
+            self.shift = nn.Parameter(shift)
+        else:
+            self.register_buffer("raw_gaps", raw)
+            self.register_buffer("shift", shift)
+
+    @property
+    def deterministic(self) -> bool:
+        return self.config.deterministic
+
+    @deterministic.setter
+    def deterministic(self, value: bool) -> None:
+        self.config.deterministic = bool(value)
+
+    def gaps(self) -> torch.Tensor:
+        """Positive gaps ``b_k - b_{k-1}``, shape ``[K-1]``."""
+        return F.softplus(self.raw_gaps)
+
+    def bin_centres(self) -> torch.Tensor:
+        """Ordered bin centres ``b_0 < ... < b_{K-1}``, shape ``[K]``."""
+        start = (self.config.low + self.shift).reshape(1)
+        return torch.cat([start, start + torch.cumsum(self.gaps(), 0)])
+
+    def logits(self, v: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
+        """``l_k(v) = -alpha (v - b_k)^2 / D^2``, shape ``[*v.shape, K]``."""
+        b = self.bin_centres() if centres is None else centres
+        b = b.to(v.dtype)
+        gap = (b[-1] - b[0]) / (b.numel() - 1)
+        return -self.config.alpha * (v.unsqueeze(-1) - b).square() / gap.square()
+
+    def probs(self, v: torch.Tensor) -> torch.Tensor:
+        """Probability of each bin, ``softmax(l(v))``, shape ``[*v.shape, K]`` (the sampling law)."""
+        return torch.softmax(self.logits(v), dim=-1)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        b = self.bin_centres().to(v.dtype)
+        logits = self.logits(v, b)
+        if self.config.deterministic:
+            perturbed = logits
+        else:
+            # Gumbel(0, 1) noise as -log(Exp(1)), as torch's gumbel_softmax: never infinite.
+            perturbed = logits - torch.empty_like(logits).exponential_().log()
+        index = perturbed.argmax(dim=-1)
+        hard = b[index]  # the gather passes gradient to the chosen bin centre
+        soft = torch.softmax(perturbed / self.config.tau, dim=-1)
+        # Straight-through: the value is exactly `hard`; the gradient w.r.t. v (and the bins, through the
+        # logits) is that of the relaxed value sum_k s_k b_k. `relaxed - relaxed.detach()` is exactly 0.
+        relaxed = (soft * b.detach()).sum(-1)
+        return hard + (relaxed - relaxed.detach())
+
+    def spacing_regulariser(self) -> torch.Tensor:
+        """Bin-spacing penalty ``R = mean_k log(g_k / g_0)^2 + (shift / (high - low))^2``.
+
+        ``g_k`` are the learned gaps, ``g_0 = (high - low) / (K - 1)`` the configured one. ``g_k / g_0``
+        is the quantizer's local gain relative to a uniform quantizer of the configured range (a
+        Lipschitz-like factor): above 1 it amplifies the quantization noise the next layer sees, below 1
+        bins merge and features collapse (the paper's failure sign ``b_1 - b_0 -> 0``); the log penalises
+        both and grows without bound on collapse. The shift term keeps the grid on the data's range (a
+        grid moved off it sends every value to an edge bin). Zero at initialisation and for fixed bins.
+        The paper's exact regulariser was not retrievable (its summary calls it a Lipschitz-style
+        bin-spacing term); this form is our choice.
+        """
+        if not self.config.learnable:
+            return self.raw_gaps.new_zeros(())
+        log_ratio = torch.log(self.gaps() / self.config.nominal_gap)
+        span = self.config.high - self.config.low
+        return log_ratio.square().mean() + (self.shift / span).square()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"num_bins={c.num_bins}, range=({c.low}, {c.high}), alpha={c.alpha}, tau={c.tau}, "
+            f"learnable={c.learnable}, deterministic={c.deterministic}"
+        )
+
+
+def stochastic_quantizers(model: nn.Module) -> Iterator[StochasticQuantizer]:
+    """All :class:`StochasticQuantizer` modules of ``model``."""
+    return (m for m in model.modules() if isinstance(m, StochasticQuantizer))
+
+
+def spacing_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of :meth:`StochasticQuantizer.spacing_regulariser` over the model's SQs (0 if none)."""
+    total = None
+    for sq in stochastic_quantizers(model):
+        r = sq.spacing_regulariser()
+        total = r if total is None else total + r
+    if total is None:
+        p = next(iter(model.parameters()), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return total
+
+
+@contextmanager
+def deterministic_sq(model: nn.Module, deterministic: bool = True):
+    """Temporarily set every SQ of ``model`` to nearest-bin rounding (or back to sampling)."""
+    sqs = list(stochastic_quantizers(model))
+    before = [sq.deterministic for sq in sqs]
+    try:
+        for sq in sqs:
+            sq.deterministic = deterministic
+        yield model
+    finally:
+        for sq, d in zip(sqs, before, strict=True):
+            sq.deterministic = d
+
+
+def insert_stochastic_quantizers(
+    model: nn.Module, after: list[str] | tuple[str, ...] = (), at_input: bool = False, **sq_kwargs
+) -> nn.Module:
+    """Place SQs after the named submodules and/or at the input; returns the model to use.
+
+    Each module named in ``after`` (names as in ``model.named_modules()``, e.g. ``"features.2"``) is
+    swapped *in place* for ``nn.Sequential(module, StochasticQuantizer(**sq_kwargs))``, so its
+    parameters' state-dict keys gain a ``.0`` (``features.2.0.weight``). With ``at_input`` the result is a
+    new ``nn.Sequential(OrderedDict(sq_input=SQ, net=model))``: use the returned object. Every SQ gets its
+    own bins, built from the same settings (``num_bins``, ``low``, ``high``, ``alpha``, ``tau``, ...);
+    give ``low``/``high`` that cover the activations (e.g. after a ReLU6, [0, 6]).
+    """
+    names = list(after)
+    SQConfig(**sq_kwargs)  # validate once, before changing anything
+    modules = dict(model.named_modules())
+    if len(set(names)) != len(names):
+        raise ConfigError(f"insert_stochastic_quantizers: a module is named twice in after={names}")
+    for name in names:
+        if name == "" or name not in modules:
+            valid = [n for n in modules if n][:12]
+            raise ConfigError(
+                f"cannot place a stochastic quantizer after '{name}': the model has no such submodule; "
+                f"valid names include: {', '.join(valid)}"
+            )
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, nn.Sequential(modules[name], StochasticQuantizer(**sq_kwargs)))
+    if at_input:
+        return nn.Sequential(OrderedDict(sq_input=StochasticQuantizer(**sq_kwargs), net=model))
+    return model
+
+
+def check_num_draws(n_draws) -> int:
+    """Validate an ensemble size: an integer >= 1."""
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
+        raise ConfigError(
+            f"the number of ensemble draws must be an integer >= 1, got {n_draws!r}; "
+            "use e.g. 16 (the paper's ensemble size) or 4..8 for quick runs"
+        )
+    return n_draws
+
+
+def ensemble_forward(model: nn.Module, x: torch.Tensor, n_draws: int) -> torch.Tensor:
+    """Outputs of ``n_draws`` SQ draws, shape ``[N, B, ...]``, from ONE batched forward pass.
+
+    The batch is repeated ``N`` times (``[N*B, ...]``): each copy gets its own SQ noise, so the draws are
+    independent; peak memory is ``N`` times a single pass. BatchNorm in training mode sees the repeated
+    batch, whose statistics equal the original batch's.
+    """
+    n = check_num_draws(n_draws)
+    batch = x.shape[0]
+    out = model(x.repeat(n, *([1] * (x.dim() - 1))))
+    return out.reshape(n, batch, *out.shape[1:])
+
+
+def ensemble_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log mean_n softmax(logits_n)`` over the draws (dim 0) of ``[N, B, C]`` logits, stably."""
+    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
+
+
+@torch.no_grad()
+def ensemble_predict(model: nn.Module, x: torch.Tensor, n_draws: int) -> torch.Tensor:
+    """Averaged probabilities ``mean_n softmax(f_n(x))`` of ``n_draws`` draws, shape ``[B, C]``."""
+    return ensemble_log_probs(ensemble_forward(model, x, n_draws)).exp()
+
+
+def ensemble_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image ``H(T)``, ``H(T|X)`` and ``I = H(T) - H(T|X)`` (nats) from ``[N, B, C]`` draw logits.
+
+    For one image ``x``, the draw (ensemble member) ``X`` is uniform over the ``N`` draws and ``T`` is the
+    predicted class: ``H(T) = H(mean_n p_n)`` is the entropy of the ensemble's averaged prediction,
+    ``H(T|X) = mean_n H(p_n)`` the members' mean entropy, and ``I`` their mutual information
+    (BALD form, Houlsby et al. 2011): ``I >= 0`` (entropy is concave), ``I = 0`` when all draws agree,
+    large when confident members *disagree* -- the "diversity" of the ensemble on that image. It needs
+    one image only, no batch statistics. Each of shape ``[B]``; differentiable.
+    """
+    if logits.dim() != 3:
+        raise ConfigError(f"expected draw logits of shape [N, B, C], got {tuple(logits.shape)}")
+    log_p = torch.log_softmax(logits, dim=-1)
+    h_draws = -(log_p.exp() * log_p).sum(-1)  # [N, B]
+    log_mean = torch.logsumexp(log_p, dim=0) - math.log(logits.shape[0])
+    h_mean = -(log_mean.exp() * log_mean).sum(-1)  # [B]
+    h_cond = h_draws.mean(0)
+    return h_mean, h_cond, h_mean - h_cond
+
+
+class EnsembleSQ(nn.Module):
+    """A model with SQs seen as its ``n_draws``-member ensemble: ``forward(x) = log mean_n softmax(f_n(x))``.
+
+    The output is a log-probability (usable as logits by ``cross_entropy`` and attacks, since softmax of
+    it gives back the averaged probabilities). Attacking this module backpropagates through all
+    ``n_draws`` draws at once, i.e. EOT over the ensemble in one pass.
+    """
+
+    def __init__(self, model: nn.Module, n_draws: int = 16):
+        super().__init__()
+        self.model = model
+        self.n_draws = check_num_draws(n_draws)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ensemble_log_probs(ensemble_forward(self.model, x, self.n_draws))
+
+    def extra_repr(self) -> str:
+        return f"n_draws={self.n_draws}"
