@@ -10,7 +10,7 @@ Threat model: the attacker prints one image-independent patch and pastes it anyw
 there is no norm bound inside it. The patch is made white-box on a source model (e.g. the 8-bit twin)
 and may be applied to a target model at another bit width (:func:`patch_transfer_matrix`).
 
-Patch operator (Brown et al., Sec. 2): a transformation ``t`` (rotation, scale) and a location ``l``
+Patch operator (Brown et al., "Approach"): a transformation ``t`` (rotation, scale) and a location ``l``
 paste patch ``p`` with its shape mask ``m`` onto image ``x``::
 
     A(p, x, l, t) = (1 - t_l(m)) * x + t_l(m) * t_l(p)
@@ -21,7 +21,7 @@ per image and step (expectation over transformation)::
     targeted   (Brown et al.):  p* = argmax_p  E_{x~X, l~L, t~T} [ log Pr(target | A(p, x, l, t)) ]
     untargeted (our variant):   p* = argmax_p  E_{x~X, l~L, t~T} [ CE(f(A(p, x, l, t)), y) ]
 
-Metric (QADT-R, Sec. 4; DESIGN.md): the attack success rate (ASR) is the share of *correctly
+Metric (QADT-R; DESIGN.md, threat model 2): the attack success rate (ASR) is the share of *correctly
 classified clean* images that the patch flips (untargeted) or sends to the target class (targeted;
 images whose true class is the target are left out, they cannot be "sent" there).
 
@@ -234,7 +234,8 @@ def _paste(
     """
     n, _, h, w = x.shape
     side = patch.shape[-1]
-    dtype = x.dtype
+    # Coordinates in at least float32: half precision cannot address pixels of a 224-px image exactly.
+    dtype = torch.promote_types(x.dtype, torch.float32)
     rows = torch.arange(h, device=x.device, dtype=torch.float64) + 0.5
     cols = torch.arange(w, device=x.device, dtype=torch.float64) + 0.5
     d_row = rows.view(1, h, 1) - placement.centre[:, 0].view(n, 1, 1)  # [N, H, 1]
@@ -255,10 +256,14 @@ def _paste(
     )
     # Border padding: the soft mask edge blends with the patch's own edge colour, not with black.
     p = F.grid_sample(
-        patch.unsqueeze(0).expand(n, -1, -1, -1), grid, mode=mode, padding_mode="border", align_corners=False
+        patch.to(dtype).unsqueeze(0).expand(n, -1, -1, -1),
+        grid,
+        mode=mode,
+        padding_mode="border",
+        align_corners=False,
     )
-    x_patched = (x * (1 - m) + p * m).clamp(0, 1)
-    return x_patched, m
+    x_patched = (x.to(dtype) * (1 - m) + p * m).clamp(0, 1)
+    return x_patched.to(x.dtype), m.to(x.dtype)
 
 
 def apply_patch(
