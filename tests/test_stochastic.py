@@ -194,6 +194,11 @@ def test_insert_stochastic_quantizers_places_them_and_keeps_the_model_working():
     assert len(sqs) == 3 and len({id(s.config) for s in sqs}) == 3  # own bins and flags each
     assert all(s.config.num_bins == 3 and s.config.high == 2.0 for s in sqs)
     assert out(torch.rand(5, 2)).shape == (5, 3)
+    nested = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    insert_stochastic_quantizers(nested, after=["0", "0.1"])  # a module and its child
+    assert isinstance(nested[0][1], StochasticQuantizer)
+    assert isinstance(nested[0][0][1], nn.Sequential) and isinstance(nested[0][0][1][0], nn.ReLU)
+    assert len(list(stochastic_quantizers(nested))) == 2
     plain = insert_stochastic_quantizers(nn.Sequential(nn.Linear(2, 3)), after=["0"])
     assert isinstance(plain, nn.Sequential) and isinstance(plain[0][1], StochasticQuantizer)
 
@@ -408,3 +413,19 @@ def test_other_bad_settings_are_config_errors():
 def test_registered_by_name():
     assert OBJECTIVES.get("mi-ensemble") is MIEnsembleLoss
     assert DEFENSES.get("mi-detector") is MIDetector
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda():
+    torch.manual_seed(0)
+    model = tiny_sq_net().cuda()
+    x, y = (t.cuda() for t in blobs(32, seed=5))
+    loss, metrics = MIEnsembleLoss(n_draws=4)(model, x, y)
+    loss.backward()
+    assert math.isfinite(metrics["loss"])
+    assert next(stochastic_quantizers(model)).raw_gaps.grad.is_cuda
+    mi = mutual_information(model, x, 4)
+    assert mi.is_cuda and (mi >= 0).all()
+    detector = MIDetector(fpr=0.1, n_draws=4).fit(model, x)
+    assert detector.detect(model, x).is_cuda
+    assert ensemble_predict(model, x, 4).is_cuda

@@ -274,10 +274,10 @@ def insert_stochastic_quantizers(
                 f"cannot place a stochastic quantizer after '{name}': the model has no such submodule; "
                 f"valid names include: {', '.join(valid)}"
             )
+    # Parents are looked up among the original modules, so nested names ("1" and "1.2") both work.
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.Sequential(modules[name], StochasticQuantizer(**sq_kwargs)))
+        setattr(modules[parent_name], child, nn.Sequential(modules[name], StochasticQuantizer(**sq_kwargs)))
     if at_input:
         return nn.Sequential(OrderedDict(sq_input=StochasticQuantizer(**sq_kwargs), net=model))
     return model
