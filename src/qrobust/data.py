@@ -100,6 +100,8 @@ def split_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, t
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ConfigError(f"split_indices needs a whole number n >= 0, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"split_indices needs a whole-number seed, got {seed!r}")
     if not isinstance(fractions, dict) or not fractions:
         raise ConfigError(
             f"split_indices needs a dict of fractions, e.g. {{'train': 0.9, 'val': 0.1}}, got {fractions!r}"
@@ -114,7 +116,7 @@ def split_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, t
     total = sum(fractions.values())
     if total > 1 + 1e-9:
         raise ConfigError(f"split fractions sum to {total:g} > 1: {fractions}; make them sum to at most 1")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     out, start = {}, 0
     for key in sorted(fractions):
         size = min(math.floor(fractions[key] * n + 1e-9), n - start)  # 1e-9: 0.29 * 100 is 28.999...

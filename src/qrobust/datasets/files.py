@@ -181,9 +181,10 @@ def download(resources: tuple[Resource, ...], target: Path) -> None:
 
 def fetch(url: str, dest: Path, md5: str) -> None:
     """Download ``url`` to ``dest`` via a temporary file, kept only if its md5 is ``md5``."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp, digest = Path(tmp_name), hashlib.md5(usedforsecurity=False)
+    tmp, digest = None, hashlib.md5(usedforsecurity=False)
     try:
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             size = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
@@ -202,7 +203,8 @@ def fetch(url: str, dest: Path, md5: str) -> None:
             f"could not download {url} ({e}); check the network, or fetch the file by hand into {dest.parent}"
         ) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def unzip(archive: Path, target: Path) -> None:
