@@ -84,7 +84,8 @@ def _convert_conv(block: ConvBNAct) -> nn.Module:
               conv.dilation, conv.groups, bias=True)
     out.set_weight_bias(*_folded_int_weight(conv, block.bn))
     out.scale, out.zero_point = _out_qparams(block.q)
-    return out
+    pool = getattr(block, "pool", None)
+    return nn.Sequential(out, pool) if pool is not None else out
 
 
 def _convert_linear(block: LinearAct) -> nn.Module:

@@ -1,0 +1,182 @@
+"""Fake quantization, QAT module swap, bit-width switching and int8 export."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qrobust.errors import ConfigError
+from qrobust.models import build_model
+from qrobust.quant import ActQuant, QuantConfig, QuantConv2d, get_bit_width, quantize, set_bit_width
+from qrobust.quant.deploy import export_int8, twin_agreement
+from qrobust.quant.fake import fake_quantize_weight, weight_int_repr
+
+
+def tiny(arch="convnet", channels=1, size=28):
+    torch.manual_seed(0)
+    return build_model(arch, channels=channels, num_classes=10, image_size=(size, size))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_weight_fake_quant_matches_hand_reference_exactly(bits):
+    w = torch.randn(16, 8, 3, 3)
+    q_max = 2 ** (bits - 1) - 1
+    scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / q_max
+    reference = torch.clamp(torch.round(w * (1.0 / scale)), -q_max, q_max) * scale
+    torch.testing.assert_close(fake_quantize_weight(w, bits), reference, atol=0, rtol=0)
+    codes, s = weight_int_repr(w, bits)
+    torch.testing.assert_close(codes.float() * s.view(-1, 1, 1, 1), reference, atol=0, rtol=0)
+    for c in range(16):  # at most 2*q_max+1 distinct values per output channel
+        assert fake_quantize_weight(w, bits)[c].unique().numel() <= 2 * q_max + 1
+
+
+def test_weight_fake_quant_passes_gradient_straight_through():
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    fake_quantize_weight(w, 4).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_act_quant_tracks_ema_range_and_quantizes_on_grid():
+    q = ActQuant(bits=4, momentum=0.5)
+    q.train()
+    x = torch.linspace(-1, 3, 1000)
+    y = q(x)
+    assert float(q.lo) == -1 and float(q.hi) == 3  # first batch initialises the range
+    assert y.unique().numel() <= 16
+    q(x * 3)  # EMA: halfway towards the new range
+    assert float(q.hi) == pytest.approx(6.0) and float(q.lo) == pytest.approx(-2.0)
+    q.eval()
+    q(x * 100)
+    assert float(q.hi) == pytest.approx(6.0)  # frozen in eval mode
+
+
+def test_act_quant_gradient_is_zero_outside_the_range():
+    q = ActQuant(bits=8)
+    q.train()
+    q(torch.tensor([0.0, 1.0]))
+    q.eval()
+    x = torch.tensor([-5.0, 0.5, 5.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_act_quant_refuses_eval_before_any_range():
+    with pytest.raises(RuntimeError, match="no range yet"):
+        ActQuant().eval()(torch.ones(3))
+
+
+def test_quantize_swaps_layers_and_really_fake_quantizes():
+    model = tiny()
+    qmodel = quantize(model, QuantConfig(weight_bits=4, act_bits=4))
+    assert sum(isinstance(m, QuantConv2d) for m in qmodel.modules()) == 3
+    assert sum(isinstance(m, ActQuant) for m in qmodel.modules()) == 5  # input + 3 convs + logits
+    assert not any(isinstance(m, QuantConv2d) for m in model.modules())  # the float model is untouched
+    x = torch.rand(32, 1, 28, 28)
+    qmodel.train()
+    qmodel(x)
+    model.eval(), qmodel.eval()
+    out_f, out_q = model(x), qmodel(x)
+    assert not torch.allclose(out_f, out_q)
+    # activations inside are on the quantization grid
+    acts = []
+    hook = qmodel.body[1].q.register_forward_hook(lambda m, i, o: acts.append(o))
+    qmodel(x)
+    hook.remove()
+    assert acts[0].unique().numel() <= 16
+
+
+def test_optimizer_updates_the_quantized_model():
+    """Guards against a known reference-code bug: the optimizer built on the wrong model."""
+    model = tiny()
+    qmodel = quantize(model)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
+    before_q = qmodel.body[0].conv.weight.detach().clone()
+    before_f = model.body[0].conv.weight.detach().clone()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    loss = F.cross_entropy(qmodel(x), y)
+    loss.backward()
+    assert qmodel.body[1].conv.weight.grad.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(qmodel.body[0].conv.weight, before_q)
+    assert torch.equal(model.body[0].conv.weight, before_f)
+
+
+def test_set_bit_width_changes_body_but_keeps_first_and_last_at_8_bits():
+    qmodel = quantize(tiny(), QuantConfig(weight_bits=8))
+    set_bit_width(qmodel, 2)
+    assert get_bit_width(qmodel) == 2
+    assert qmodel.body[0].conv.bits == 8 and qmodel.body[4].fc.bits == 8
+    assert qmodel.body[1].conv.bits == 2
+    assert all(m.bits == 2 for m in qmodel.modules() if isinstance(m, ActQuant))
+    w = qmodel.body[1].conv.quantized_weight()
+    assert all(w[c].unique().numel() <= 3 for c in range(w.shape[0]))  # ternary
+    set_bit_width(qmodel, 8, act_bits=4)
+    assert qmodel.body[1].conv.bits == 8 and qmodel.input_q.bits == 4
+
+
+@pytest.mark.parametrize("bad", [1, 9, 32, 0, 2.5, "8"])
+def test_bad_bit_widths_are_refused(bad):
+    with pytest.raises(ConfigError, match="2 to 8"):
+        QuantConfig(weight_bits=bad)
+    qmodel = quantize(tiny())
+    with pytest.raises(ConfigError, match="2 to 8"):
+        set_bit_width(qmodel, bad)
+
+
+def test_set_bit_width_on_a_float_model_says_what_to_do():
+    with pytest.raises(ConfigError, match="quantize"):
+        set_bit_width(tiny(), 4)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ConfigError, match="server"):
+        QuantConfig(backend="gpu")
+
+
+def _trained_qat(arch, backend, synthetic, steps=30):
+    torch.manual_seed(0)
+    info = synthetic.info
+    model = build_model(arch, channels=info.channels, num_classes=info.num_classes, image_size=info.image_size)
+    qmodel = quantize(model, QuantConfig(backend=backend))
+    opt = torch.optim.Adam(qmodel.parameters(), lr=3e-3)
+    x, y = synthetic.train_x.float() / 255, synthetic.train_y
+    qmodel.train()
+    for i in range(steps):
+        idx = torch.arange(i * 64, (i + 1) * 64) % len(x)
+        loss = F.cross_entropy(qmodel(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qmodel.eval()
+
+
+@pytest.mark.parametrize("arch,backend", [("convnet", "server"), ("convnet", "mobile"), ("resnet8", "server"),
+                                          ("lenet5", "mobile")])
+def test_int8_export_agrees_with_its_twin(arch, backend, synthetic):
+    qmodel = _trained_qat(arch, backend, synthetic)
+    int8 = export_int8(qmodel)
+    x = synthetic.test_x.float() / 255
+    assert twin_agreement(qmodel, int8, x) >= 0.99
+    # the int8 model really is int8: its conv weights are quantized tensors
+    first = int8.body[0][0] if isinstance(int8.body[0], torch.nn.Sequential) else int8.body[0]
+    assert first.weight().dtype == torch.qint8
+
+
+def test_export_reuses_the_twins_integer_codes_with_bn_folded(synthetic):
+    qmodel = _trained_qat("convnet", "server", synthetic, steps=5)
+    block = qmodel.body[1]
+    with torch.no_grad():
+        block.bn.weight[0] = -abs(block.bn.weight[0]) - 0.1  # a negative BN scale flips the codes' sign
+    int8 = export_int8(qmodel)
+    codes, _ = weight_int_repr(block.conv.weight, 8)
+    k = block.bn.weight / torch.sqrt(block.bn.running_var + block.bn.eps)
+    expected = codes * torch.where(k < 0, -1, 1).view(-1, 1, 1, 1).to(torch.int8)
+    assert torch.equal(int8.body[1][0].weight().int_repr(), expected)
+
+
+def test_export_refuses_float_and_low_bit_models(synthetic):
+    with pytest.raises(ConfigError, match="QAT"):
+        export_int8(tiny())
+    qmodel = _trained_qat("convnet", "server", synthetic, steps=2)
+    set_bit_width(qmodel, 4)
+    with pytest.raises(ConfigError, match="8-bit"):
+        export_int8(qmodel)
