@@ -1,0 +1,177 @@
+"""``make bench``: speed and overhead ratios of the default model on this machine, measured in one run.
+
+Ratios, not absolute times, are the contract (they transfer across machines better):
+
+- ``train_fp32_gflops_over_matmul_peak``: achieved training FLOP/s (forward + backward of conv/linear
+  layers, 3x the forward MACs x 2) over a measured fp32 matmul peak (2048^3 GEMM).
+- ``train_bf16_speedup``: fp32 step time / bf16-autocast step time (>1 = bf16 faster).
+- ``qat_step_over_fp_step``: 8-bit QAT step / float step.
+- ``int8_speedup_over_fp32``: int8 (server) images/s over fp32 images/s at batch 256.
+- ``patch_attack_images_per_s``: images per second through one patch-optimisation step (fwd + bwd).
+- ``pgd_steps_per_s``: PGD steps per second on a batch of 256 (each step = fwd + bwd).
+- ``sq_ensemble16_over_single_forward``: a 16-draw stochastic-quantizer ensemble forward over one
+  deterministic forward of the same network (batched; well under 16 is the goal).
+
+Writes ``bench.json`` and prints a table. Usage: ``python benchmarks/bench.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.models import build_model
+from qrobust.quant import quantize
+from qrobust.quant.deploy import export_int8
+from qrobust.runs import atomic_write_text, environment
+
+BATCH = 256
+SHAPE = (1, 28, 28)  # the default data set, Fashion-MNIST
+
+
+def timeit(fn, min_seconds: float, warmup: int = 2) -> float:
+    """Median-free simple timer: seconds per call after warm-up, over at least ``min_seconds``."""
+    for _ in range(warmup):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds or n < 3:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def matmul_peak_gflops(min_seconds: float) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048**3 / timeit(lambda: a @ b, min_seconds) / 1e9
+
+
+def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of conv and linear layers in one forward pass (hooks count output elements)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_out = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * per_out
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def train_step_seconds(model: nn.Module, x, y, min_seconds: float, bf16: bool = False) -> float:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return timeit(step, min_seconds)
+
+
+def default_model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("convnet", channels=SHAPE[0], num_classes=10, image_size=SHAPE[1:]).to(
+        memory_format=torch.channels_last)
+
+
+def images_per_s(model: nn.Module, x: torch.Tensor, min_seconds: float) -> float:
+    model.eval()
+    with torch.no_grad():
+        return len(x) / timeit(lambda: model(x), min_seconds)
+
+
+def bench_core(min_seconds: float) -> dict:
+    x = torch.rand(BATCH, *SHAPE).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH,))
+    model = default_model()
+    peak = matmul_peak_gflops(min_seconds)
+    fp_step = train_step_seconds(model, x, y, min_seconds)
+    bf16_step = train_step_seconds(default_model(), x, y, max(min_seconds / 2, 0.5), bf16=True)
+    qat = quantize(default_model())
+    qat_step = train_step_seconds(qat, x, y, min_seconds)
+    train_gflops = 3 * 2 * forward_macs(model, x) / fp_step / 1e9
+    int8 = export_int8(qat.eval())
+    fp_ips, int8_ips = images_per_s(model, x, min_seconds), images_per_s(int8, x, min_seconds)
+    return {
+        "matmul_fp32_peak_gflops": peak,
+        "train_fp32_gflops": train_gflops,
+        "train_fp32_gflops_over_matmul_peak": train_gflops / peak,
+        "train_bf16_speedup": fp_step / bf16_step,
+        "qat_step_over_fp_step": qat_step / fp_step,
+        "fp32_images_per_s": fp_ips,
+        "int8_server_images_per_s": int8_ips,
+        "int8_speedup_over_fp32": int8_ips / fp_ips,
+    }
+
+
+def bench_attacks(min_seconds: float) -> dict:
+    out: dict = {}
+    x = torch.rand(BATCH, *SHAPE)
+    y = torch.randint(0, 10, (BATCH,))
+    model = default_model().eval()
+    try:
+        from qrobust.attacks.whitebox import pgd
+
+        steps = 5
+        seconds = timeit(lambda: pgd(model, x, y, 0.1, steps=steps), min_seconds, warmup=1)
+        out["pgd_steps_per_s"] = steps / seconds
+    except ImportError:
+        pass
+    try:
+        from qrobust.attacks.patch import PatchConfig, train_patch
+
+        cfg = PatchConfig(size=0.1)
+        steps = 5
+        seconds = timeit(lambda: train_patch(model, x, y, cfg, steps=steps, batch_size=BATCH, progress=False),
+                         min_seconds, warmup=1)
+        out["patch_attack_images_per_s"] = steps * BATCH / seconds
+    except ImportError:
+        pass
+    try:
+        from qrobust.quant.stochastic import ensemble_forward, insert_stochastic_quantizers
+
+        sq_model = insert_stochastic_quantizers(default_model(), after=[], at_input=True, num_bins=4).eval()
+        with torch.no_grad():
+            single = timeit(lambda: sq_model(x), min_seconds)
+            ensemble = timeit(lambda: ensemble_forward(sq_model, x, 16), min_seconds, warmup=1)
+        out["sq_ensemble16_over_single_forward"] = ensemble / single
+    except ImportError:
+        pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args()
+    min_seconds = 0.5 if args.quick else 3.0
+    results = bench_core(min_seconds) | bench_attacks(min_seconds)
+    results["environment"] = environment("cpu")
+    atomic_write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
+    print(f"{'metric':45s} value")
+    for key, value in results.items():
+        if isinstance(value, float):
+            print(f"{key:45s} {value:10.3f}")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
