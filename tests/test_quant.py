@@ -180,3 +180,17 @@ def test_export_refuses_float_and_low_bit_models(synthetic):
     set_bit_width(qmodel, 4)
     with pytest.raises(ConfigError, match="8-bit"):
         export_int8(qmodel)
+
+
+def test_set_bit_width_tells_modules_with_an_on_bit_width_hook():
+    class PerWidth(torch.nn.Module):
+        seen = []
+
+        def on_bit_width(self, bits):
+            self.seen.append(bits)
+
+    qmodel = quantize(tiny())
+    qmodel.extra = PerWidth()
+    set_bit_width(qmodel, 4)
+    set_bit_width(qmodel, 2)
+    assert PerWidth.seen == [4, 2]

@@ -264,7 +264,9 @@ def is_quantized(model: nn.Module) -> bool:
 def set_bit_width(model: nn.Module, bits: int, act_bits: int | None = None) -> nn.Module:
     """Switch a QAT model to ``bits``-bit weights (and ``act_bits``, default ``bits``) in place.
 
-    The first/last layers stay at ``config.first_last_bits`` when that is set. Returns the model.
+    The first/last layers stay at ``config.first_last_bits`` when that is set. Any other module with an
+    ``on_bit_width(bits)`` method (e.g. DWQ's BatchNorm-per-bit-width) is told the new width. Returns
+    the model.
     """
     check_bits(bits, "weight bit width")
     act_bits = check_bits(bits if act_bits is None else act_bits, "activation bit width")
@@ -278,6 +280,8 @@ def set_bit_width(model: nn.Module, bits: int, act_bits: int | None = None) -> n
             module.bits = max(bits, config.first_last_bits) if keep else bits
         elif isinstance(module, ActQuant):
             module.bits = act_bits
+        elif hasattr(module, "on_bit_width"):
+            module.on_bit_width(bits)
     return model
 
 
