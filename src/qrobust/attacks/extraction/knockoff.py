@@ -1,0 +1,528 @@
+"""KnockoffNets (Orekondy et al., CVPR 2019, "Knockoff Nets: Stealing Functionality of Black-Box Models").
+
+Threat model: the attacker holds a *transfer set* of natural images from some other distribution (no
+victim training data), queries the victim on them and trains a clone on the answers:
+
+    select  x_1..x_n from the transfer set (n = query budget)
+    query   y_i = victim(x_i)                       (defended probabilities, or one-hot labels)
+    fit     min_theta  1/n sum_i  -sum_k y_ik log softmax(c_theta(x_i))_k      (soft-target CE)
+
+``hard_labels=True`` trains on ``one_hot(argmax y_i)`` instead (the only option for a top-1 victim).
+
+Sampling. ``"random"``: n images uniformly without replacement. ``"adaptive"``: the paper's gradient
+bandit over coarse groups of the transfer set. Our simplification of Sec. 4.1.2:
+
+* actions are groups of the transfer set: its coarse labels if ``transfer_groups`` is given, else
+  ``num_groups`` k-means clusters of 4x4 average-pooled images (the paper uses the label hierarchy);
+* images are drawn in rounds of ``batch_size``: each image picks a group from the policy
+  ``pi = softmax(H)`` and an unused image of that group (without replacement; empty groups are masked);
+* reward per image, each term in [0, 1] and averaged: certainty ``y_(1) - y_(2)`` (top-2 margin),
+  diversity ``sum_k max(0, y_k - ybar_k)`` with ``ybar`` an exponential moving average (rate 0.1) of
+  past answers (the paper uses a window of the last Delta answers), and loss ``1 - exp(-CE(y, c(x)))``
+  with the clone's prediction before it sees the batch (the paper uses the raw CE);
+* gradient-bandit update, averaged over the round:
+  ``H <- H + bandit_lr * mean_i (r_i - rbar) (onehot(a_i) - pi)``, ``rbar`` = mean of all past rewards;
+* the clone takes one optimizer step on each round's answers (online, as in the paper), then is fitted
+  for ``epochs`` on everything collected, as in the random strategy.
+
+Also here: :func:`prepare_transfer_set` (dtype, channels, size), :func:`soft_cross_entropy`,
+:func:`fit_clone`, and :class:`RandomNoise` / :func:`random_noise_floor`: the same fit on uniform-noise
+queries, the floor every extraction attack must beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from qrobust.attacks.extraction.metrics import ExtractionResult, _device, clone_accuracy, ledger_delta
+from qrobust.attacks.extraction.victim import QueryBudgetExhausted, Victim
+from qrobust.errors import ConfigError
+from qrobust.registry import ATTACKS
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, RGB -> gray
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A private RNG for the attack's own draws; ``seed=None`` draws a seed from torch's global RNG."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def build_optimizer(
+    params: Any, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """``"sgd"`` (with momentum) or ``"adam"``."""
+    check_positive("lr", lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"optimizer must be 'sgd' or 'adam', got '{name}'")
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """``mean_i -sum_k t_ik log softmax(z_i)_k``: cross-entropy against probability targets.
+
+    Differs from ``KL(t || softmax(z))`` by the targets' entropy only, so both give the same gradient.
+    """
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def prepare_transfer_set(images: Tensor, image_shape: tuple[int, int, int], batch_size: int = 1024) -> Tensor:
+    """Turn images from any data set into float [N, C, H, W] in [0, 1] matching ``image_shape``.
+
+    Accepts [N, H, W] (gray) or channels-first [N, C, H, W], uint8 (divided by 255) or float in
+    [0, 1]. Channels: 1 -> 3 repeats gray, 3 -> 1 takes the BT.601 luma. Size: bilinear with
+    antialiasing. Runs in chunks of ``batch_size`` to bound memory.
+    """
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dim() != 4:
+        raise ConfigError(f"transfer images must be [N, H, W] or [N, C, H, W], got {tuple(images.shape)}")
+    channels, height, width = image_shape
+    if images.shape[1] not in (1, 3) or channels not in (1, 3):
+        raise ConfigError(f"can convert between 1 and 3 channels only, got {images.shape[1]} -> {channels}")
+    out = []
+    for chunk in images.split(batch_size):
+        chunk = chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk.float()
+        if chunk.shape[1] == 1 and channels == 3:
+            chunk = chunk.expand(-1, 3, -1, -1)
+        elif chunk.shape[1] == 3 and channels == 1:
+            luma = torch.tensor(_LUMA, device=chunk.device).view(1, 3, 1, 1)
+            chunk = (chunk * luma).sum(dim=1, keepdim=True)
+        if chunk.shape[-2:] != (height, width):
+            chunk = F.interpolate(
+                chunk, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+            )
+        out.append(chunk.clamp(0, 1))
+    return torch.cat(out)
+
+
+def fit_clone(
+    clone: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    on_epoch: Callable[[int], None] | None = None,
+    progress: bool = False,
+    desc: str = "fit clone",
+) -> None:
+    """Train ``clone`` on (x, probability targets y) with soft-target CE, shuffled mini-batches."""
+    device = _device(clone)
+    n = x.shape[0]
+    for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+        clone.train()
+        order = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
+        for idx in order.split(batch_size):
+            if idx.numel() < 2 and n > 1:  # a 1-image batch breaks BatchNorm in train mode
+                continue
+            loss = soft_cross_entropy(clone(x[idx].to(device)), y[idx.to(y.device)].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
+
+
+def kmeans_groups(
+    images: Tensor, num_groups: int, *, generator: torch.Generator, iterations: int = 10
+) -> Tensor:
+    """Cluster images (4x4 average-pooled, flattened) into ``num_groups`` groups with Lloyd's k-means."""
+    feats = F.adaptive_avg_pool2d(images.float(), 4).flatten(1)
+    num_groups = min(num_groups, feats.shape[0])
+    pick = torch.randperm(feats.shape[0], generator=generator, device=generator.device)[:num_groups]
+    centers = feats[pick.to(feats.device)].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(feats, centers).argmin(dim=1)
+        for g in range(num_groups):
+            members = feats[assign == g]
+            if len(members):
+                centers[g] = members.mean(dim=0)
+    return torch.cdist(feats, centers).argmin(dim=1)
+
+
+# --------------------------------------------------------------------------- KnockoffNets
+
+
+@ATTACKS.register("knockoff")
+class KnockoffNets:
+    """KnockoffNets: query a transfer set, fit a clone on the answers (see the module docstring).
+
+    Args:
+        victim: the :class:`Victim` to query.
+        clone: the attacker's model (trained in place, returned in the result).
+        sampling: "random" or "adaptive" (gradient bandit over groups of the transfer set).
+        hard_labels: train on argmax labels instead of the soft answers (required for a top-1 victim).
+        batch_size: images per query round and per training step.
+        epochs: passes over the collected transfer set after querying.
+        optimizer, lr, momentum, weight_decay: the clone's optimizer ("sgd" or "adam").
+        num_groups: k-means groups for adaptive sampling when no ``transfer_groups`` are given.
+        bandit_lr: step size of the gradient bandit.
+        progress: show tqdm progress bars.
+        seed: seed of the attack's own random draws (sampling order, k-means init, shuffling).
+    """
+
+    phase = "knockoff"
+
+    def __init__(
+        self,
+        victim: Victim,
+        clone: nn.Module,
+        *,
+        sampling: str = "random",
+        hard_labels: bool = False,
+        batch_size: int = 64,
+        epochs: int = 10,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.5,
+        weight_decay: float = 5e-4,
+        num_groups: int = 10,
+        bandit_lr: float = 0.1,
+        progress: bool = True,
+        seed: int | None = None,
+    ):
+        if sampling not in ("random", "adaptive"):
+            raise ConfigError(f"sampling must be 'random' or 'adaptive', got '{sampling}'")
+        if victim.output == "top1" and not hard_labels:
+            raise ConfigError(
+                "the victim answers top-1 labels only (output='top1'): KnockoffNets needs hard_labels=True"
+            )
+        self.victim = victim
+        self.clone = clone
+        self.sampling = sampling
+        self.hard_labels = bool(hard_labels)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.epochs = check_int("epochs", epochs, 0)
+        self.num_groups = check_int("num_groups", num_groups, 1)
+        self.bandit_lr = check_positive("bandit_lr", bandit_lr)
+        self.optimizer = build_optimizer(clone.parameters(), optimizer, lr, momentum, weight_decay)
+        self.progress = progress
+        self.rng = seeded_generator(seed)
+
+    # ------------------------------------------------------------------ select -> query -> fit
+
+    def select(self, num_images: int, num_queries: int) -> Tensor:
+        """Random sampling: ``num_queries`` distinct indices into a transfer set of ``num_images``."""
+        return torch.randperm(num_images, generator=self.rng)[:num_queries]
+
+    def query(self, x: Tensor) -> Tensor | None:
+        """The victim's answers for ``x`` as training targets, or None when the budget is gone."""
+        try:
+            answers = self.victim.query(x, phase=self.phase)
+        except QueryBudgetExhausted:
+            return None
+        return self._targets(answers)
+
+    def fit(
+        self, x: Tensor, y: Tensor, *, eval_data: tuple[Tensor, Tensor] | None = None, queries: int = 0
+    ) -> list[tuple[int, float | None]]:
+        """Train the clone for ``epochs`` on (x, y); returns one history point per epoch."""
+        history: list[tuple[int, float | None]] = []
+
+        def record(_: int) -> None:
+            history.append((queries, self._evaluate(eval_data)))
+
+        fit_clone(
+            self.clone,
+            x,
+            y,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            generator=self.rng,
+            on_epoch=record,
+            progress=self.progress,
+        )
+        return history
+
+    def run(
+        self,
+        transfer_set: Tensor,
+        *,
+        num_queries: int | None = None,
+        transfer_groups: Tensor | None = None,
+        image_shape: tuple[int, int, int] | None = None,
+        eval_data: tuple[Tensor, Tensor] | None = None,
+    ) -> ExtractionResult:
+        """Select ``num_queries`` transfer images, query the victim, fit the clone.
+
+        ``num_queries`` defaults to ``min(victim.remaining, len(transfer_set))``; each image is queried
+        at most once. ``image_shape`` converts the transfer set with :func:`prepare_transfer_set`.
+        ``eval_data=(x_test, y_test)`` adds clone accuracy to the history. If the victim's budget runs
+        out first, the clone is fitted on what was answered and ``stopped_early`` is True.
+        """
+        if image_shape is not None:
+            transfer_set = prepare_transfer_set(transfer_set, image_shape)
+        n_images = transfer_set.shape[0]
+        if num_queries is None:
+            num_queries = min(self.victim.remaining, n_images)
+        check_int("num_queries", num_queries, 1)
+        if num_queries > n_images:
+            raise ConfigError(
+                f"num_queries={num_queries} exceeds the transfer set ({n_images} images); "
+                "KnockoffNets queries each image once: use a larger transfer set or fewer queries"
+            )
+        if transfer_groups is not None and self.sampling != "adaptive":
+            raise ConfigError("transfer_groups are used by sampling='adaptive' only")
+        used_before, ledger_before = self.victim.used, self.victim.ledger
+
+        if self.sampling == "random":
+            x, y, rounds, info = self._query_random(transfer_set, num_queries)
+        else:
+            x, y, rounds, info = self._query_adaptive(transfer_set, num_queries, transfer_groups)
+        spent = self.victim.used - used_before
+        history = [(spent, self._evaluate(eval_data))]
+        if x.shape[0] > 0:
+            history += self.fit(x, y, eval_data=eval_data, queries=spent)
+        info.update(num_queries_planned=num_queries, sampling=self.sampling, hard_labels=self.hard_labels)
+        return ExtractionResult(
+            clone=self.clone,
+            queries_used=spent,
+            iterations=rounds,
+            stopped_early=x.shape[0] < num_queries,
+            history=history,
+            ledger=ledger_delta(ledger_before, self.victim.ledger),
+            info=info,
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _targets(self, answers: Tensor) -> Tensor:
+        if self.hard_labels:
+            return torch.zeros_like(answers).scatter_(1, answers.argmax(dim=1, keepdim=True), 1.0)
+        return answers
+
+    def _evaluate(self, eval_data: tuple[Tensor, Tensor] | None) -> float | None:
+        return None if eval_data is None else clone_accuracy(self.clone, *eval_data)
+
+    def _round_size(self, wanted: int) -> int:
+        return min(self.batch_size, wanted, self.victim.remaining)
+
+    def _query_random(self, transfer_set: Tensor, num_queries: int) -> tuple[Tensor, Tensor, int, dict]:
+        order = self.select(transfer_set.shape[0], num_queries).to(transfer_set.device)
+        xs, ys, done, rounds = [], [], 0, 0
+        with tqdm(
+            total=num_queries, desc=f"{self.phase} queries", disable=not self.progress, leave=False
+        ) as bar:
+            while done < num_queries:
+                size = self._round_size(num_queries - done)
+                if size == 0:
+                    break
+                x = transfer_set[order[done : done + size]]
+                y = self.query(x)
+                if y is None:
+                    break
+                xs.append(x)
+                ys.append(y)
+                done += size
+                rounds += 1
+                bar.update(size)
+        x, y = self._stack(xs, ys, transfer_set)
+        return x, y, rounds, {}
+
+    def _stack(self, xs: list[Tensor], ys: list[Tensor], transfer_set: Tensor) -> tuple[Tensor, Tensor]:
+        if not xs:
+            return transfer_set[:0], torch.empty(0, 0)
+        return torch.cat(xs), torch.cat(ys)
+
+    def _query_adaptive(
+        self, transfer_set: Tensor, num_queries: int, transfer_groups: Tensor | None
+    ) -> tuple[Tensor, Tensor, int, dict]:
+        n_images = transfer_set.shape[0]
+        if transfer_groups is None:
+            groups = kmeans_groups(transfer_set, self.num_groups, generator=self.rng)
+        else:
+            if transfer_groups.shape != (n_images,):
+                raise ConfigError(
+                    f"transfer_groups must have shape ({n_images},), got {tuple(transfer_groups.shape)}"
+                )
+            groups = torch.unique(transfer_groups.cpu(), return_inverse=True)[1]
+        groups = groups.cpu()
+        num_groups = int(groups.max()) + 1
+        # per group: its images in a random order, consumed from the front
+        shuffled = torch.randperm(n_images, generator=self.rng)
+        pools = [shuffled[groups[shuffled] == g] for g in range(num_groups)]
+        taken = torch.zeros(num_groups, dtype=torch.long)
+        preference = torch.zeros(num_groups)
+        reward_sum, reward_count = 0.0, 0
+        answer_mean: Tensor | None = None
+        device = _device(self.clone)
+
+        xs, ys, done, rounds = [], [], 0, 0
+        with tqdm(
+            total=num_queries, desc=f"{self.phase} queries", disable=not self.progress, leave=False
+        ) as bar:
+            while done < num_queries:
+                size = self._round_size(num_queries - done)
+                if size == 0:
+                    break
+                available = torch.tensor([len(p) for p in pools]) - taken
+                policy = self._policy(preference, available)
+                index, actions = self._draw(pools, taken, available, preference, size)
+                x = transfer_set[index.to(transfer_set.device)]
+                y = self.query(x)
+                if y is None:
+                    break
+                # rewards use the clone's prediction before it trains on this round
+                with torch.no_grad():
+                    was_training = self.clone.training
+                    self.clone.eval()
+                    logits = self.clone(x.to(device)).cpu()
+                    self.clone.train(was_training)
+                y_cpu = y.detach().cpu()
+                if answer_mean is None:
+                    answer_mean = torch.full_like(y_cpu[0], 1.0 / y_cpu.shape[1])
+                top2 = y_cpu.topk(2, dim=1).values
+                certainty = top2[:, 0] - top2[:, 1]
+                diversity = (y_cpu - answer_mean).clamp_min(0).sum(dim=1)
+                ce = -(y_cpu * F.log_softmax(logits, dim=1)).sum(dim=1)
+                reward = (certainty + diversity + (1 - torch.exp(-ce))) / 3
+                baseline = reward_sum / reward_count if reward_count else 0.0
+                onehot = F.one_hot(actions, num_groups).float()
+                preference += self.bandit_lr * ((reward - baseline)[:, None] * (onehot - policy)).mean(dim=0)
+                reward_sum += reward.sum().item()
+                reward_count += reward.numel()
+                answer_mean = 0.9 * answer_mean + 0.1 * y_cpu.mean(dim=0)
+                # online step of the clone on this round (the paper trains the knockoff as it queries)
+                if x.shape[0] > 1:
+                    self.clone.train()
+                    loss = soft_cross_entropy(self.clone(x.to(device)), y.to(device))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                xs.append(x)
+                ys.append(y)
+                done += size
+                rounds += 1
+                bar.update(size)
+        final_policy = self._policy(preference, torch.tensor([len(p) for p in pools]) - taken)
+        info = {"num_groups": num_groups, "policy": [round(v, 6) for v in final_policy.tolist()]}
+        x, y = self._stack(xs, ys, transfer_set)
+        return x, y, rounds, info
+
+    @staticmethod
+    def _policy(preference: Tensor, available: Tensor) -> Tensor:
+        return torch.softmax(preference.masked_fill(available <= 0, float("-inf")), dim=0)
+
+    def _draw(
+        self, pools: list[Tensor], taken: Tensor, available: Tensor, preference: Tensor, size: int
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``size`` unused images: a group from the policy per image, then the group's next image."""
+        index, actions = [], []
+        available = available.clone()
+        need = size
+        while need > 0:
+            draws = torch.multinomial(
+                self._policy(preference, available), need, replacement=True, generator=self.rng
+            )
+            counts = torch.bincount(draws, minlength=len(pools)).minimum(available)
+            for g in counts.nonzero().flatten().tolist():
+                c = int(counts[g])
+                start = int(taken[g])
+                index.append(pools[g][start : start + c])
+                actions.append(torch.full((c,), g, dtype=torch.long))
+                taken[g] += c
+                available[g] -= c
+            need -= int(counts.sum())
+        return torch.cat(index), torch.cat(actions)
+
+
+# --------------------------------------------------------------------------- the noise floor
+
+
+@ATTACKS.register("noise")
+class RandomNoise(KnockoffNets):
+    """The floor: KnockoffNets' fit on queries of uniform noise images ``x ~ U[0, 1]^(C x H x W)``.
+
+    A clone trained on as many noise queries as an attack spent shows what the queries are worth
+    without any knowledge of the data; an attack that does not beat it extracted nothing useful.
+    """
+
+    phase = "noise"
+
+    def __init__(
+        self,
+        victim: Victim,
+        clone: nn.Module,
+        *,
+        image_shape: tuple[int, int, int],
+        hard_labels: bool = False,
+        batch_size: int = 64,
+        epochs: int = 10,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.5,
+        weight_decay: float = 5e-4,
+        progress: bool = True,
+        seed: int | None = None,
+    ):
+        super().__init__(
+            victim,
+            clone,
+            sampling="random",
+            hard_labels=hard_labels,
+            batch_size=batch_size,
+            epochs=epochs,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            progress=progress,
+            seed=seed,
+        )
+        if len(image_shape) != 3:
+            raise ConfigError(f"image_shape must be (C, H, W), got {image_shape!r}")
+        self.image_shape = tuple(check_int("image_shape", s, 1) for s in image_shape)
+
+    def run(  # type: ignore[override]
+        self, *, num_queries: int | None = None, eval_data: tuple[Tensor, Tensor] | None = None
+    ) -> ExtractionResult:
+        """Query ``num_queries`` (default: ``victim.remaining``) noise images and fit the clone."""
+        num_queries = self.victim.remaining if num_queries is None else num_queries
+        check_int("num_queries", num_queries, 1)
+        noise = torch.rand(num_queries, *self.image_shape, generator=self.rng)
+        return super().run(noise, num_queries=num_queries, eval_data=eval_data)
+
+
+def random_noise_floor(
+    victim: Victim,
+    clone: nn.Module,
+    *,
+    num_queries: int,
+    image_shape: tuple[int, int, int],
+    eval_data: tuple[Tensor, Tensor] | None = None,
+    **fit: Any,
+) -> ExtractionResult:
+    """Clone trained on ``num_queries`` uniform-noise queries (see :class:`RandomNoise`).
+
+    ``fit`` takes RandomNoise's keyword arguments (hard_labels, batch_size, epochs, lr, seed, ...).
+    """
+    return RandomNoise(victim, clone, image_shape=image_shape, **fit).run(
+        num_queries=num_queries, eval_data=eval_data
+    )
