@@ -21,11 +21,12 @@ from qrobust.attacks.extraction.dfme import DFME, Generator
 from qrobust.attacks.extraction.knockoff import (
     KnockoffNets,
     RandomNoise,
+    gradient_bandit_step,
     prepare_transfer_set,
     random_noise_floor,
     soft_cross_entropy,
 )
-from qrobust.attacks.extraction.maze import MAZE
+from qrobust.attacks.extraction.maze import MAZE, kl_disagreement
 from qrobust.attacks.extraction.metrics import ExtractionResult, agreement, clone_accuracy
 from qrobust.attacks.extraction.victim import QueryBudgetExhausted, Victim
 from qrobust.defenses.output import make_defense
@@ -231,6 +232,61 @@ def test_knockoff_hard_labels_and_top1_victims(task):
     assert result.queries_used == 100 and result.info["hard_labels"]
 
 
+def test_gradient_bandit_moves_preference_towards_rewarded_actions():
+    preference = torch.zeros(3)
+    policy = torch.softmax(preference, dim=0)
+    actions, rewards = torch.tensor([0, 1, 0, 2]), torch.tensor([1.0, 0.0, 0.8, 0.2])
+    new = gradient_bandit_step(preference, policy, actions, rewards, baseline=0.5, lr=0.4)
+    by_hand = torch.zeros(3)
+    for a, r in zip(actions.tolist(), rewards.tolist(), strict=True):
+        by_hand += 0.4 * (r - 0.5) * (F.one_hot(torch.tensor(a), 3).float() - policy) / 4
+    torch.testing.assert_close(new, by_hand)
+    assert new[0] > 0 > new[2] and new[0] > new[1]
+
+
+def test_knockoff_hard_labels_turn_soft_answers_into_one_hot(task):
+    victim = Victim(task["model"], budget=20)
+    attack = KnockoffNets(victim, fresh_clone(), hard_labels=True, progress=False)
+    x = task["transfer"][:10]
+    targets = attack.query(x)
+    clean = torch.softmax(task["model"](x), dim=1).detach()
+    assert torch.equal(targets, F.one_hot(clean.argmax(1), K).float()) and victim.used == 10
+
+
+def test_adaptive_sampling_queries_each_image_once_and_masks_empty_groups(task):
+    seen = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = task["model"]
+
+        def forward(self, x):
+            seen.append(x.clone())
+            return self.inner(x)
+
+    transfer = task["transfer"][:300]
+    groups = (torch.arange(300) % 7 == 0).long()  # group 1 has 43 images and runs dry early
+    for budget in (250, 300):
+        seen.clear()
+        victim = Victim(Recorder(), budget=budget)
+        attack = KnockoffNets(
+            victim, fresh_clone(), sampling="adaptive", epochs=0, batch_size=32, progress=True, seed=3
+        )
+        result = attack.run(transfer, transfer_groups=groups)
+        queried = torch.cat(seen)
+        assert (
+            result.queries_used == budget
+            and result.iterations == -(-budget // 32)
+            and not result.stopped_early
+        )
+        assert len(torch.unique(queried.flatten(1), dim=0)) == budget  # no image twice
+        policy = result.info["policy"]
+        assert result.info["num_groups"] == 2 and sum(policy) == pytest.approx(1, abs=1e-4)
+        if budget == 250:
+            assert policy[1] == 0.0  # the exhausted group is masked out
+
+
 def test_knockoff_soft_cross_entropy():
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     target = torch.tensor([[0.5, 0.25, 0.25]])
@@ -316,8 +372,15 @@ def test_maze_query_accounting_reuses_the_unperturbed_answers(task):
     attack = small(MAZE, victim, num_directions=4, clone_steps=3, replay_steps=2, replay_capacity=64)
     b, m, n_s = 8, 4, 3
     assert attack.cost_per_iteration == b * ((m + 1) + n_s - 1) == 56
+    steps = []
+    fit_step = attack.fit_step
+    attack.fit_step = lambda x, y: steps.append(len(x)) or fit_step(x, y)
     result = attack.run(num_queries=4 * 56)
     assert result.iterations == 4 and result.queries_used == victim.used == 4 * 56
+    assert len(steps) == 4 * (
+        n_s + 2
+    )  # the buffer holds >= B pairs after the first clone step: replay every time
+    assert attack._replay_size == 64  # 4 x 3 x 8 = 96 pairs seen, the ring buffer keeps 64
     assert result.ledger == {"maze_generator": 4 * b * (m + 1), "maze_clone": 4 * (n_s - 1) * b}
     assert "replay" in result.info["last_losses"]
 
@@ -376,6 +439,41 @@ def test_zeroth_order_gradient_estimate_matches_autograd(task, cls):
         assert torch.cosine_similarity(e, t, dim=0) > 0.8  # E[cos] ~ sqrt(m / (m + d)) ~ 0.98
         assert (e @ t / (t @ t)).item() == pytest.approx(1.0, abs=0.15)  # unbiased: right sign and scale
     assert victim.used == 2 * 3001
+
+
+def test_disagreements_dfme_l1_on_mean_corrected_log_probs_and_maze_kl(task):
+    p = torch.softmax(torch.randn(5, K, generator=torch.Generator().manual_seed(0)), dim=1)
+    log_p = p.log()
+    dfme = small(DFME, Victim(task["model"], budget=10))
+    # the clone matches the victim when its logits equal the log-probabilities up to the mean
+    torch.testing.assert_close(dfme.disagreement(log_p - log_p.mean(1, keepdim=True), p), torch.zeros(5))
+    expected = (log_p - (log_p - log_p.mean(1, keepdim=True))).abs().mean(1)
+    torch.testing.assert_close(dfme.disagreement(log_p, p), expected)
+    logits = torch.randn(5, K, generator=torch.Generator().manual_seed(1))
+    kl = F.kl_div(F.log_softmax(logits, 1), p, reduction="none").sum(1)
+    torch.testing.assert_close(kl_disagreement(logits, p), kl)
+    maze = small(MAZE, Victim(task["model"], budget=10))
+    torch.testing.assert_close(maze.disagreement(logits, p), kl)
+    torch.testing.assert_close(maze.disagreement(log_p + 3.0, p), torch.zeros(5), atol=1e-6, rtol=0)
+
+
+def test_generator_steps_increase_the_disagreement(task):
+    # the generator ascends D: after a few zeroth-order steps, fresh samples disagree more than before
+    victim = Victim(task["model"], budget=10**6)
+    attack = small(DFME, victim, num_directions=20, lr_generator=1e-2, batch_size=32)
+    z = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+
+    def mean_disagreement():
+        with torch.no_grad():
+            x = attack.generator(z)
+            return (
+                attack.disagreement(attack.clone.eval()(x), torch.softmax(task["model"](x), 1)).mean().item()
+            )
+
+    before = mean_disagreement()
+    for _ in range(15):
+        attack.generator_step()
+    assert mean_disagreement() > before * 1.05  # descent (wrong sign) gives ~0.7x, ascent ~1.15x
 
 
 @pytest.mark.parametrize("output", ["top1", "topk"])

@@ -166,6 +166,18 @@ def kmeans_groups(
     return torch.cdist(feats, centers).argmin(dim=1)
 
 
+def gradient_bandit_step(
+    preference: Tensor, policy: Tensor, actions: Tensor, rewards: Tensor, baseline: float, lr: float
+) -> Tensor:
+    """Gradient-bandit update (Sutton & Barto, Sec. 2.8), averaged over a round of actions.
+
+    ``H <- H + lr * mean_i (r_i - rbar) (onehot(a_i) - pi)``: an action rewarded above the baseline
+    gains preference, the others lose in proportion to their probability.
+    """
+    onehot = F.one_hot(actions, preference.shape[0]).to(preference.dtype)
+    return preference + lr * ((rewards - baseline)[:, None] * (onehot - policy)).mean(dim=0)
+
+
 # --------------------------------------------------------------------------- KnockoffNets
 
 
@@ -404,8 +416,9 @@ class KnockoffNets:
                 ce = -(y_cpu * F.log_softmax(logits, dim=1)).sum(dim=1)
                 reward = (certainty + diversity + (1 - torch.exp(-ce))) / 3
                 baseline = reward_sum / reward_count if reward_count else 0.0
-                onehot = F.one_hot(actions, num_groups).float()
-                preference += self.bandit_lr * ((reward - baseline)[:, None] * (onehot - policy)).mean(dim=0)
+                preference = gradient_bandit_step(
+                    preference, policy, actions, reward, baseline, self.bandit_lr
+                )
                 reward_sum += reward.sum().item()
                 reward_count += reward.numel()
                 answer_mean = 0.9 * answer_mean + 0.1 * y_cpu.mean(dim=0)
@@ -421,7 +434,10 @@ class KnockoffNets:
                 done += size
                 rounds += 1
                 bar.update(size)
-        final_policy = self._policy(preference, torch.tensor([len(p) for p in pools]) - taken)
+        left = torch.tensor([len(p) for p in pools]) - taken
+        final_policy = (
+            self._policy(preference, left) if (left > 0).any() else torch.softmax(preference, dim=0)
+        )
         info = {"num_groups": num_groups, "policy": [round(v, 6) for v in final_policy.tolist()]}
         x, y = self._stack(xs, ys, transfer_set)
         return x, y, rounds, info
