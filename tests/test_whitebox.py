@@ -326,6 +326,90 @@ def test_targeted_mode_raises_the_target_score(model, data, name, norm, eps):
     assert hit_after >= hit_before + 0.3
 
 
+class PerSample(nn.Module):
+    """Runs ``net`` one sample at a time, so batched and per-sample evaluations agree bit for bit."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net(xi.unsqueeze(0)) for xi in x])
+
+
+def reference_apgd_linf(model, x, y, x0, eps, steps, rho=0.75):
+    """Algorithm 1 of Croce & Hein (2020), one sample at a time with plain Python bookkeeping."""
+    checkpoints = apgd_checkpoints(steps)
+
+    def evaluate(z, label):
+        z = z.clone().requires_grad_(True)
+        logits = model(z.unsqueeze(0))
+        loss = F.cross_entropy(logits, label.view(1))
+        return loss.item(), torch.autograd.grad(loss, z)[0], logits.argmax().item() != label.item()
+
+    results = []
+    for xi, yi, cur in zip(x, y, x0, strict=True):
+        project = lambda z, xi=xi: torch.min(torch.max(z, xi - eps), xi + eps).clamp(0, 1)  # noqa: E731
+        eta, prev, last, reduced_last = 2 * eps, cur, 0, True
+        loss, grad, fooled = evaluate(cur, yi)
+        best, best_loss, best_grad, adv, losses = cur, loss, grad, cur if fooled else None, [loss]
+        best_loss_last = best_loss
+        for k in range(steps):
+            a = 0.75 if k > 0 else 1.0
+            z = project(cur + eta * grad.sign())
+            cur, prev = project(cur + a * (z - cur) + (1 - a) * (cur - prev)), cur
+            loss, grad, fooled = evaluate(cur, yi)
+            adv = cur if fooled else adv
+            if loss > best_loss:
+                best, best_loss, best_grad = cur, loss, grad
+            losses.append(loss)
+            if k + 1 in checkpoints:
+                increases = sum(losses[j] > losses[j - 1] for j in range(last + 1, k + 2))
+                reduce = increases <= rho * (k + 1 - last) or (
+                    not reduced_last and best_loss_last >= best_loss
+                )
+                if reduce:
+                    eta, cur, grad = eta / 2, best, best_grad
+                reduced_last, best_loss_last, last = reduce, best_loss, k + 1
+        results.append(adv if adv is not None else best)
+    return torch.stack(results)
+
+
+@pytest.mark.parametrize("eps, steps", [(0.05, 30), (0.1, 30)])
+def test_apgd_matches_a_per_sample_reference_of_the_paper(eps, steps):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+    )
+    net = PerSample(net.double())
+    for p in net.parameters():
+        p.data *= 6  # a rugged loss surface, so step-size halving and restarts from the best point matter
+    x = torch.rand(16, 1, 4, 4, dtype=torch.float64)
+    y = net(x).argmax(1)
+    x0 = (x + eps * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
+    got = apgd_ce(net, x, y, eps, steps=steps, x_init=x0, check=False)
+    expected = reference_apgd_linf(net, x, y, x0, eps, steps=steps)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert (got - x0).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_start_is_uniform_in_the_ball(model, norm):
+    # One step of negligible size leaves PGD at its random start; grey images keep the box out of the way.
+    x, y, eps = torch.full((200, 1, 8, 8), 0.5), torch.zeros(200, dtype=torch.long), 0.2
+    start = pgd(
+        model, x, y, eps, norm=norm, steps=1, step_size=1e-12, generator=torch.Generator().manual_seed(0)
+    )
+    delta = (start - x).flatten(1)
+    if norm == "linf":  # each coordinate ~ U(-eps, eps): mean |delta_i| = eps / 2
+        assert delta.abs().max() <= eps + 1e-6
+        assert abs(delta.abs().mean() / eps - 0.5) < 0.02
+    else:  # radius eps * u^(1/64): 99.9% of the points within 10% of the sphere, none outside
+        radius = delta.norm(dim=1) / eps
+        assert radius.max() <= 1 + 1e-6 and (radius > 0.9).float().mean() > 0.95
+        assert radius.std() > 0.005  # not all on the sphere (std of u^(1/64) is ~0.015)
+
+
 def test_apgd_checkpoints_follow_the_paper():
     # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) (Croce & Hein 2020, Sec. 3.2)
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
@@ -470,3 +554,12 @@ def test_robust_accuracy_is_independent_of_batching_and_accepts_callables(model,
     by_name = robust_accuracy(model, x, y, "fgsm", eps=0.15, check=False)
     assert robust_accuracy(model, x, y, fgsm, eps=0.15, batch_size=7, check=False) == by_name
     assert accuracy(model, x, y, batch_size=7) == accuracy(model, x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_attacks_run_on_the_inputs_device(model, data):
+    net, x, y = copy.deepcopy(model).cuda(), data[0][:32].cuda(), data[1][:32].cuda()
+    for name in ATTACK_NAMES:  # run() passes a CPU generator: the random start must still land on the GPU
+        x_adv = run(name, net, x, y, 0.1, eot=2)
+        assert x_adv.device == x.device and (x_adv - x).abs().max() <= 0.1 + 1e-6
+    assert robust_accuracy(net, x, y, "pgd", eps=0.15) <= accuracy(net, x, y)

@@ -11,6 +11,10 @@ Gradients Give a False Sense of Security"):
     g(x) = 1/n * sum_{i=1..n} grad_x L(f(x; omega_i), y),   omega_i the model's i-th random draw.
 
 Every attack here is ``attack(model, x, y, eps, **kwargs) -> x_adv`` with ``eot=n`` as a parameter.
+With ``eot_batched=True`` (default) the n draws are one forward pass on the batch repeated n times,
+which is right when the model samples its randomness per element (stochastic quantizers, noise
+injection); a model that draws one random choice per forward pass (e.g. a random bit width for the
+whole batch, as in Double-Win Quant) needs ``eot_batched=False`` (n separate passes).
 ``eps`` is a float, a fraction such as ``"8/255"`` or a budget name such as ``"linf:8/255"`` /
 ``"l2:0.5"`` (see :func:`parse_eps`). Attacks maximise the per-sample cross-entropy; with
 ``targeted=True`` ``y`` holds the target classes and they maximise ``-CE(f(x), y)``. They leave the
@@ -393,9 +397,9 @@ def _apgd_run(
     rho: float,
     targeted: bool,
     eot: tuple[int, bool],
-    generator: torch.Generator | None,
+    start: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One APGD run; returns (x_out, fooled, best loss) with x_out a fooling point where one was found."""
+    """One APGD run from ``start``; returns (x_out, fooled, best loss), x_out a fooling point if found."""
 
     def grad_at(z: Tensor, first: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         return _eot_grad(model, z, y, eot[0], eot[1], targeted, check_labels=first)
@@ -404,7 +408,7 @@ def _apgd_run(
         return torch.where(_per_sample(mask, new), new, old)
 
     checkpoints = set(apgd_checkpoints(steps))
-    x_cur = _random_start(x, eps, norm, generator)
+    x_cur = start
     grad, loss, logits = grad_at(x_cur, first=True)
     fooled = _fooled(logits, y, targeted)
     x_fool, x_best, grad_best, loss_best = x_cur, x_cur, grad, loss
@@ -453,6 +457,7 @@ def apgd_ce(
     eot: int = 1,
     eot_batched: bool = True,
     generator: torch.Generator | None = None,
+    x_init: Tensor | None = None,
     check: bool = True,
 ) -> Tensor:
     """APGD-CE (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
@@ -470,24 +475,33 @@ def apgd_ce(
     not halved at the last checkpoint and its best loss has not improved since. Returns, per sample, a
     point the model misclassifies (classifies as the target when ``targeted``; for ``eot > 1`` judged on
     the logits averaged over draws) if one was met, else the highest-loss point; ``restarts`` re-runs
-    the samples not yet fooled and keeps the higher loss.
+    the samples not yet fooled and keeps the higher loss. The first run starts from ``x_init`` (projected
+    onto the ball) if given, e.g. a PGD result, else every run from a uniform random point of the ball.
     """
     norm, eps = _setup(x, y, eps, norm, eot)
     steps = _check_int("steps", steps, 1)
     restarts = _check_int("restarts", restarts, 1)
     if not isinstance(rho, numbers.Real) or not 0 < rho < 1:
         raise ConfigError(f"rho must be in (0, 1) (the paper uses 0.75), got {rho!r}")
+    if x_init is not None and (not isinstance(x_init, Tensor) or x_init.shape != x.shape):
+        raise ConfigError(
+            f"x_init must be a tensor shaped like x {tuple(x.shape)}, or None for a random start"
+        )
     if check:
         check_attack_setup(model, x, y, eot)
     x = x.detach()
-    x_adv, loss_adv = x.clone(), torch.full(y.shape, -math.inf, device=x.device)
+    x_adv, loss_adv = x.clone(), torch.full(y.shape, -math.inf, dtype=x.dtype, device=x.device)
     todo = torch.ones_like(y, dtype=torch.bool)
-    for _ in range(restarts):
+    for run in range(restarts):
         idx = todo.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
+        if run == 0 and x_init is not None:
+            start = _project(x_init[idx].detach(), x[idx], eps, norm)
+        else:
+            start = _random_start(x[idx], eps, norm, generator)
         out, fooled, loss = _apgd_run(
-            model, x[idx], y[idx], eps, norm, steps, rho, targeted, (eot, eot_batched), generator
+            model, x[idx], y[idx], eps, norm, steps, rho, targeted, (eot, eot_batched), start
         )
         keep = fooled | (loss > loss_adv[idx])
         x_adv[idx[keep]], loss_adv[idx[keep]] = out[keep], loss[keep]
