@@ -9,6 +9,8 @@ Ratios, not absolute times, are the contract (they transfer across machines bett
 - ``int8_speedup_over_fp32``: int8 (server) images/s over fp32 images/s at batch 256.
 - ``patch_attack_images_per_s``: images per second through one patch-optimisation step (fwd + bwd).
 - ``pgd_steps_per_s``: PGD steps per second on a batch of 256 (each step = fwd + bwd).
+- ``qadtr_epoch_over_pbat_epoch``: one epoch-equivalent (N steps of the one training loop) of QADT-R
+  (A-QAPA + DBWT + GIR) over the same for PBAT, on an 8-bit QAT model: QADT-R's extra cost.
 - ``sq_ensemble16_over_single_forward``: a 16-draw stochastic-quantizer ensemble forward over one
   deterministic forward of the same network (batched; well under 16 is the goal).
 
@@ -157,13 +159,47 @@ def bench_attacks(min_seconds: float) -> dict:
     return out
 
 
+def bench_patch_defenses(min_seconds: float, steps: int = 6, batch: int = 128) -> dict:
+    """Seconds of one epoch of ``steps`` batches through ``fit`` per objective; QADT-R / PBAT as a ratio."""
+    try:
+        from qrobust.config import TrainSection
+        from qrobust.data import BatchLoader
+        from qrobust.defenses.patch_training import PBAT, QADTR, PatchSpec
+        from qrobust.train.loop import fit
+    except ImportError:
+        return {}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (steps * batch, *SHAPE), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (steps * batch,), generator=gen)
+    cfg = TrainSection(epochs=1, batch_size=batch, lr=0.01, warmup_epochs=0.0)
+    spec = PatchSpec("square", 0.08, (0.0, 0.6))
+    makers = {
+        "pbat": lambda: PBAT([spec], patch_steps=2),
+        "qadtr": lambda: QADTR(True, True, True, sizes=(0.06, 0.08, 0.1), region=(0.0, 0.6), patch_steps=2),
+    }
+    seconds = {}
+    for name, make in makers.items():
+        model = quantize(default_model())
+        loader = BatchLoader(x, y, batch, shuffle=True, drop_last=True)
+
+        def epoch(model=model, loader=loader, make=make) -> None:
+            fit(model, loader, make(), cfg, progress=False)
+
+        seconds[name] = timeit(epoch, min_seconds, warmup=1)
+    return {
+        "pbat_epoch_seconds": seconds["pbat"],
+        "qadtr_epoch_seconds": seconds["qadtr"],
+        "qadtr_epoch_over_pbat_epoch": seconds["qadtr"] / seconds["pbat"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args()
     min_seconds = 0.5 if args.quick else 3.0
-    results = bench_core(min_seconds) | bench_attacks(min_seconds)
+    results = bench_core(min_seconds) | bench_attacks(min_seconds) | bench_patch_defenses(min_seconds)
     results["environment"] = environment("cpu")
     atomic_write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"{'metric':45s} value")
