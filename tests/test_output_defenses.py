@@ -54,7 +54,7 @@ ALL_DEFENSES = [
     ("round", {"decimals": 1}),
     ("round", {"decimals": 3}),
     ("topk", {"k": 1}),
-    ("topk", {"k": 3}),
+    ("topk", {"k": 2}),
     ("label", {}),
 ]
 
@@ -63,8 +63,6 @@ ALL_DEFENSES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("name", "params"), ALL_DEFENSES, ids=lambda v: str(v))
 def test_defended_outputs_are_probability_vectors(name, params, num_classes, dtype):
-    if name == "topk" and params["k"] > num_classes:
-        pytest.skip("k > K is a ConfigError, tested below")
     p = probability_batches(num_classes, dtype)
     y = make_defense(name, **params)(p)
     assert y.shape == p.shape and y.dtype == dtype
@@ -198,6 +196,17 @@ def test_label_only_is_one_hot_argmax():
 def test_bad_parameters_raise_config_error(name, params):
     with pytest.raises(ConfigError):
         make_defense(name, **params)
+
+
+def test_make_defense_rejects_registry_entries_that_are_not_output_defenses():
+    DEFENSES.register("test-detector-entry")(object())
+    try:
+        with pytest.raises(
+            ConfigError, match="not an output defense; choose one of: dcp, label, none, round, rs, topk"
+        ):
+            make_defense("test-detector-entry")
+    finally:
+        DEFENSES._items.pop("test-detector-entry")
 
 
 def test_bad_parameters_raise_in_the_pure_functions_too():

@@ -253,6 +253,9 @@ def make_defense(name: str, **params: Any) -> Defense:
     first query (only ``k <= K`` for top-k waits for the first batch, which tells K).
     """
     fn = DEFENSES.get(name)
+    if not hasattr(fn, "check_params"):  # the registry also holds other kinds of defenses (detectors)
+        outputs = sorted(n for n in DEFENSES.names() if hasattr(DEFENSES.get(n), "check_params"))
+        raise ConfigError(f"'{name}' is not an output defense; choose one of: {', '.join(outputs)}")
     signature = inspect.signature(fn.check_params).parameters
     accepted = list(signature)
     unknown = sorted(set(params) - set(accepted))
