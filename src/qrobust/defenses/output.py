@@ -10,9 +10,11 @@ Perturbations" (IEEE S&P Workshops)::
     r(p)  = beta * (sigmoid(gamma * logit(p)) - 1/2)             (per class)
     y~    = normalize(max(p - r(p), 0))                          (normalize: divide by the row sum)
 
-``logit(p) = log(p / (1 - p))`` is computed on ``p`` clamped to [1e-6, 1 - 1e-6]. Lee et al.
-normalise with a scalar alpha; a large beta can push the top class below zero, so we clamp at 0 before
-normalising (the row sum stays positive: any class with p <= 1/2 gets y >= p with strict increase).
+``logit(p) = log(p / (1 - p))`` is computed on ``p`` clamped to [1e-6, 1 - 1e-6]. (The reference code
+clamps the odds ``p / (1 - p)`` to at most 1 instead, which sets the logit of every p > 1/2 to 0; we
+do not repeat that.) Lee et al. normalise with a scalar alpha; a large beta can push the top class
+below zero, so we clamp at 0 before normalising (the row sum stays positive: every class with p < 1/2
+gets y > p, and K >= 2 rows always have one with p <= 1/2).
 
 Does RS keep the argmax? Write f(p) = p - r(p) for one class. Then
 ``f'(p) = 1 - beta * gamma * cosh^2(l/2) / cosh^2(gamma*l/2)`` with ``l = logit(p)``:
@@ -26,9 +28,9 @@ Does RS keep the argmax? Write f(p) = p - r(p) for one class. Then
   (feasible pairs top > other): for K = 10, gamma = 0.2 the argmax is safe up to beta ~ 0.28; for
   K = 100 up to beta ~ 0.04. Typical softmax outputs rarely hit the worst case, but no guarantee holds.
 
-Deceptive perturbation gated by confidence (DCP): RS applied only to low-confidence answers, the gate of
-the reference code (KacemKhaled/defending-extraction, ``method_dcp``) and of the adaptive-
-misinformation defense (Kariyappa & Qureshi 2020)::
+DCP, the confidence-gated RS that DivQAT evaluates (reference code: KacemKhaled/defending-extraction,
+``method_dcp``; the gate is the one of adaptive misinformation, Kariyappa & Qureshi 2020): RS applied
+only to low-confidence answers::
 
     gate(p) = 1 / (1 + exp(nu * (max_k p_k - tau)))              (one scalar per row, in (0, 1))
     y~      = normalize(max(p - gate(p) * r(p), 0))
