@@ -6,10 +6,45 @@ Idea from timm's ``@register_model``: ``MODELS.register("convnet")(build_convnet
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 from qrobust.errors import ConfigError
+
+# Modules whose components register themselves on import. They are imported on the first lookup, not
+# when qrobust is imported (no import-time side effects, no import cycles).
+BUILTIN_MODULES = (
+    "qrobust.models",
+    "qrobust.data",
+    "qrobust.train.objectives",
+    "qrobust.train.sq_objective",
+    "qrobust.attacks.whitebox",
+    "qrobust.attacks.patch",
+    "qrobust.attacks.extraction.knockoff",
+    "qrobust.attacks.extraction.dfme",
+    "qrobust.attacks.extraction.maze",
+    "qrobust.defenses.output",
+    "qrobust.defenses.detection",
+)
+OPTIONAL_MODULES = ("qrobust.train.divqat", "qrobust.defenses.patch_training")
+_loaded = False
+
+
+def load_builtin_components() -> None:
+    """Import every built-in component module once so that all registries are complete."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in BUILTIN_MODULES:
+        importlib.import_module(name)
+    for name in OPTIONAL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
 
 
 class Registry:
@@ -29,6 +64,8 @@ class Registry:
         return add
 
     def get(self, name: str) -> Any:
+        if name not in self._items:
+            load_builtin_components()
         try:
             return self._items[name]
         except KeyError:
@@ -37,9 +74,11 @@ class Registry:
             ) from None
 
     def names(self) -> list[str]:
+        load_builtin_components()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        load_builtin_components()
         return name in self._items
 
 
