@@ -1,0 +1,189 @@
+"""DivQAT: quantization-aware training that pushes the quantized model's probabilities away from the
+float model's, so that a clone trained on them learns a worse copy.
+
+Paper: "DivQAT: Enhancing Robustness of Quantized Convolutional Neural Networks against Model
+Extraction Attacks", arXiv:2512.23948. The QAT loss (their Eq. for L_DivQAT) is
+
+    L = CE(y, f_q(x)) - alpha * KL(f_q(x) || f_fp(x))
+    KL(p_q || p_fp) = sum_k p_q,k (log p_q,k - log p_fp,k)        (direction: quantized first)
+
+with ``f_q`` the fake-quantized student being trained, ``f_fp`` the trained float model, frozen
+(eval mode, no gradient, its own copy). Gradients reach ``f_q`` only: CE keeps the labels right
+while the KL term rewards probabilities that differ from the float model's.
+
+Dynamics worth knowing: ``KL(p_q || p_fp)`` is at its minimum (0, zero gradient) when the student
+equals the teacher, which is where QAT starts (the student is the teacher's quantized copy). The
+divergence term therefore acts only once quantization noise and CE have moved the student away, and
+its pull grows with the distance: small alphas change little, a too large alpha tips the student
+over into giving up the labels (accuracy collapse). A confident teacher (near one-hot outputs) leaves
+little room to diverge without changing labels.
+
+Divergence guard (our choice; the paper does not discuss it). ``-alpha * KL`` is unbounded below as
+far as ``log p_fp`` is: the student can move mass onto classes the teacher gives ~0 probability and
+win ``-log p_fp`` without limit. We floor the teacher's probabilities at ``teacher_floor`` (1e-6, the
+floor DFME uses for victim log-probabilities) before the log, so ``0 <= KL <= -log(teacher_floor)``
+(13.8 nats) and the loss is bounded below by ``-alpha * 13.8``: it never becomes -inf/NaN. A too large
+alpha then shows as an *accuracy collapse* rather than a NaN; :func:`check_divqat_accuracy` turns that
+into a clear :class:`~qrobust.errors.TrainingDiverged` after training (the run folder and its
+checkpoints are kept). NaN/inf still stops the loop with its own message (``qrobust.train.loop``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qrobust.errors import ConfigError, TrainingDiverged
+from qrobust.registry import OBJECTIVES
+from qrobust.train.objectives import Objective
+
+DEFAULT_TEACHER_FLOOR = 1e-6
+
+
+def kl_q_fp(logits_q: Tensor, logits_fp: Tensor, teacher_floor: float | None = None) -> Tensor:
+    """Per-sample ``KL(p_q || p_fp) = sum_k p_q,k (log p_q,k - log p_fp,k)`` from logits.
+
+    ``teacher_floor`` (None = exact) clamps ``p_fp`` from below before the log (the DivQAT guard).
+
+    >>> lq, lf = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    >>> p = torch.softmax(lq, 1)[0]
+    >>> expected = float((p * (p.log() - math.log(0.5))).sum())
+    >>> abs(kl_q_fp(lq, lf).item() - expected) < 1e-6
+    True
+    """
+    log_q = F.log_softmax(logits_q.float(), dim=1)
+    log_fp = F.log_softmax(logits_fp.float(), dim=1)
+    if teacher_floor is not None:
+        log_fp = log_fp.clamp_min(math.log(teacher_floor))
+    return (log_q.exp() * (log_q - log_fp)).sum(dim=1)
+
+
+@OBJECTIVES.register("divqat")
+class DivQATLoss(Objective):
+    """``L = CE(y, f_q(x)) - alpha * KL(f_q(x) || f_fp(x))`` (DivQAT, arXiv:2512.23948).
+
+    Args:
+        teacher: the trained float model ``f_fp``. A frozen copy is kept (eval mode,
+            ``requires_grad=False``), so the caller's model is never touched or trained.
+        alpha: weight of the divergence term, > 0 (the paper sweeps 0.01 .. 0.1).
+        teacher_floor: floor on the teacher's probabilities inside the KL (bounds the loss; see the
+            module docstring); in (0, 1/K).
+
+    Per step returns ``(loss, {"correct", "kl", "ce"})``; :meth:`pop_epoch_stats` gives the mean
+    training KL and CE since its last call (the loop records ``correct`` only).
+    """
+
+    name = "divqat"
+
+    def __init__(self, teacher: nn.Module, alpha: float, *, teacher_floor: float = DEFAULT_TEACHER_FLOOR):
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+            or alpha <= 0
+        ):
+            raise ConfigError(
+                f"DivQAT alpha must be a number > 0 (the paper uses 0.01 .. 0.1), got {alpha!r}; "
+                "for plain QAT use the 'ce' objective instead of alpha=0"
+            )
+        if (
+            isinstance(teacher_floor, bool)
+            or not isinstance(teacher_floor, (int, float))
+            or not 0 < teacher_floor < 0.1
+        ):
+            raise ConfigError(f"teacher_floor must be in (0, 0.1), e.g. 1e-6; got {teacher_floor!r}")
+        if not isinstance(teacher, nn.Module):
+            raise ConfigError(f"teacher must be the float nn.Module, got {type(teacher).__name__}")
+        self.alpha = float(alpha)
+        self.teacher_floor = float(teacher_floor)
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self._teacher_ids = {id(p) for p in self.teacher.parameters()}
+        self._kl_sum = 0.0
+        self._ce_sum = 0.0
+        self._seen = 0
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
+        if any(id(p) in self._teacher_ids for p in model.parameters()):
+            raise ConfigError("the DivQAT student shares parameters with its teacher; train a quantized copy")
+        device = x.device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        if self.teacher.training:  # someone called .train() on it: keep BatchNorm statistics frozen
+            self.teacher.eval()
+        with torch.no_grad():
+            logits_fp = self.teacher(x)
+        logits_q = model(x)
+        ce = F.cross_entropy(logits_q, y)
+        kl = kl_q_fp(logits_q, logits_fp.detach(), self.teacher_floor).mean()
+        loss = ce - self.alpha * kl
+        n = len(y)
+        self._kl_sum += float(kl.detach()) * n
+        self._ce_sum += float(ce.detach()) * n
+        self._seen += n
+        correct = (logits_q.detach().argmax(1) == y).sum()
+        return loss, {"correct": correct, "kl": kl.detach(), "ce": ce.detach()}
+
+    def pop_epoch_stats(self) -> dict:
+        """Mean training ``kl`` and ``ce`` over the steps since the last call; resets the sums."""
+        seen = max(1, self._seen)
+        out = {"train_kl": self._kl_sum / seen, "train_ce": self._ce_sum / seen}
+        self._kl_sum = self._ce_sum = 0.0
+        self._seen = 0
+        return out
+
+    def config(self) -> dict:
+        return {"name": self.name, "alpha": self.alpha, "teacher_floor": self.teacher_floor}
+
+
+def mean_kl_to_float(
+    model_q: nn.Module,
+    model_fp: nn.Module,
+    x: Tensor,
+    batch_size: int = 512,
+    teacher_floor: float | None = None,
+) -> float:
+    """Mean over ``x`` of the exact ``KL(f_q(x) || f_fp(x))`` (eval mode, no gradient): the mechanism.
+
+    ``x`` are float images in [0, 1] (or uint8, divided by 255). Modes are restored afterwards.
+    """
+    flags = [(m, m.training) for m in (model_q, model_fp)]
+    device = next(model_q.parameters()).device
+    total, n = 0.0, 0
+    try:
+        model_q.eval()
+        model_fp.eval()
+        with torch.no_grad():
+            for chunk in x.split(batch_size):
+                chunk = chunk.to(device)
+                chunk = chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk.float()
+                kl = kl_q_fp(model_q(chunk), model_fp.to(device)(chunk), teacher_floor)
+                total += float(kl.sum())
+                n += len(chunk)
+    finally:
+        for m, flag in flags:
+            m.train(flag)
+    return total / max(1, n)
+
+
+def check_divqat_accuracy(
+    acc: float, reference_acc: float, *, alpha: float, max_drop: float, where: str = ""
+) -> None:
+    """Raise :class:`TrainingDiverged` when DivQAT lost more than ``max_drop`` accuracy vs plain QAT.
+
+    The bounded loss never goes NaN, so a too large alpha shows as a collapse of accuracy (the
+    student sacrifices the labels for divergence). ``where`` names the run folder that was kept.
+    """
+    if not acc >= reference_acc - max_drop:  # also catches NaN
+        kept = f" The trained model is kept in {where}." if where else ""
+        raise TrainingDiverged(
+            f"DivQAT with alpha={alpha:g} collapsed: test accuracy {100 * acc:.1f}% vs {100 * reference_acc:.1f}% "
+            f"for plain QAT (allowed drop {100 * max_drop:.0f} points).{kept} Lower alpha (the paper uses "
+            "0.01 .. 0.1) or, if this drop is acceptable, raise the allowed drop (divqat.max_acc_drop)."
+        )
+
+
+__all__ = ["DEFAULT_TEACHER_FLOOR", "DivQATLoss", "check_divqat_accuracy", "kl_q_fp", "mean_kl_to_float"]
