@@ -96,13 +96,6 @@ def cmd_run(args) -> int:
         run_study(cfg)
         print(f"run folder: {Path(cfg.out_root) / cfg.name} (results.md, results.json, PNGs)")
         return 0
-    if args.study == "divqat":
-        from qrobust.studies.divqat import load_study_config, preset_path, run_study
-
-        cfg = load_study_config(args.config or preset_path(args.preset), list(args.overrides))
-        run_study(cfg)
-        print(f"run folder: {Path(cfg.out_root) / cfg.name} (results.md, results.json, PNGs)")
-        return 0
     raise QrobustError(
         f"study '{args.study}' ({STUDIES[args.study]}) is not implemented yet; its building blocks are in "
         "qrobust.attacks / qrobust.defenses. Use `qrobust train`, `eval` and `export` meanwhile."
