@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 Q=".venv/bin/qrobust"
 R=runs/acceptance
 $Q train --config configs/fmnist-convnet.toml --out $R/fp32 --no-progress
-$Q train --config configs/fmnist-convnet-qat.toml quant.init=$R/fp32 --out $R/q8-server --no-progress
-$Q train --config configs/fmnist-convnet-qat.toml quant.init=$R/fp32 quant.backend=mobile --out $R/q8-mobile --no-progress
-$Q train --config configs/fmnist-convnet-qat.toml quant.init=$R/fp32 quant.bits=4 train.epochs=5 --out $R/q4 --no-progress
-$Q train --config configs/fmnist-convnet-qat.toml quant.init=$R/fp32 quant.bits=2 train.epochs=5 --out $R/q2 --no-progress
+# QAT fine-tunes from the float model (2 epochs at 8 bits, 3 at 4 and 2 bits)
+$Q train --config configs/fmnist-convnet-qat.toml quant.init=$R/fp32 train.epochs=2 --out $R/q8-server --no-progress
+$Q train --config configs/fmnist-convnet-qat.toml quant.init=$R/fp32 train.epochs=2 quant.backend=mobile --out $R/q8-mobile --no-progress
+$Q train --config configs/fmnist-convnet-qat.toml quant.init=$R/fp32 quant.bits=4 --out $R/q4 --no-progress
+$Q train --config configs/fmnist-convnet-qat.toml quant.init=$R/fp32 quant.bits=2 --out $R/q2 --no-progress
 $Q export $R/q8-server
 $Q export $R/q8-mobile
