@@ -43,6 +43,20 @@ from torch import Tensor, nn
 from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
 
+__all__ = [
+    "NORMS",
+    "GradientMaskingWarning",
+    "parse_eps",
+    "input_gradient",
+    "fgsm",
+    "pgd",
+    "apgd_ce",
+    "apgd_checkpoints",
+    "check_attack_setup",
+    "accuracy",
+    "robust_accuracy",
+]
+
 NORMS = ("linf", "l2")
 _NORM_ALIASES = {"linf": "linf", "l_inf": "linf", "inf": "linf", "l2": "l2"}
 
@@ -477,6 +491,12 @@ def apgd_ce(
     the logits averaged over draws) if one was met, else the highest-loss point; ``restarts`` re-runs
     the samples not yet fooled and keeps the higher loss. The first run starts from ``x_init`` (projected
     onto the ball) if given, e.g. a PGD result, else every run from a uniform random point of the ball.
+
+    Versus fra31/auto-attack's ``APGDAttack``: the random start is uniform in the ball (theirs lies on its
+    surface) and the first checkpoint counts loss increases from the starting point, as the paper says
+    (theirs compares the first step with 0). From the same start on a small tanh MLP (10-100 steps, 200
+    inputs) the best losses matched theirs to 1e-6 for L-inf; for L2 all but up to ~20 inputs matched,
+    the rest differed by < 2e-2 in loss (not traced; likely rounding in the norms).
     """
     norm, eps = _setup(x, y, eps, norm, eot)
     steps = _check_int("steps", steps, 1)
