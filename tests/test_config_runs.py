@@ -100,3 +100,24 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
         load_weights(convnet, tmp_path / "noarch.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_weights(convnet, tmp_path / "missing.pt")
+
+
+def test_list_fields_and_generic_dataclass_configs(tmp_path):
+    from dataclasses import dataclass, field
+
+    from qrobust.config import load_dataclass_config, preset_path
+
+    @dataclass
+    class Study:
+        bits: list[int] = field(default_factory=lambda: [8, 4])
+        name: str = "s"
+
+    path = tmp_path / "s.toml"
+    path.write_text("bits = [8, 4, 2]\n")
+    assert load_dataclass_config(Study(), path).bits == [8, 4, 2]
+    assert load_dataclass_config(Study(), None, ["bits=[2]"]).bits == [2]
+    assert load_dataclass_config(Study(), None, ["bits=8,2"]).bits == [8, 2]
+    with pytest.raises(ConfigError, match="expects a int"):
+        load_dataclass_config(Study(), None, ["bits=[x]"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of: quick, full, paper"):
+        preset_path("qadtr", "huge")

@@ -95,12 +95,27 @@ class RunConfig:
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """Convert a TOML value or a command-line string to the field's type, or raise ConfigError."""
+    """Convert a TOML value or a command-line string to the field's type, or raise ConfigError.
+
+    Supports bool, int, float, str and ``list[...]`` of those (a list override is written
+    ``key=[8,4,2]`` or ``key=8,4,2``).
+    """
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = tomllib.loads(f"v = {text}")["v"] if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            except tomllib.TOMLDecodeError:
+                value = None
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, e.g. {key}=[8,4,2]; got {value!r}")
+        (inner,) = typing.get_args(kind) or (str,)
+        return [_coerce(v, inner, key) for v in value]
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -119,11 +134,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 pass
     elif kind is str:
         if isinstance(value, str):
-            return value
-    raise ConfigError(f"config key '{key}' expects a {kind.__name__}, got {value!r}")
+            return value.strip()
+    raise ConfigError(f"config key '{key}' expects a {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
-def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+def apply_values(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set the fields of dataclass ``obj`` (recursively) from ``values``; unknown keys are errors."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
@@ -134,9 +150,43 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' is a section; write e.g. {full}.<key>=<value>")
-            _apply(getattr(obj, key), value, f"{full}.")
+            apply_values(getattr(obj, key), value, f"{full}.")
         else:
             setattr(obj, key, _coerce(value, kind, full))
+
+
+_apply = apply_values
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict, or a ConfigError saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def load_dataclass_config(config: Any, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults (the dataclass instance ``config``) < TOML file < ``key=value`` overrides; then
+    ``config.validate()`` if it has one. Used by every study's config."""
+    if path:
+        apply_values(config, read_toml(path))
+    apply_values(config, parse_overrides(overrides or []))
+    return config.validate() if hasattr(config, "validate") else config
+
+
+def preset_path(study: str, preset: str, presets: tuple[str, ...] = ("quick", "full", "paper")) -> Path:
+    """``configs/<study>-<preset>.toml`` in the working directory, else in the source checkout."""
+    if preset not in presets:
+        raise ConfigError(f"unknown preset '{preset}'; choose one of: {', '.join(presets)}")
+    name = f"{study}-{preset}.toml"
+    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
+        if (base / name).is_file():
+            return base / name
+    raise ConfigError(f"preset file configs/{name} not found; run from the repository root or pass --config")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -157,18 +207,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: RunConfig | None = None) -> RunConfig:
     """Defaults, then the TOML file at ``path``, then ``key=value`` overrides; validated."""
-    config = base or RunConfig()
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        _apply(config, values)
-    _apply(config, parse_overrides(overrides or []))
-    return config.validate()
+    return load_dataclass_config(base or RunConfig(), path, overrides)
 
 
 def config_from_dict(values: dict) -> RunConfig:
