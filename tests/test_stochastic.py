@@ -429,3 +429,57 @@ def test_runs_on_cuda():
     detector = MIDetector(fpr=0.1, n_draws=4).fit(model, x)
     assert detector.detect(model, x).is_cuda
     assert ensemble_predict(model, x, 4).is_cuda
+
+
+# --- the shared deterministic prefix ------------------------------------------------------------------
+
+
+def test_ensemble_forward_runs_the_prefix_before_the_first_sq_once():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = insert_stochastic_quantizers(net, after=["1"], num_bins=8, low=0.0, high=1.0)
+    rows = {}
+    model[0].register_forward_hook(lambda m, i, o: rows.update(prefix=i[0].shape[0]))
+    model[2].register_forward_hook(lambda m, i, o: rows.update(suffix=i[0].shape[0]))
+    x = torch.rand(5, 2, requires_grad=True)
+    out = ensemble_forward(model, x, 7)
+    assert out.shape == (7, 5, 3) and rows == {"prefix": 5, "suffix": 35}
+    # The draws are still independent (the SQ after the prefix gets 7 x 5 noise draws) ...
+    assert not torch.equal(out[0], out[1])
+    # ... and the values and gradients equal the repeated-input path when nothing is random.
+    with deterministic_sq(model):
+        shared = ensemble_forward(model, x, 3)
+        (g_shared,) = torch.autograd.grad(shared.square().sum(), x)
+        plain = ensemble_forward(model, x, 3, share_prefix=False)
+        (g_plain,) = torch.autograd.grad(plain.square().sum(), x)
+    assert torch.allclose(shared, plain, atol=1e-6) and torch.allclose(g_shared, g_plain, atol=1e-6)
+    # A model without SQs gives N copies of its output.
+    assert torch.equal(ensemble_forward(net[0], x, 4), net[0](x).expand(4, 5, 16))
+
+
+def test_ensemble_forward_skip_around_the_first_sq_fails_loudly_unless_not_shared():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(3, 3), StochasticQuantizer(num_bins=4))
+
+        def forward(self, x):
+            return x + self.inner(x)  # x bypasses the SQ
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), Skip())
+    x = torch.rand(4, 2)
+    with pytest.raises(RuntimeError):
+        ensemble_forward(model, x, 3)
+    assert ensemble_forward(model, x, 3, share_prefix=False).shape == (3, 4, 3)
+
+
+def test_sq_without_gradient_returns_the_same_hard_sample():
+    sq = StochasticQuantizer(num_bins=4, learnable=False)
+    v = torch.rand(1000)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        fast = sq(v)
+    torch.manual_seed(3)
+    slow = sq(v.requires_grad_(True))
+    assert torch.equal(fast, slow.detach())

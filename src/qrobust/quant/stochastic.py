@@ -187,6 +187,8 @@ class StochasticQuantizer(nn.Module):
             perturbed = logits - torch.empty_like(logits).exponential_().log()
         index = perturbed.argmax(dim=-1)
         hard = b[index]  # the gather passes gradient to the chosen bin centre
+        if not (torch.is_grad_enabled() and (v.requires_grad or b.requires_grad)):
+            return hard  # no gradient wanted: the relaxed term below is exactly 0 in value (same noise drawn)
         soft = torch.softmax(perturbed / self.config.tau, dim=-1)
         # Straight-through: the value is exactly `hard`; the gradient w.r.t. v (and the bins, through the
         # logits) is that of the relaxed value sum_k s_k b_k. `relaxed - relaxed.detach()` is exactly 0.
@@ -293,16 +295,53 @@ def check_num_draws(n_draws) -> int:
     return n_draws
 
 
-def ensemble_forward(model: nn.Module, x: torch.Tensor, n_draws: int) -> torch.Tensor:
+def _starts_with_sq(model: nn.Module) -> bool:
+    """True if the first module ``model`` runs is an SQ (nested ``nn.Sequential`` heads followed)."""
+    while isinstance(model, nn.Sequential) and len(model) > 0:
+        model = model[0]
+    return isinstance(model, StochasticQuantizer)
+
+
+def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.repeat(n, *([1] * (x.dim() - 1)))
+
+
+def ensemble_forward(model: nn.Module, x: torch.Tensor, n_draws: int, *, share_prefix: bool = True) -> torch.Tensor:
     """Outputs of ``n_draws`` SQ draws, shape ``[N, B, ...]``, from ONE batched forward pass.
 
-    The batch is repeated ``N`` times (``[N*B, ...]``): each copy gets its own SQ noise, so the draws are
-    independent; peak memory is ``N`` times a single pass. BatchNorm in training mode sees the repeated
-    batch, whose statistics equal the original batch's.
+    Every SQ's input is repeated ``N`` times (``[N*B, ...]``) where the first SQ meets it: the
+    deterministic layers *before* the first SQ run once on the ``B`` inputs (their output is the same for
+    every draw), everything from the first SQ on runs on the repeated batch, and each copy gets its own
+    SQ noise, so the draws are independent. When the model starts with an SQ (or ``share_prefix=False``)
+    the input itself is repeated, as one plain ``model(x.repeat(N, ...))`` call. Peak memory is up to
+    ``N`` times a single pass. BatchNorm in training mode sees the repeated batch (or, before the first
+    SQ, the original one), whose statistics are the same. A branch that bypasses every SQ (a skip
+    connection around the first SQ) stays at ``B`` rows; merging it with the repeated rows fails
+    loudly for ``B > 1`` (and broadcasts correctly for ``B == 1``); pass ``share_prefix=False`` there.
+    A model without SQs gives ``N`` copies of its single output.
     """
     n = check_num_draws(n_draws)
     batch = x.shape[0]
-    out = model(x.repeat(n, *([1] * (x.dim() - 1))))
+    sqs = list(stochastic_quantizers(model))
+    if n == 1 or not share_prefix or _starts_with_sq(model):
+        out = model(_repeat(x, n))
+        return out.reshape(n, batch, *out.shape[1:])
+
+    def repeat_once(module, args):
+        # The first SQ reached (and any SQ on a branch not yet repeated) repeats its input; SQs
+        # downstream of a repeat see N*B rows and leave them as they are.
+        if args and isinstance(args[0], torch.Tensor) and args[0].shape[:1] == (batch,):
+            return (_repeat(args[0], n), *args[1:])
+        return None
+
+    handles = [sq.register_forward_pre_hook(repeat_once) for sq in sqs]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if out.shape[0] == batch:  # no SQ on the path (n >= 2 here): all draws are the same
+        out = _repeat(out, n)
     return out.reshape(n, batch, *out.shape[1:])
 
 
