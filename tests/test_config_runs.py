@@ -118,6 +118,6 @@ def test_list_fields_and_generic_dataclass_configs(tmp_path):
     assert load_dataclass_config(Study(), None, ["bits=[2]"]).bits == [2]
     assert load_dataclass_config(Study(), None, ["bits=8,2"]).bits == [8, 2]
     with pytest.raises(ConfigError, match="expects a int"):
-        load_dataclass_config(Study(), None, ["bits=[x]"])
+        load_dataclass_config(Study(), None, ["bits=[1.5]"])
     with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of: quick, full, paper"):
         preset_path("qadtr", "huge")
