@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qrobust import data as datasets
-from qrobust.attacks.extraction.dfme import DFME
+from qrobust.attacks.extraction.dfme import DFME, Generator
 from qrobust.attacks.extraction.knockoff import KnockoffNets, prepare_transfer_set, random_noise_floor
 from qrobust.attacks.extraction.maze import MAZE
 from qrobust.attacks.extraction.metrics import agreement, clone_accuracy
@@ -161,6 +161,8 @@ class DFMECfg:
     clone_steps: int = 5
     lr_clone: float = 0.1
     lr_generator: float = 5e-4
+    generator_width: int = 64  # w of DFME's generator (conv widths 2w, w); smaller = cheaper
+    latent_dim: int = 256
     eval_every: int = 10  # iterations between clone-accuracy points (clone acc vs queries)
 
 
@@ -173,6 +175,8 @@ class MAZECfg:
     replay_steps: int = 10
     lr_clone: float = 0.1
     lr_generator: float = 1e-4
+    generator_width: int = 64  # w of DFME's generator (conv widths 2w, w); smaller = cheaper
+    latent_dim: int = 100
     eval_every: int = 10
 
 
@@ -232,7 +236,8 @@ class StudyConfig:
             "fp.batch_size": self.fp.batch_size, "knockoff.queries": self.knockoff.queries,
             "knockoff.batch_size": self.knockoff.batch_size, "dfme.queries": self.dfme.queries,
             "maze.queries": self.maze.queries, "dfme.eval_every": self.dfme.eval_every,
-            "maze.eval_every": self.maze.eval_every,
+            "maze.eval_every": self.maze.eval_every, "dfme.generator_width": self.dfme.generator_width,
+            "maze.generator_width": self.maze.generator_width,
         }
         for key, value in positive.items():
             need(value >= 1, f"{key} must be >= 1, got {value}")
@@ -508,6 +513,8 @@ class DivQATStudy:
             if attack == "maze":
                 kwargs["replay_steps"] = cfg.maze.replay_steps
             cls = DFME if attack == "dfme" else MAZE
+            kwargs["latent_dim"] = z.latent_dim
+            kwargs["generator"] = Generator(data.image_shape, z.latent_dim, z.generator_width)
             result = cls(victim, clone, **kwargs).run(num_queries=z.queries, eval_data=eval_data,
                                                       eval_every=z.eval_every)
         return {
