@@ -945,15 +945,15 @@ def _plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
     labels, values = [], {k: [] for k in kinds}
     for name in cfg.defense.names:
         for width, row in t2.get(name, {}).items():
-            labels.append(f"{LABELS[name]}\n{width}")
+            labels.append(f"{name} @ {width}")
             for k in kinds:
                 values[k].append(100 * mean(row[k]) if k in row else float("nan"))
-    fig = Figure(figsize=(max(6.0, 0.55 * len(labels)), 3.8))
+    fig = Figure(figsize=(max(6.0, 0.45 * len(labels)), 4.4))
     ax = fig.add_subplot(1, 1, 1)
     step = 0.8 / max(1, len(kinds))
     for i, k in enumerate(kinds):
         ax.bar([j + i * step for j in range(len(labels))], values[k], width=step, label=k.replace("_", " "))
-    ax.set_xticks([j + 0.4 - step / 2 for j in range(len(labels))], labels, fontsize=6)
+    ax.set_xticks([j + 0.4 - step / 2 for j in range(len(labels))], labels, fontsize=7, rotation=90)
     ax.set_ylabel("ASR (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
