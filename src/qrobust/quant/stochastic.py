@@ -184,15 +184,18 @@ class StochasticQuantizer(nn.Module):
             perturbed = logits
         else:
             # Gumbel(0, 1) noise as -log(Exp(1)), as torch's gumbel_softmax: never infinite.
-            perturbed = logits - torch.empty_like(logits).exponential_().log()
+            perturbed = logits - torch.empty_like(logits).exponential_().log_()
         index = perturbed.argmax(dim=-1)
         hard = b[index]  # the gather passes gradient to the chosen bin centre
         if not (torch.is_grad_enabled() and (v.requires_grad or b.requires_grad)):
             return hard  # no gradient wanted: the relaxed term below is exactly 0 in value (same noise drawn)
-        soft = torch.softmax(perturbed / self.config.tau, dim=-1)
         # Straight-through: the value is exactly `hard`; the gradient w.r.t. v (and the bins, through the
-        # logits) is that of the relaxed value sum_k s_k b_k. `relaxed - relaxed.detach()` is exactly 0.
-        relaxed = (soft * b.detach()).sum(-1)
+        # logits) is that of the relaxed value sum_k s_k b_k with s = softmax((l + g) / tau).
+        # `relaxed - relaxed.detach()` is exactly 0. The softmax is written out (shifted by the detached
+        # maximum, which it does not depend on): torch's softmax over a last dim of K ~ 4 is slow on CPUs.
+        top = perturbed.gather(-1, index.unsqueeze(-1)).detach()
+        weights = ((perturbed - top) * (1.0 / self.config.tau)).exp()
+        relaxed = (weights * b.detach()).sum(-1) / weights.sum(-1)
         return hard + (relaxed - relaxed.detach())
 
     def spacing_regulariser(self) -> torch.Tensor:
