@@ -11,6 +11,8 @@ Ratios, not absolute times, are the contract (they transfer across machines bett
 - ``pgd_steps_per_s``: PGD steps per second on a batch of 256 (each step = fwd + bwd).
 - ``qadtr_epoch_over_pbat_epoch``: one epoch-equivalent (N steps of the one training loop) of QADT-R
   (A-QAPA + DBWT + GIR) over the same for PBAT, on an 8-bit QAT model: QADT-R's extra cost.
+- ``divqat_step_over_qat_step``: a DivQAT step (8-bit student + frozen float teacher forward) over a
+  plain QAT step, batch 256 (target <= 1.4).
 - ``sq_ensemble16_over_single_forward``: a 16-draw stochastic-quantizer ensemble forward over one
   deterministic forward of the same network (batched; well under 16 is the goal).
 
@@ -193,6 +195,36 @@ def bench_patch_defenses(min_seconds: float, steps: int = 6, batch: int = 128) -
     }
 
 
+def bench_divqat(min_seconds: float) -> dict:
+    """``divqat_step_over_qat_step``: one DivQAT step (student fwd + bwd, frozen float teacher fwd) over a
+    plain 8-bit QAT step (CE), default convnet, batch 256; optimizer step included in both. Target <= 1.4."""
+    try:
+        from qrobust.train.divqat import DivQATLoss
+        from qrobust.train.objectives import CrossEntropy
+    except ImportError:
+        return {}
+    x = torch.rand(BATCH, *SHAPE).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH,))
+    teacher = default_model().eval()
+    seconds = {}
+    for name, objective in (("qat", CrossEntropy()), ("divqat", DivQATLoss(teacher, alpha=0.05))):
+        model = quantize(teacher).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+
+        def step(model=model, opt=opt, objective=objective) -> None:
+            loss, _ = objective(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        seconds[name] = timeit(step, min_seconds)
+    return {
+        "qat_step_seconds": seconds["qat"],
+        "divqat_step_seconds": seconds["divqat"],
+        "divqat_step_over_qat_step": seconds["divqat"] / seconds["qat"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
@@ -200,6 +232,7 @@ def main() -> None:
     args = parser.parse_args()
     min_seconds = 0.5 if args.quick else 3.0
     results = bench_core(min_seconds) | bench_attacks(min_seconds) | bench_patch_defenses(min_seconds)
+    results |= bench_divqat(min_seconds)
     results["environment"] = environment("cpu")
     atomic_write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"{'metric':45s} value")

@@ -305,6 +305,7 @@ def test_foreign_state_is_a_config_error():
         (lambda: QADTR(bit_widths=(4,)), "at least two bit widths"),
         (lambda: QADTR(asr_low=0.7, asr_high=0.3), "asr_low"),
         (lambda: QADTR(sizes=()), "at least one shape and one size"),
+        (lambda: QADTR(gir_batch=-1), "gir_batch"),
         (lambda: DWQ(adversary="cw"), "adversary"),
         (lambda: DWQ(eps=0), "eps"),
         (lambda: make_switchable_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), (2, 4)), "quantize"),

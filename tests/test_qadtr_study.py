@@ -94,12 +94,12 @@ def test_rerun_skips_finished_stages(study):
     assert (ckpt.stat().st_mtime_ns, (study / "seed-0" / "table2.json").read_text()) == before
 
 
-def test_presets_load_and_other_studies_still_say_not_implemented(capsys):
+def test_presets_load_and_a_missing_config_file_is_a_clear_error(capsys):
     for preset in ("quick", "full", "paper"):
         cfg = load_study_config(preset_path(preset))
         assert cfg.name == f"qadtr-{preset}"
-    assert main(["run", "divqat"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["run", "qadtr", "--config", "no-such-file.toml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

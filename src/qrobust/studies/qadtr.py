@@ -122,6 +122,7 @@ class DefenseCfg:
     gir_weight: float = 0.5
     gir_mode: str = "bits"
     gir_sigma: float = 0.05
+    gir_batch: int = 32  # images per step on which the GIR term is estimated (0 = the whole batch)
     dwq_adversary: str = "fgsm"
     dwq_eps: float = 0.03137  # 8/255
     dwq_alpha: float = 0.03922  # 10/255
@@ -343,7 +344,7 @@ def _qadtr(aqapa: bool, dbwt: bool, gir: bool, **extra) -> Callable[[StudyConfig
             bit_widths=d.bit_widths, dbwt_mode=d.dbwt_mode, shapes=[p.shape], sizes=p.aqapa_sizes,
             region=_region(p.region, "patches.region"), asr_low=d.asr_low, asr_high=d.asr_high,
             fraction=d.fraction, patch_steps=d.patch_steps, patch_lr=d.patch_lr, gir_weight=d.gir_weight,
-            gir_mode=d.gir_mode, gir_sigma=d.gir_sigma, seed=seed,
+            gir_mode=d.gir_mode, gir_sigma=d.gir_sigma, gir_batch=d.gir_batch, seed=seed,
         )
         return QADTR(aqapa, dbwt, gir, **(kwargs | extra))
 
