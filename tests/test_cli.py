@@ -55,7 +55,7 @@ def test_user_errors_are_one_clear_line_and_exit_2(runs, capsys):
         (["train", *FAST, "train.epochs=5", "--out", str(runs / "fp")], "different run"),
         (["export", str(runs / "fp"), "--no-speed"], "only 8-bit QAT runs export"),
         (["eval", str(runs / "nothing")], "not a qrobust run folder"),
-        (["run", "divqat"], "not implemented yet"),
+        (["run", "qadtr", "nosuch.key=1"], "unknown config key 'nosuch'"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

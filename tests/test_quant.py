@@ -194,3 +194,16 @@ def test_set_bit_width_tells_modules_with_an_on_bit_width_hook():
     set_bit_width(qmodel, 4)
     set_bit_width(qmodel, 2)
     assert PerWidth.seen == [4, 2]
+
+
+def test_a_refused_bit_width_leaves_the_model_unchanged():
+    class OnlyEight(torch.nn.Module):
+        def on_bit_width(self, bits):
+            if bits != 8:
+                raise ConfigError(f"bit width {bits} not in the model's set (8)")
+
+    qmodel = quantize(tiny())
+    qmodel.extra = OnlyEight()
+    with pytest.raises(ConfigError, match="not in the model's set"):
+        set_bit_width(qmodel, 4)
+    assert get_bit_width(qmodel) == 8 and all(m.bits == 8 for m in qmodel.modules() if isinstance(m, ActQuant))

@@ -274,14 +274,16 @@ def set_bit_width(model: nn.Module, bits: int, act_bits: int | None = None) -> n
         raise ConfigError("set_bit_width needs a quantized model: call qrobust.quant.quantize(model) first")
     config: QuantConfig = getattr(model, "quant_config", QuantConfig())
     edge = set(getattr(model, "quant_edge_layers", ()))
+    # Hooks first: a hook that refuses the width (e.g. no BatchNorm for it) leaves the layers untouched.
+    for module in model.modules():
+        if hasattr(module, "on_bit_width"):
+            module.on_bit_width(bits)
     for name, module in model.named_modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):
             keep = name in edge and config.first_last_bits is not None
             module.bits = max(bits, config.first_last_bits) if keep else bits
         elif isinstance(module, ActQuant):
             module.bits = act_bits
-        elif hasattr(module, "on_bit_width"):
-            module.on_bit_width(bits)
     return model
 
 
