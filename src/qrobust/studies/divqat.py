@@ -61,14 +61,13 @@ from qrobust.metrics import accuracy, as_float_images, predict_logits
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize
 from qrobust.runs import RunDir, atomic_write_bytes, environment
+from qrobust.studies.common import PRESETS, flat_section, load_study, study_preset
 
 # generic config plumbing shared with the QADT-R study (TOML + key=value overrides into dataclasses)
-from qrobust.studies.qadtr import _apply, _flat
 from qrobust.train.divqat import DivQATLoss, check_divqat_accuracy, mean_kl_to_float
 from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 
-PRESETS = ("quick", "full", "paper")
 ATTACKS = ("knockoff", "knockoff-hard", "dfme", "maze", "noise")
 DEFENSES = ("none", "rs", "dcp")
 ATTACK_LABELS = {"knockoff": "KnockoffNets", "knockoff-hard": "KnockoffNets (hard label)", "dfme": "DFME",
@@ -247,33 +246,13 @@ class StudyConfig:
 
 
 def preset_path(preset: str) -> Path:
-    """``configs/divqat-<preset>.toml`` in the working directory, else next to the package source."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
-    name = f"divqat-{preset}.toml"
-    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
-        if (base / name).is_file():
-            return base / name
-    raise ConfigError(f"preset file configs/{name} not found; run from the repository root or pass --config")
+    """``configs/divqat-<preset>.toml`` in the working directory, else in the source checkout."""
+    return study_preset("divqat", preset)
 
 
 def load_study_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
-    """Defaults < TOML file < ``key=value`` overrides (``divqat.alphas=[0.05,0.1]``, ``seeds=[0,1]``)."""
-    import tomllib
-
-    from qrobust.config import parse_overrides
-
-    cfg = StudyConfig()
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/divqat-*.toml")
-        try:
-            _apply(cfg, tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-    _apply(cfg, parse_overrides(overrides or []))
-    return cfg.validate()
+    """Defaults < TOML file < ``key=value`` overrides (lists as ``key=[8,4,2]``); validated."""
+    return load_study(StudyConfig(), "divqat", path, overrides)
 
 
 def alpha_tag(alpha: float) -> str:
@@ -384,9 +363,9 @@ class DivQATStudy:
              teacher: nn.Module | None = None) -> nn.Module:
         """Train ``model`` in its own run folder, or load it when that run is complete."""
         run = RunDir(self.root / "models" / name, {
-            "stage": name, "seed": self.seed, "model": _flat(dataclasses.asdict(self.cfg.model)),
-            "data": _flat(dataclasses.asdict(self.cfg.data)), "train": _flat(dataclasses.asdict(train)),
-            "objective": _flat(objective.config() | describe),
+            "stage": name, "seed": self.seed, "model": flat_section(dataclasses.asdict(self.cfg.model)),
+            "data": flat_section(dataclasses.asdict(self.cfg.data)), "train": flat_section(dataclasses.asdict(train)),
+            "objective": flat_section(objective.config() | describe),
         }, meta=environment(str(self.device)))
         done = run.read_json("results.json")
         if done is not None and done.get("complete"):
@@ -787,7 +766,7 @@ def _study_toml(cfg: StudyConfig) -> dict:
     """The config as one-level TOML sections (what RunDir stores and compares on re-runs)."""
     values = cfg.to_dict()
     out = {k: v for k, v in values.items() if not isinstance(v, dict)}
-    out |= {k: _flat(v) for k, v in values.items() if isinstance(v, dict)}
+    out |= {k: flat_section(v) for k, v in values.items() if isinstance(v, dict)}
     for key in ("progress", "threads"):  # how it runs, not what: a re-run may change them
         out.pop(key, None)
     return out

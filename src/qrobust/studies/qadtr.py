@@ -36,8 +36,6 @@ import dataclasses
 import json
 import math
 import time
-import tomllib
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +63,9 @@ from qrobust.metrics import accuracy, as_float_images
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize, set_bit_width
 from qrobust.runs import RunDir, atomic_write_bytes, environment
+from qrobust.studies.common import PRESETS, flat_section, load_study, study_preset
 from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
-
-PRESETS = ("quick", "full", "paper")
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -226,85 +223,20 @@ class StudyConfig:
         return specs
 
 
+def preset_path(preset: str) -> Path:
+    """``configs/qadtr-<preset>.toml`` in the working directory, else in the source checkout."""
+    return study_preset("qadtr", preset)
+
+
+def load_study_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """Defaults < TOML file < ``key=value`` overrides (lists as ``key=[8,4,2]``); validated."""
+    return load_study(StudyConfig(), "qadtr", path, overrides)
+
+
 def _region(values, key: str) -> tuple[float, float]:
     if len(values) != 2:
         raise ConfigError(f"{key} must be [lo, hi] (fractions of the valid top-left positions), got {values}")
     return float(values[0]), float(values[1])
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        if isinstance(value, str):  # from the command line: a TOML array, e.g. [8,4,2]
-            try:
-                value = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' expects a list, e.g. {key}=[8,4,2]; got {value!r}")
-        (inner,) = typing.get_args(hint)
-        return [_coerce(v, inner, key) for v in value]
-    try:
-        if hint is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, bool):
-                return value
-        elif hint is int and not isinstance(value, bool):
-            if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
-                return int(value)
-        elif hint is float and not isinstance(value, bool):
-            if isinstance(value, (int, float, str)):
-                return float(value)
-        elif hint is str and isinstance(value, str):
-            return value.strip() if isinstance(value, str) else value
-    except ValueError:
-        pass
-    raise ConfigError(f"config key '{key}' expects a {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def _apply(obj: Any, values: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in values.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(names)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{full}' is a section; write e.g. {full}.<key>=<value>")
-            _apply(getattr(obj, key), value, f"{full}.")
-        else:
-            setattr(obj, key, _coerce(value, hint, full))
-
-
-def preset_path(preset: str) -> Path:
-    """``configs/qadtr-<preset>.toml`` in the working directory, else next to the package source."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
-    name = f"qadtr-{preset}.toml"
-    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
-        if (base / name).is_file():
-            return base / name
-    raise ConfigError(f"preset file configs/{name} not found; run from the repository root or pass --config")
-
-
-def load_study_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
-    """Defaults < TOML file < ``key=value`` overrides (``defense.epochs=2``, ``qat.bits=[8,4]``)."""
-    from qrobust.config import parse_overrides
-
-    cfg = StudyConfig()
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/qadtr-*.toml")
-        try:
-            _apply(cfg, tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-    _apply(cfg, parse_overrides(overrides or []))
-    return cfg.validate()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,19 +314,6 @@ LABELS = {"none": "none (QAT per width)", "pbat": "PBAT", "dwq": "DWQ", "aqapa":
           "aqapa+gir": "A-QAPA+GIR", "qadtr-noise": "QADT-R (GIR noise)"}
 
 
-def _flat(values: dict) -> dict:
-    """A dict TOML can hold in one section (run folders compare configs after a TOML round trip)."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, (bool, int, float, str)):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-            out[key] = list(value)
-        else:
-            out[key] = json.dumps(value, sort_keys=True)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # The study
 # --------------------------------------------------------------------------------------------------
@@ -457,9 +376,9 @@ class QADTRStudy:
              eval_bits: int | None, describe: dict) -> nn.Module:
         """Train ``model`` in its own run folder, or load it when that run is complete."""
         run = RunDir(self.root / "models" / name, {
-            "stage": name, "seed": self.seed, "model": _flat(dataclasses.asdict(self.cfg.model)),
-            "data": _flat(dataclasses.asdict(self.cfg.data)), "train": _flat(dataclasses.asdict(train)),
-            "objective": _flat(objective.config() | describe),
+            "stage": name, "seed": self.seed, "model": flat_section(dataclasses.asdict(self.cfg.model)),
+            "data": flat_section(dataclasses.asdict(self.cfg.data)), "train": flat_section(dataclasses.asdict(train)),
+            "objective": flat_section(objective.config() | describe),
         }, meta=environment(str(self.device)))
         done = run.read_json("results.json")
         if done is not None and done.get("complete"):
@@ -988,7 +907,7 @@ def _study_toml(cfg: StudyConfig) -> dict:
     """The config as one-level TOML sections (what RunDir stores and compares on re-runs)."""
     values = cfg.to_dict()
     out = {k: v for k, v in values.items() if not isinstance(v, dict)}
-    out |= {k: _flat(v) for k, v in values.items() if isinstance(v, dict)}
+    out |= {k: flat_section(v) for k, v in values.items() if isinstance(v, dict)}
     for key in ("progress", "threads"):  # how it runs, not what: a re-run may change them
         out.pop(key, None)
     return out

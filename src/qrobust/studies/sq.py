@@ -82,12 +82,11 @@ from qrobust.quant.stochastic import (
     insert_stochastic_quantizers,
 )
 from qrobust.runs import RunDir, atomic_write_bytes, environment
-from qrobust.studies.qadtr import _apply, _flat
+from qrobust.studies.common import PRESETS, flat_section, load_study, study_preset
 from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 from qrobust.train.sq_objective import MIEnsembleLoss
 
-PRESETS = ("quick", "full", "paper")
 ATTACKS = ("fgsm", "pgd", "eot-pgd", "transfer")
 ATTACK_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "eot-pgd": "EOT-PGD", "transfer": "transfer (PGD on float)"}
 
@@ -270,6 +269,16 @@ class StudyConfig:
         return out
 
 
+def preset_path(preset: str) -> Path:
+    """``configs/sq-<preset>.toml`` in the working directory, else in the source checkout."""
+    return study_preset("sq", preset)
+
+
+def load_study_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """Defaults < TOML file < ``key=value`` overrides (lists as ``key=[8,4,2]``); validated."""
+    return load_study(StudyConfig(), "sq", path, overrides)
+
+
 def _eps(spec: Any, norm: str, key: str) -> float:
     try:
         named, value = parse_eps(spec)
@@ -299,36 +308,6 @@ def _check_sq(settings: dict, variant: str) -> None:
         )
     except ConfigError as err:
         raise ConfigError(f"{variant} (config section [sq] / [ablation]): {err}") from None
-
-
-def preset_path(preset: str) -> Path:
-    """``configs/sq-<preset>.toml`` in the working directory, else next to the package source."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
-    name = f"sq-{preset}.toml"
-    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
-        if (base / name).is_file():
-            return base / name
-    raise ConfigError(f"preset file configs/{name} not found; run from the repository root or pass --config")
-
-
-def load_study_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
-    """Defaults < TOML file < ``key=value`` overrides (``sq.num_bins=8``, ``attack.eps=['0.1']``)."""
-    import tomllib
-
-    from qrobust.config import parse_overrides
-
-    cfg = StudyConfig()
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/sq-*.toml")
-        try:
-            _apply(cfg, tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-    _apply(cfg, parse_overrides(overrides or []))
-    return cfg.validate()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,10 +575,10 @@ class SQStudy:
             {
                 "stage": name,
                 "seed": self.seed,
-                "model": _flat(dataclasses.asdict(self.cfg.model)),
-                "data": _flat(dataclasses.asdict(self.cfg.data)),
-                "train": _flat(dataclasses.asdict(train)),
-                "objective": _flat(objective.config() | describe),
+                "model": flat_section(dataclasses.asdict(self.cfg.model)),
+                "data": flat_section(dataclasses.asdict(self.cfg.data)),
+                "train": flat_section(dataclasses.asdict(train)),
+                "objective": flat_section(objective.config() | describe),
             },
             meta=environment(str(self.device)),
         )
@@ -1178,7 +1157,7 @@ def _study_toml(cfg: StudyConfig) -> dict:
     """The config as one-level TOML sections (what RunDir stores and compares on re-runs)."""
     values = cfg.to_dict()
     out = {k: v for k, v in values.items() if not isinstance(v, dict)}
-    out |= {k: _flat(v) for k, v in values.items() if isinstance(v, dict)}
+    out |= {k: flat_section(v) for k, v in values.items() if isinstance(v, dict)}
     for key in ("progress", "threads"):  # how it runs, not what: a re-run may change them
         out.pop(key, None)
     return out
