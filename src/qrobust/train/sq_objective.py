@@ -43,6 +43,7 @@ from qrobust.quant.stochastic import (
     spacing_penalty,
 )
 from qrobust.registry import OBJECTIVES
+from qrobust.train.objectives import Objective
 
 __all__ = ["MIEnsembleLoss"]
 
@@ -51,12 +52,14 @@ _METRICS = ("loss", "ce", "mi", "h_t", "h_t_given_x", "spacing", "accuracy")
 
 
 @OBJECTIVES.register("mi-ensemble")
-class MIEnsembleLoss:
+class MIEnsembleLoss(Objective):
     """Step objective ``loss(model, x, y) -> (loss, metrics)`` for SQ ensemble training (module doc).
 
     ``metrics`` holds plain floats: ``loss``, ``ce``, ``mi``, ``h_t``, ``h_t_given_x`` (batch means, nats),
     ``spacing`` (the summed regulariser) and ``accuracy`` (of the averaged prediction).
     """
+
+    name = "mi-ensemble"
 
     def __init__(
         self, beta: float = 0.1, spacing_weight: float = 0.01, n_draws: int = 8, ce_on: str = "draws"
