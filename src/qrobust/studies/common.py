@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from qrobust.config import load_dataclass_config, preset_path
+from qrobust.runs import RunDir, environment
 
 PRESETS = ("quick", "full", "paper")
 
@@ -32,3 +37,36 @@ def flat_section(values: dict) -> dict:
         else:
             out[key] = json.dumps(value, sort_keys=True)
     return out
+
+
+@dataclass
+class StudyBase:
+    """The settings every study has; a study's ``StudyConfig`` adds its own sections."""
+
+    name: str = "study"
+    out_root: str = "runs"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "cpu"  # cpu | cuda | auto
+    threads: int = 0  # torch threads; 0 = leave as is (OMP_NUM_THREADS)
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def study_toml(cfg: StudyBase) -> dict:
+    """The config as one-level TOML sections (what RunDir stores and compares on re-runs)."""
+    values = cfg.to_dict()
+    out = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    out |= {k: flat_section(v) for k, v in values.items() if isinstance(v, dict)}
+    for key in ("progress", "threads"):  # how it runs, not what: a re-run may change them
+        out.pop(key, None)
+    return out
+
+
+def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
+    """Apply ``threads`` and open (or resume) the study's top-level run folder ``out_root/name``."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    root = Path(cfg.out_root) / cfg.name
+    return root, RunDir(root, study_toml(cfg), meta=environment(cfg.device))

@@ -61,7 +61,7 @@ from qrobust.metrics import accuracy, as_float_images, predict_logits
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize
 from qrobust.runs import RunDir, atomic_write_bytes, environment
-from qrobust.studies.common import PRESETS, flat_section, load_study, study_preset
+from qrobust.studies.common import PRESETS, StudyBase, flat_section, load_study, open_study, study_preset
 
 # generic config plumbing shared with the QADT-R study (TOML + key=value overrides into dataclasses)
 from qrobust.train.divqat import DivQATLoss, check_divqat_accuracy, mean_kl_to_float
@@ -180,13 +180,8 @@ class MAZECfg:
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(StudyBase):
     name: str = "divqat-quick"
-    out_root: str = "runs"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    device: str = "cpu"  # cpu | cuda | auto
-    threads: int = 0  # torch threads; 0 = leave as is (OMP_NUM_THREADS)
-    progress: bool = True
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     fp: FloatCfg = field(default_factory=FloatCfg)
@@ -197,9 +192,6 @@ class StudyConfig:
     knockoff: KnockoffCfg = field(default_factory=KnockoffCfg)
     dfme: DFMECfg = field(default_factory=DFMECfg)
     maze: MAZECfg = field(default_factory=MAZECfg)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def validate(self) -> StudyConfig:
         def need(ok: bool, message: str) -> None:
@@ -738,10 +730,7 @@ def _plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
 
 def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) every seed of the study; write ``results.json``, ``results.md`` and plots."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    root = Path(cfg.out_root) / cfg.name
-    run = RunDir(root, _study_toml(cfg), meta=environment(cfg.device))
+    root, run = open_study(cfg)
     t0 = time.perf_counter()
     per_seed, transfer = [], ""
     for seed in tqdm(cfg.seeds, desc="seeds", disable=not cfg.progress or len(cfg.seeds) == 1):
@@ -760,16 +749,6 @@ def run_study(cfg: StudyConfig) -> dict:
                                                   per_seed[0]["splits"], transfer))
     _plots(cfg, agg, root)
     return results
-
-
-def _study_toml(cfg: StudyConfig) -> dict:
-    """The config as one-level TOML sections (what RunDir stores and compares on re-runs)."""
-    values = cfg.to_dict()
-    out = {k: v for k, v in values.items() if not isinstance(v, dict)}
-    out |= {k: flat_section(v) for k, v in values.items() if isinstance(v, dict)}
-    for key in ("progress", "threads"):  # how it runs, not what: a re-run may change them
-        out.pop(key, None)
-    return out
 
 
 __all__ = ["ATTACKS", "DEFENSES", "PRESETS", "DivQATStudy", "StudyConfig", "aggregate", "cell_plan",

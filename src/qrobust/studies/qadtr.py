@@ -63,7 +63,7 @@ from qrobust.metrics import accuracy, as_float_images
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize, set_bit_width
 from qrobust.runs import RunDir, atomic_write_bytes, environment
-from qrobust.studies.common import PRESETS, flat_section, load_study, study_preset
+from qrobust.studies.common import PRESETS, StudyBase, flat_section, load_study, open_study, study_preset
 from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 
@@ -156,13 +156,8 @@ class AnalysisCfg:
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(StudyBase):
     name: str = "qadtr-quick"
-    out_root: str = "runs"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    device: str = "cpu"  # cpu | cuda | auto
-    threads: int = 0  # torch threads; 0 = leave as is (OMP_NUM_THREADS)
-    progress: bool = True
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     fp: FloatCfg = field(default_factory=FloatCfg)
@@ -171,9 +166,6 @@ class StudyConfig:
     patches: PatchCfg = field(default_factory=PatchCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
     analysis: AnalysisCfg = field(default_factory=AnalysisCfg)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def validate(self) -> StudyConfig:
         unknown = [n for n in self.defense.names if n not in DEFENSES]
@@ -882,10 +874,7 @@ def _plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
 
 def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) every seed of the study; write ``results.json``, ``results.md`` and plots."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    root = Path(cfg.out_root) / cfg.name
-    run = RunDir(root, _study_toml(cfg), meta=environment(cfg.device))
+    root, run = open_study(cfg)
     t0 = time.perf_counter()
     per_seed = []
     for seed in tqdm(cfg.seeds, desc="seeds", disable=not cfg.progress or len(cfg.seeds) == 1):
@@ -901,16 +890,6 @@ def run_study(cfg: StudyConfig) -> dict:
     run.write_text("results.md", results_markdown(cfg, agg, len(cfg.seeds), compute))
     _plots(cfg, agg, root)
     return results
-
-
-def _study_toml(cfg: StudyConfig) -> dict:
-    """The config as one-level TOML sections (what RunDir stores and compares on re-runs)."""
-    values = cfg.to_dict()
-    out = {k: v for k, v in values.items() if not isinstance(v, dict)}
-    out |= {k: flat_section(v) for k, v in values.items() if isinstance(v, dict)}
-    for key in ("progress", "threads"):  # how it runs, not what: a re-run may change them
-        out.pop(key, None)
-    return out
 
 
 __all__ = ["DEFENSES", "PRESETS", "QADTRStudy", "StudyConfig", "load_study_config", "preset_path", "run_study"]

@@ -82,7 +82,7 @@ from qrobust.quant.stochastic import (
     insert_stochastic_quantizers,
 )
 from qrobust.runs import RunDir, atomic_write_bytes, environment
-from qrobust.studies.common import PRESETS, flat_section, load_study, study_preset
+from qrobust.studies.common import PRESETS, StudyBase, flat_section, load_study, open_study, study_preset
 from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 from qrobust.train.sq_objective import MIEnsembleLoss
@@ -167,13 +167,8 @@ class AblationCfg:
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(StudyBase):
     name: str = "sq-quick"
-    out_root: str = "runs"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    device: str = "cpu"  # cpu | cuda | auto
-    threads: int = 0  # torch threads; 0 = leave as is (OMP_NUM_THREADS)
-    progress: bool = True
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     fp: FloatCfg = field(default_factory=FloatCfg)
@@ -181,9 +176,6 @@ class StudyConfig:
     sq: SQCfg = field(default_factory=SQCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
     ablation: AblationCfg = field(default_factory=AblationCfg)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @property
     def qat_bits(self) -> int:
@@ -1119,10 +1111,7 @@ def _plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
 
 def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) every seed of the study; write ``results.json``, ``results.md`` and the plots."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    root = Path(cfg.out_root) / cfg.name
-    run = RunDir(root, _study_toml(cfg), meta=environment(cfg.device))
+    root, run = open_study(cfg)
     t0 = time.perf_counter()
     per_seed = [
         SQStudy(cfg, root / f"seed-{seed}", seed).run()
@@ -1151,16 +1140,6 @@ def run_study(cfg: StudyConfig) -> dict:
     run.write_text("results.md", results_markdown(cfg, agg, len(cfg.seeds), compute))
     _plots(cfg, agg, root)
     return results
-
-
-def _study_toml(cfg: StudyConfig) -> dict:
-    """The config as one-level TOML sections (what RunDir stores and compares on re-runs)."""
-    values = cfg.to_dict()
-    out = {k: v for k, v in values.items() if not isinstance(v, dict)}
-    out |= {k: flat_section(v) for k, v in values.items() if isinstance(v, dict)}
-    for key in ("progress", "threads"):  # how it runs, not what: a re-run may change them
-        out.pop(key, None)
-    return out
 
 
 __all__ = [
