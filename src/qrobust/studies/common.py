@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from qrobust.config import load_dataclass_config, preset_path
-from qrobust.runs import RunDir, environment
+from qrobust.runs import RunDir, atomic_write_bytes, environment
 
 PRESETS = ("quick", "full", "paper")
 
@@ -70,3 +70,28 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out_root) / cfg.name
     return root, RunDir(root, study_toml(cfg), meta=environment(cfg.device))
+
+
+class SeedStudy:
+    """What every per-seed study class shares: stage JSON files in ``root`` and one run folder per
+    trained model (``root/models/<stage>``) whose stored config says what was trained."""
+
+    cfg: Any
+    root: Path
+    seed: int
+    device: torch.device
+
+    def _json(self, name: str) -> Any:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _write_json(self, name: str, value: Any) -> None:
+        atomic_write_bytes(self.root / name, (json.dumps(value, indent=2) + "\n").encode())
+
+    def _stage_run(self, name: str, objective: Any, train: Any, describe: dict) -> RunDir:
+        """The run folder of stage ``name`` (created, or checked to hold the same run)."""
+        return RunDir(self.root / "models" / name, {
+            "stage": name, "seed": self.seed, "model": flat_section(dataclasses.asdict(self.cfg.model)),
+            "data": flat_section(dataclasses.asdict(self.cfg.data)), "train": flat_section(dataclasses.asdict(train)),
+            "objective": flat_section(objective.config() | describe),
+        }, meta=environment(str(self.device)))

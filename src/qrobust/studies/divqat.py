@@ -35,8 +35,6 @@ the same backend), ``defender_vs_clone.png`` and ``clone_vs_queries.png``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -60,8 +58,15 @@ from qrobust.errors import ConfigError
 from qrobust.metrics import accuracy, as_float_images, predict_logits
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize
-from qrobust.runs import RunDir, atomic_write_bytes, environment
-from qrobust.studies.common import PRESETS, StudyBase, flat_section, load_study, open_study, study_preset
+from qrobust.runs import environment
+from qrobust.studies.common import (
+    PRESETS,
+    SeedStudy,
+    StudyBase,
+    load_study,
+    open_study,
+    study_preset,
+)
 
 # generic config plumbing shared with the QADT-R study (TOML + key=value overrides into dataclasses)
 from qrobust.train.divqat import DivQATLoss, check_divqat_accuracy, mean_kl_to_float
@@ -309,7 +314,7 @@ class _Data:
             self.transfer = self.attacker_x
 
 
-class DivQATStudy:
+class DivQATStudy(SeedStudy):
     """One seed of the study in ``root``; :meth:`run` does every stage not done yet."""
 
     def __init__(self, cfg: StudyConfig, root: Path, seed: int):
@@ -321,13 +326,6 @@ class DivQATStudy:
         self.timings: dict[str, float] = {}
 
     # ---------------------------------------------------------------- helpers
-    def _json(self, name: str) -> Any:
-        path = self.root / name
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def _write_json(self, name: str, value: Any) -> None:
-        atomic_write_bytes(self.root / name, (json.dumps(value, indent=2) + "\n").encode())
-
     def _acc(self, model: nn.Module) -> float:
         return accuracy(model, self.data.test_x, self.data.test_y, 512, self.device)
 
@@ -354,11 +352,7 @@ class DivQATStudy:
     def _fit(self, name: str, model: nn.Module, objective: Objective, train: TrainSection, describe: dict,
              teacher: nn.Module | None = None) -> nn.Module:
         """Train ``model`` in its own run folder, or load it when that run is complete."""
-        run = RunDir(self.root / "models" / name, {
-            "stage": name, "seed": self.seed, "model": flat_section(dataclasses.asdict(self.cfg.model)),
-            "data": flat_section(dataclasses.asdict(self.cfg.data)), "train": flat_section(dataclasses.asdict(train)),
-            "objective": flat_section(objective.config() | describe),
-        }, meta=environment(str(self.device)))
+        run = self._stage_run(name, objective, train, describe)
         done = run.read_json("results.json")
         if done is not None and done.get("complete"):
             model.load_state_dict(run.load_checkpoint()["model"])

@@ -32,8 +32,6 @@ at the top level hold the tables (mean +- std over seeds when there are several)
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -62,8 +60,15 @@ from qrobust.errors import ConfigError
 from qrobust.metrics import accuracy, as_float_images
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize, set_bit_width
-from qrobust.runs import RunDir, atomic_write_bytes, environment
-from qrobust.studies.common import PRESETS, StudyBase, flat_section, load_study, open_study, study_preset
+from qrobust.runs import atomic_write_bytes, environment
+from qrobust.studies.common import (
+    PRESETS,
+    SeedStudy,
+    StudyBase,
+    load_study,
+    open_study,
+    study_preset,
+)
 from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 
@@ -337,7 +342,7 @@ class _Data:
         self.test_y = ds.test_y[test].to(device)
 
 
-class QADTRStudy:
+class QADTRStudy(SeedStudy):
     """One seed of the study in ``root``; :meth:`run` does every stage not done yet."""
 
     def __init__(self, cfg: StudyConfig, root: Path, seed: int):
@@ -349,13 +354,6 @@ class QADTRStudy:
         self.models: dict[str, nn.Module] = {}
 
     # ---------------------------------------------------------------- helpers
-    def _json(self, name: str) -> Any:
-        path = self.root / name
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def _write_json(self, name: str, value: Any) -> None:
-        atomic_write_bytes(self.root / name, (json.dumps(value, indent=2) + "\n").encode())
-
     def _acc(self, model: nn.Module) -> float:
         return accuracy(model, self.data.test_x, self.data.test_y, _eval_batch(model), self.device)
 
@@ -367,11 +365,7 @@ class QADTRStudy:
     def _fit(self, name: str, model: nn.Module, objective: Objective, train: TrainSection,
              eval_bits: int | None, describe: dict) -> nn.Module:
         """Train ``model`` in its own run folder, or load it when that run is complete."""
-        run = RunDir(self.root / "models" / name, {
-            "stage": name, "seed": self.seed, "model": flat_section(dataclasses.asdict(self.cfg.model)),
-            "data": flat_section(dataclasses.asdict(self.cfg.data)), "train": flat_section(dataclasses.asdict(train)),
-            "objective": flat_section(objective.config() | describe),
-        }, meta=environment(str(self.device)))
+        run = self._stage_run(name, objective, train, describe)
         done = run.read_json("results.json")
         if done is not None and done.get("complete"):
             model.load_state_dict(run.load_checkpoint()["model"])

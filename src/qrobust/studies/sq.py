@@ -49,8 +49,6 @@ PNGs sit at the top of ``runs/<name>/``.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 import time
 import warnings
@@ -81,8 +79,15 @@ from qrobust.quant.stochastic import (
     ensemble_log_probs,
     insert_stochastic_quantizers,
 )
-from qrobust.runs import RunDir, atomic_write_bytes, environment
-from qrobust.studies.common import PRESETS, StudyBase, flat_section, load_study, open_study, study_preset
+from qrobust.runs import environment
+from qrobust.studies.common import (
+    PRESETS,
+    SeedStudy,
+    StudyBase,
+    load_study,
+    open_study,
+    study_preset,
+)
 from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 from qrobust.train.sq_objective import MIEnsembleLoss
@@ -509,7 +514,7 @@ class _Deployed:
         return self.raw is not None
 
 
-class SQStudy:
+class SQStudy(SeedStudy):
     """One seed of the study in ``root``; :meth:`run` does every stage not done yet."""
 
     def __init__(self, cfg: StudyConfig, root: Path, seed: int):
@@ -522,13 +527,6 @@ class SQStudy:
         self._transfer: dict[str, Tensor] = {}
 
     # ---------------------------------------------------------------- helpers
-    def _json(self, name: str) -> Any:
-        path = self.root / name
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def _write_json(self, name: str, value: Any) -> None:
-        atomic_write_bytes(self.root / name, (json.dumps(value, indent=2) + "\n").encode())
-
     def _stage(self, name: str, fn: Callable[[], Any]) -> Any:
         """Return the stored result of stage ``name`` or compute and store it (with its seconds)."""
         done = self._json(f"{name}.json")
@@ -562,18 +560,7 @@ class SQStudy:
         evaluate: Callable[[nn.Module], dict],
     ) -> tuple[nn.Module, dict]:
         """Train ``model`` in its own run folder, or load it when that run is complete."""
-        run = RunDir(
-            self.root / "models" / name,
-            {
-                "stage": name,
-                "seed": self.seed,
-                "model": flat_section(dataclasses.asdict(self.cfg.model)),
-                "data": flat_section(dataclasses.asdict(self.cfg.data)),
-                "train": flat_section(dataclasses.asdict(train)),
-                "objective": flat_section(objective.config() | describe),
-            },
-            meta=environment(str(self.device)),
-        )
+        run = self._stage_run(name, objective, train, describe)
         done = run.read_json("results.json")
         if done is not None and done.get("complete"):
             model.load_state_dict(run.load_checkpoint()["model"])
