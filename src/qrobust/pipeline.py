@@ -19,7 +19,7 @@ from qrobust.errors import CheckpointError, ConfigError
 from qrobust.metrics import accuracy
 from qrobust.models import QNet, model_for_data
 from qrobust.quant import QuantConfig, quantize
-from qrobust.runs import RunDir, environment, safe_load
+from qrobust.runs import RunDir, atomic_write_bytes, environment, safe_load
 from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy
 
@@ -174,8 +174,6 @@ def export(path: str | Path, backend: str | None = None, *, measure_speed: bool 
     run = RunDir(path, cfg.to_dict())
     buffer = io.BytesIO()
     torch.save(int8.state_dict(), buffer)
-    from qrobust.runs import atomic_write_bytes
-
     atomic_write_bytes(Path(path) / f"int8-{backend}.pt", buffer.getvalue())
     result = {
         "backend": backend,

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qrobust.config import TrainSection
-from qrobust.errors import CheckpointError, TrainingDiverged
+from qrobust.errors import CheckpointError, ConfigError, TrainingDiverged
 from qrobust.runs import RunDir
 from qrobust.train.objectives import Objective
 
@@ -29,8 +29,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from qrobust.errors import ConfigError
-
         raise ConfigError("train.device=cuda but no CUDA device is available; use device=auto or cpu")
     return torch.device(name)
 
