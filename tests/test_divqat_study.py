@@ -18,7 +18,7 @@ TINY = [
     "knockoff.queries=96", "knockoff.epochs=1", "knockoff.batch_size=32",
     "dfme.queries=48", "dfme.batch_size=8", "dfme.clone_steps=1", "dfme.eval_every=1",
     "maze.queries=48", "maze.batch_size=8", "maze.num_directions=2", "maze.clone_steps=1", "maze.replay_steps=1",
-    "maze.eval_every=1", "progress=false", "threads=0", "name=tiny",
+    "maze.eval_every=1", "progress=false", "threads=0", "name=tiny", "seeds=[0,1]",
 ]
 VICTIMS = ["qat-server", "qat-mobile", "divqat-0.1-server"]
 
@@ -117,3 +117,16 @@ def test_config_errors_say_how_to_fix(tmp_path):
     assert main(["run", "divqat", "--preset", "quick", "divqat.alphas=[-1]", f"out_root={tmp_path}"]) == 2
     for preset in ("quick", "full", "paper"):
         assert load_study_config(preset_path(preset)).name == f"divqat-{preset}"
+
+
+def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statistics):
+    out = study / "tiny"
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1]
+    assert seed_statistics(res["cells"], [r["cells"] for r in per_seed]) >= len(VICTIMS) * 3
+    assert seed_statistics(res["victims"], [r["victims"] for r in per_seed]) >= len(VICTIMS)
+    # the seeds really differ (else "± 0.0" would hide a seed that is ignored)
+    accs = [r["victims"]["fp32"]["test_acc"] for r in per_seed]
+    assert accs[0] != accs[1]
+    assert "±" in (out / "results.md").read_text()

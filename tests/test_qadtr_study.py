@@ -15,7 +15,7 @@ TINY = [
     "model.width=8", "fp.epochs=2", "fp.batch_size=64", "qat.epochs=1", "defense.epochs=1",
     "attack.steps=5", "attack.adaptive_steps=3", "attack.batch_size=64", "attack.draws=1",
     "analysis.num_images=16", "analysis.pgd_steps=2", "progress=false", "threads=0", "name=tiny",
-    "patches.unseen=['circle:0.1']",
+    "patches.unseen=['circle:0.1']", "seeds=[0,1]",
 ]
 NAMES = ["none", "pbat", "dwq", "aqapa", "aqapa+dbwt", "qadtr"]
 
@@ -33,7 +33,7 @@ def _mean(cell):
 
 def _rates(node):
     """Every ASR / accuracy leaf of a results subtree."""
-    if isinstance(node, dict) and set(node) == {"mean", "std"}:
+    if isinstance(node, dict) and {"mean", "std"} <= set(node):
         yield node["mean"]
     elif isinstance(node, dict):
         for value in node.values():
@@ -124,3 +124,13 @@ def test_bad_study_config_is_a_config_error(override, message):
 def test_bad_config_exits_with_a_message_not_a_traceback(capsys):
     assert main(["run", "qadtr", "--preset", "quick", "defense.names=['pbatt']"]) == 2
     assert "unknown defense" in capsys.readouterr().err
+
+
+def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statistics):
+    per_seed = [json.loads((study / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    res = json.loads((study / "results.json").read_text())
+    assert res["seeds"] == [0, 1]
+    for key in ("table1", "table2", "gradients"):
+        assert seed_statistics(res[key], [r[key] for r in per_seed]) > 0, key
+    assert per_seed[0]["table1"] != per_seed[1]["table1"]
+    assert "±" in (study / "results.md").read_text()

@@ -16,7 +16,7 @@ TINY = [
     "data.name=synthetic", "data.train_subset=384", "data.val_subset=64", "data.test_subset=48",
     "fp.epochs=4", "fp.batch_size=32", "fp.lr=0.05", "qat.epochs=1", "sq.epochs=1", "sq.n_draws=2",
     "attack.steps=3", "attack.eot=2", "attack.draws=2", "attack.batch_size=48", "progress=false", "threads=0",
-    "name=tiny", "attack.eps=['0.05','0.2']", "ablation.beta=[0.5]",
+    "name=tiny", "attack.eps=['0.05','0.2']", "ablation.beta=[0.5]", "seeds=[0,1]",
 ]
 MODELS = ["fp32", "qat2", "sq", "sq-mi"]
 
@@ -29,7 +29,9 @@ def study(tmp_path_factory):
 
 
 def _leaves(node):
-    if isinstance(node, dict):
+    if isinstance(node, dict) and {"mean", "std", "n"} <= set(node):
+        yield node["mean"]  # a seed statistic: its std and seed count are not rates
+    elif isinstance(node, dict):
         for value in node.values():
             yield from _leaves(value)
     elif isinstance(node, list):
@@ -89,7 +91,7 @@ def test_accuracies_auroc_and_orderings(study):
 
 def test_resume_reuses_models_and_stages(study, monkeypatch):
     seed = study / "tiny" / "seed-0"
-    before = {p.name: p.stat().st_mtime_ns for p in seed.glob("*.json") if p.name != "models.json"}
+    before = {p.name: p.stat().st_mtime_ns for p in seed.glob("*.json") if p.name not in ("models.json", "results.json")}
     ckpt = {m: (seed / "models" / m / "checkpoint.pt").stat().st_mtime_ns for m in MODELS}
     import qrobust.studies.sq as sq
 
@@ -101,7 +103,7 @@ def test_resume_reuses_models_and_stages(study, monkeypatch):
     monkeypatch.setattr(sq.SQStudy, "ablation", boom)
     monkeypatch.setattr(sq, "fit", boom)
     assert main(["run", "sq", "--preset", "quick", *TINY, f"out_root={study}"]) == 0
-    after = {p.name: p.stat().st_mtime_ns for p in seed.glob("*.json") if p.name != "models.json"}
+    after = {p.name: p.stat().st_mtime_ns for p in seed.glob("*.json") if p.name not in ("models.json", "results.json")}
     assert after == before
     assert ckpt == {m: (seed / "models" / m / "checkpoint.pt").stat().st_mtime_ns for m in MODELS}
 
@@ -153,3 +155,14 @@ def test_bad_settings_are_config_errors(override, match):
 def test_bad_setting_through_the_cli_is_a_clean_error(capsys):
     assert main(["run", "sq", "sq.num_bins=1"]) == 2
     assert "num_bins >= 2" in capsys.readouterr().err
+
+
+def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statistics):
+    out = study / "tiny"
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1]
+    for key in ("evaluation", "ablation"):
+        assert seed_statistics(res[key], [r[key] for r in per_seed]) > 0, key
+    assert per_seed[0]["evaluation"] != per_seed[1]["evaluation"]
+    assert "±" in (out / "results.md").read_text()

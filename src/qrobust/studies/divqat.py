@@ -64,6 +64,7 @@ from qrobust.studies.common import (
     SeedStudy,
     StudyBase,
     load_study,
+    mean_std,
     open_study,
     study_preset,
 )
@@ -542,22 +543,13 @@ def _nest(cells: dict) -> dict:
 _NUMERIC = ("defender_acc", "clone_acc", "agreement", "l1", "queries_used", "victim_ledger_total", "seconds")
 
 
-def _mean_std(values: list[float]) -> dict:
-    good = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not good:
-        return {"mean": float("nan"), "std": float("nan")}
-    mean = sum(good) / len(good)
-    std = math.sqrt(sum((v - mean) ** 2 for v in good) / (len(good) - 1)) if len(good) > 1 else 0.0
-    return {"mean": mean, "std": std}
-
-
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean and std over seeds of victims, defenses and cells (histories kept per seed)."""
     first = per_seed[0]
-    victims = {name: {k: (_mean_std([r["victims"][name][k] for r in per_seed]) if k in ("test_acc", "kl_to_fp")
+    victims = {name: {k: (mean_std([r["victims"][name][k] for r in per_seed]) if k in ("test_acc", "kl_to_fp")
                           else v) for k, v in meta.items()} for name, meta in first["victims"].items()}
     defenses = {v: {d: {"params": [r["defenses"][v][d]["params"] for r in per_seed],
-                        **{k: _mean_std([r["defenses"][v][d][k] for r in per_seed])
+                        **{k: mean_std([r["defenses"][v][d][k] for r in per_seed])
                            for k in ("l1_val", "l1_test", "defender_acc")}}
                     for d in per_d} for v, per_d in first["defenses"].items()}
     cells: dict = {}
@@ -565,7 +557,7 @@ def aggregate(per_seed: list[dict]) -> dict:
         for d, per_a in per_d.items():
             for a in per_a:
                 rows = [r["cells"][v][d][a] for r in per_seed]
-                cell = {k: _mean_std([row[k] for row in rows]) for k in _NUMERIC}
+                cell = {k: mean_std([row[k] for row in rows]) for k in _NUMERIC}
                 cell["ledger_matches_queries"] = all(row["victim_ledger_total"] == row["queries_used"] for row in rows)
                 cell["stopped_early"] = any(row["stopped_early"] for row in rows)
                 cell["history"] = [row["history"] for row in rows]

@@ -65,6 +65,7 @@ from qrobust.studies.common import (
     PRESETS,
     SeedStudy,
     StudyBase,
+    aggregate_seeds,
     load_study,
     open_study,
     study_preset,
@@ -702,26 +703,6 @@ def _nanmean(values: list[float]) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    good = [v for v in values if not math.isnan(v)]
-    if not good:
-        return float("nan"), float("nan")
-    mean = sum(good) / len(good)
-    std = math.sqrt(sum((v - mean) ** 2 for v in good) / (len(good) - 1)) if len(good) > 1 else 0.0
-    return mean, std
-
-
-def _aggregate(values: list[Any]) -> Any:
-    """Nested dicts of floats over seeds -> the same nesting with ``{"mean", "std"}`` leaves."""
-    first = values[0]
-    if isinstance(first, dict):
-        return {k: _aggregate([v[k] for v in values if k in v]) for k in first}
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
-        mean, std = _mean_std([float(v) for v in values])
-        return {"mean": mean, "std": std}
-    return first
-
-
 def _fmt(cell: Any, percent: bool = True, seeds: int = 1) -> str:
     if isinstance(cell, dict) and "mean" in cell:
         mean, std = cell["mean"], cell["std"]
@@ -874,7 +855,7 @@ def run_study(cfg: StudyConfig) -> dict:
     for seed in tqdm(cfg.seeds, desc="seeds", disable=not cfg.progress or len(cfg.seeds) == 1):
         per_seed.append(QADTRStudy(cfg, root / f"seed-{seed}", seed).run())
     keys = ("table1", "table2", "gradients", "features")
-    agg = {k: _aggregate([r[k] for r in per_seed]) for k in keys}
+    agg = {k: aggregate_seeds([r[k] for r in per_seed], average_lists=False) for k in keys}
     seconds = time.perf_counter() - t0
     results = {"complete": True, "name": cfg.name, "seeds": cfg.seeds, **agg,
                "per_seed_stage_seconds": {str(r["seed"]): r["stage_seconds_total"] for r in per_seed},

@@ -84,6 +84,7 @@ from qrobust.studies.common import (
     PRESETS,
     SeedStudy,
     StudyBase,
+    aggregate_seeds,
     load_study,
     open_study,
     study_preset,
@@ -857,6 +858,7 @@ class SQStudy(SeedStudy):
         result["stage_seconds_this_call"] = self.stage_seconds
         result["stage_seconds_total"] = self._json("timings.json") or {}
         result["wall_seconds_this_call"] = time.perf_counter() - t0
+        self._write_json("results.json", result)
         return result
 
 
@@ -868,21 +870,6 @@ def _auroc(clean: Tensor, adv: Tensor, direction: str) -> float:
 # --------------------------------------------------------------------------------------------------
 # Aggregation, tables, plots
 # --------------------------------------------------------------------------------------------------
-
-
-def _aggregate(values: list[Any]) -> Any:
-    """Per-seed results -> the same nesting; numbers become ``{"mean", "std"}`` (sample std, 0 for one)."""
-    first = values[0]
-    if isinstance(first, dict):
-        return {k: _aggregate([v[k] for v in values if k in v]) for k in first}
-    if isinstance(first, list):
-        return [_aggregate([v[i] for v in values]) for i in range(len(first))]
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
-        xs = [float(v) for v in values]
-        mean = sum(xs) / len(xs)
-        std = math.sqrt(sum((v - mean) ** 2 for v in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-        return {"mean": mean, "std": std}
-    return first
 
 
 def _m(cell: Any) -> float:
@@ -1105,7 +1092,7 @@ def run_study(cfg: StudyConfig) -> dict:
         for seed in tqdm(cfg.seeds, desc="seeds", disable=not cfg.progress or len(cfg.seeds) == 1)
     ]
     keys = ["models", "evaluation"] + [k for k in ("adaptive", "ablation") if k in per_seed[0]]
-    agg = {k: _aggregate([r[k] for r in per_seed]) for k in keys}
+    agg = {k: aggregate_seeds([r[k] for r in per_seed]) for k in keys}
     compute = sum(
         sum(r["stage_seconds_total"].values())
         + sum(m.get("train_seconds_total", 0.0) for m in r["models"].values())
