@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from qrobust.config import TrainSection
 from qrobust.data import BatchLoader
-from qrobust.errors import TrainingDiverged
+from qrobust.errors import ConfigError, TrainingDiverged
 from qrobust.metrics import accuracy
 from qrobust.models import model_for_data
 from qrobust.quant import quantize
@@ -83,3 +85,53 @@ def test_bf16_autocast_option_trains(synthetic):
     model, loader, cfg = _setup(synthetic, epochs=1, bf16=True)
     rows = fit(model, loader, CrossEntropy(), cfg, progress=False)
     assert rows[0]["train_loss"] == rows[0]["train_loss"]  # finite, not NaN
+
+
+def test_tensor_loader_covers_every_row_once_per_epoch_and_is_seeded():
+    from qrobust.data import TensorLoader
+
+    x = torch.arange(11, dtype=torch.float32).view(11, 1)
+    y = torch.arange(11)
+    loader = TensorLoader(x, y, 5, seed=3)
+    assert len(loader) == 2  # 5 + 5; the trailing single row is dropped (BatchNorm cannot train on it)
+    loader.set_epoch(0)
+    first = torch.cat([xb for xb, _ in loader]).flatten()
+    assert len(first) == 10 and len(set(first.tolist())) == 10
+    loader.set_epoch(0)
+    assert torch.equal(torch.cat([xb for xb, _ in loader]).flatten(), first)
+    second = torch.cat([xb for xb, _ in loader]).flatten()  # epoch 1: another order
+    assert not torch.equal(second, first)
+    for xb, yb in loader:
+        assert torch.equal(xb.flatten().long(), yb)  # rows stay paired with their targets
+    with pytest.raises(ConfigError, match="one target row per input"):
+        TensorLoader(x, y[:3], 5)
+
+
+def test_soft_target_ce_matches_kl_gradient_and_counts_argmax_agreement():
+    from qrobust.train.objectives import SoftTargetCrossEntropy
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, t = torch.randn(8, 4), torch.softmax(torch.randn(8, 3), dim=1)
+    loss, stats = SoftTargetCrossEntropy()(model, x, t)
+    (g_ce,) = torch.autograd.grad(loss, model.weight)
+    kl = F.kl_div(F.log_softmax(model(x), dim=1), t, reduction="batchmean")
+    (g_kl,) = torch.autograd.grad(kl, model.weight)
+    assert torch.allclose(g_ce, g_kl, atol=1e-6)
+    assert int(stats["correct"]) == int((model(x).argmax(1) == t.argmax(1)).sum())
+
+
+def test_fit_trains_with_a_given_optimizer_and_keeps_its_state():
+    from qrobust.data import TensorLoader
+    from qrobust.train.objectives import SoftTargetCrossEntropy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = torch.randn(64, 4)
+    t = F.one_hot((x[:, 0] > 0).long() + (x[:, 1] > 0).long(), 3).float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    cfg = TrainSection(epochs=5, batch_size=16, schedule="constant", warmup_epochs=0.0, channels_last=False)
+    rows = fit(model, TensorLoader(x, t, 16), SoftTargetCrossEntropy(), cfg, optimizer=opt, progress=False)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert opt.state and all("momentum_buffer" in s for s in opt.state.values())  # this optimizer stepped
+    assert opt.param_groups[0]["lr"] == 0.5  # constant schedule leaves the given LR alone

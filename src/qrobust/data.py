@@ -35,6 +35,7 @@ from qrobust.registry import DATASETS
 __all__ = [
     "DATA_ENV",
     "BatchLoader",
+    "TensorLoader",
     "DatasetInfo",
     "ImageData",
     "dataset_info",
@@ -198,6 +199,45 @@ class BatchLoader:
             padded = F.pad(xb, (p, p, p, p)) if p else xb
             xb = crop_windows(padded, dy, dx, xb.shape[2], xb.shape[3], flip if self.flip else None)
         return xb.to(dtype=torch.float32, memory_format=torch.channels_last).div_(255.0)
+
+
+class TensorLoader:
+    """Shuffled mini-batches of ``(x, targets)`` already on the device: float images and any per-row
+    targets (labels, or probability vectors such as a victim's answers). The loader protocol of
+    :class:`BatchLoader` (``set_epoch``, ``len``, ``iter``) without augmentation, so the one training loop
+    (:func:`qrobust.train.loop.fit`) can train on tensors an attack collected. The order is a pure
+    function of ``(seed, epoch)``. A final batch of one row is dropped: BatchNorm cannot train on it.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or len(x) != len(y) or len(x) == 0:
+            raise ConfigError("TensorLoader needs x and y as non-empty tensors with one target row per input")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        self.x, self.y, self.batch_size = x, y.to(x.device), batch_size
+        self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"set_epoch needs a whole number >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        full, rest = divmod(n, self.batch_size)
+        return full + (1 if rest > 1 or (rest == 1 and n == 1) else 0)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        n = len(self.x)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            order = torch.randperm(n, generator=gen).to(self.x.device)
+        else:
+            order = torch.arange(n, device=self.x.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -71,18 +71,23 @@ def fit(
     progress: bool = True,
     stop_after_epoch: int | None = None,
     extra_state: dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    desc: str = "",
+    log_epochs: bool = True,
 ) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs`` epochs; resume from ``run``'s checkpoint if it has one.
 
     ``evaluate(model) -> dict`` is called after each epoch (e.g. test accuracy). ``stop_after_epoch``
     ends the call early (used by tests to simulate a crash). ``extra_state`` is stored in checkpoints
-    (e.g. architecture and quantization config, so a checkpoint says what it holds). Returns the
-    metric rows of all epochs so far.
+    (e.g. architecture and quantization config, so a checkpoint says what it holds). ``optimizer``
+    replaces the one built from ``cfg`` (e.g. an attack that keeps its optimizer's state between fits;
+    the schedule still comes from ``cfg``). ``desc`` prefixes the progress bar; ``log_epochs=False``
+    keeps the per-epoch summary line out of the log. Returns the metric rows of all epochs so far.
     """
     device = torch.device(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
     scheduler = make_schedule(optimizer, cfg, len(loader))
     start_epoch, rows = 0, []
     if run is not None and run.has_checkpoint():
@@ -95,7 +100,7 @@ def fit(
         loader.set_epoch(epoch)
         t0 = time.perf_counter()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False, unit="batch")
+        bar = tqdm(loader, desc=f"{desc}epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False, unit="batch")
         for step, (x, y) in enumerate(bar):
             with torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext():
                 loss, stats = objective(model, x, y)
@@ -125,7 +130,7 @@ def fit(
         if run is not None:
             run.append_metrics(row)
             run.save_checkpoint(_state(model, optimizer, scheduler, objective, epoch + 1, extra_state))
-        if progress:
+        if progress and log_epochs:
             shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs} {shown}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:

@@ -47,3 +47,20 @@ class CrossEntropy(Objective):
 
     def config(self) -> dict:
         return {"name": self.name, "label_smoothing": self.label_smoothing}
+
+
+@OBJECTIVES.register("soft-ce")
+class SoftTargetCrossEntropy(Objective):
+    """Cross-entropy against probability targets: ``L = mean_i -sum_k t_ik log softmax(f(x_i))_k``.
+
+    Differs from ``KL(t || softmax(f(x)))`` by the targets' entropy only (same gradient). Used to fit an
+    extraction clone on a victim's answers (KnockoffNets, the noise floor); ``correct`` counts argmax
+    agreement with the targets."""
+
+    name = "soft-ce"
+
+    def __call__(self, model, x, y):
+        logits = model(x)
+        loss = -(y * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+        correct = (logits.detach().argmax(1) == y.argmax(1)).sum()
+        return loss, {"correct": correct}

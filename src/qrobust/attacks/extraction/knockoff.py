@@ -42,8 +42,12 @@ from tqdm.auto import tqdm
 
 from qrobust.attacks.extraction.metrics import ExtractionResult, _device, clone_accuracy, ledger_delta
 from qrobust.attacks.extraction.victim import QueryBudgetExhausted, Victim
+from qrobust.config import TrainSection
+from qrobust.data import TensorLoader
 from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
+from qrobust.train.loop import fit
+from qrobust.train.objectives import SoftTargetCrossEntropy
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, RGB -> gray
 
@@ -132,21 +136,26 @@ def fit_clone(
     progress: bool = False,
     desc: str = "fit clone",
 ) -> None:
-    """Train ``clone`` on (x, probability targets y) with soft-target CE, shuffled mini-batches."""
+    """Train ``clone`` on (x, probability targets y) with soft-target CE (:class:`SoftTargetCrossEntropy`)
+    in the one training loop :func:`qrobust.train.loop.fit`: shuffled mini-batches (order seeded from
+    ``generator``), ``optimizer`` as given (its state carries over from adaptive sampling's online steps),
+    constant learning rate. ``on_epoch(epoch)`` is called after each epoch."""
+    if epochs == 0 or x.shape[0] == 0:
+        return
     device = _device(clone)
-    n = x.shape[0]
-    for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-        clone.train()
-        order = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
-        for idx in order.split(batch_size):
-            if idx.numel() < 2 and n > 1:  # a 1-image batch breaks BatchNorm in train mode
-                continue
-            loss = soft_cross_entropy(clone(x[idx].to(device)), y[idx.to(y.device)].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    loader = TensorLoader(x.to(device), y.to(device), batch_size, shuffle=True, seed=seed)
+    train = TrainSection(epochs=epochs, batch_size=batch_size, schedule="constant", warmup_epochs=0.0,
+                         channels_last=False, bf16=False, weight_decay=0.0)
+    calls = iter(range(epochs))
+
+    def evaluate(_: nn.Module) -> dict:
         if on_epoch is not None:
-            on_epoch(epoch)
+            on_epoch(next(calls))
+        return {}
+
+    fit(clone, loader, SoftTargetCrossEntropy(), train, evaluate=evaluate, device=device, progress=progress,
+        optimizer=optimizer, desc=f"{desc}: ", log_epochs=False)
 
 
 def kmeans_groups(
