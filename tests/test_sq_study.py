@@ -55,7 +55,8 @@ def test_study_writes_results_tables_and_figures(study):
     for model in MODELS + ["sq-mi-beta0.5"]:
         assert (seed / "models" / model / "checkpoint.pt").is_file(), model
     md = (root / "results.md").read_text()
-    for text in ("Robust accuracy", "EOT-PGD", "transfer", "AUROC", "Adaptive attack", "Ablations", "Reading"):
+    for text in ("Robust accuracy", "EOT-PGD", "transfer", "BPDA", "worst case", "Gradient-masking check", "AUROC",
+                 "Adaptive attack", "Ablations", "Reading"):
         assert text in md, text
 
 
@@ -166,3 +167,38 @@ def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statist
         assert seed_statistics(res[key], [r[key] for r in per_seed]) > 0, key
     assert per_seed[0]["evaluation"] != per_seed[1]["evaluation"]
     assert "±" in (out / "results.md").read_text()
+
+
+def test_bpda_attacks_the_float_twin_and_is_pgd_for_the_float_model(study):
+    ev = json.loads((study / "tiny" / "seed-0" / "results.json").read_text())["evaluation"]
+    assert ev["fp32"]["robust"]["bpda"] == ev["fp32"]["robust"]["pgd"]  # no quantizers: its own twin
+    for name in ("qat2", "sq", "sq-mi"):
+        assert set(ev[name]["robust"]["bpda"]) == {"0.05", "0.2"}
+
+
+def test_float_twin_has_no_quantizer_and_matches_the_float_forward():
+    from qrobust.models import build_model
+    from qrobust.quant import quantize, set_quantization_enabled
+    from qrobust.quant.stochastic import StochasticQuantizer, insert_stochastic_quantizers
+    from qrobust.studies.sq import float_twin
+
+    torch.manual_seed(0)
+    net = build_model("lenet5", channels=1, num_classes=10, image_size=(28, 28)).eval()
+    qat = quantize(net, inplace=False)
+    x = torch.rand(8, 1, 28, 28)
+    qat(x)  # observe activation ranges
+    twin = float_twin(qat)
+    assert torch.allclose(twin(x), set_quantization_enabled(qat, False)(x))
+    set_quantization_enabled(qat, True)
+    assert not torch.allclose(twin(x), qat(x)), "the twin must differ from the quantized model"
+    sq_net = insert_stochastic_quantizers(copy_of(net), at_input=True, num_bins=4)
+    sq_twin = float_twin(sq_net)
+    assert not any(isinstance(m, StochasticQuantizer) for m in sq_twin.modules())
+    assert any(isinstance(m, StochasticQuantizer) for m in sq_net.modules()), "the original is left alone"
+    assert torch.allclose(sq_twin(x), net(x))
+
+
+def copy_of(module):
+    import copy
+
+    return copy.deepcopy(module)

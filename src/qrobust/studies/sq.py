@@ -29,8 +29,11 @@ the pixel range [0, 1]).
 Evaluation (all on the same held-out test images, attacks in one batched pass per step):
 
 * robust accuracy vs eps for FGSM, PGD (one gradient of the deployed ensemble per step), EOT-PGD
-  (``attack.eot`` ensemble draws per step) and a transfer attack (PGD made on the float model, a
-  black-box check). An input counts as robust only if it is classified correctly, clean and attacked,
+  (``attack.eot`` ensemble draws per step), a transfer attack (PGD made on the float model, a
+  black-box check) and BPDA (Athalye et al. 2018): PGD on the model's *float twin* (the same weights
+  with every fake quantizer off and every SQ replaced by the identity), evaluated on the model itself.
+  Quantizers give gradients only through straight-through estimates; if BPDA beats PGD on a quantized
+  model, its PGD number was inflated by gradient masking and BPDA's is the honest one. An input counts as robust only if it is classified correctly, clean and attacked,
   on every one of ``attack.draws`` independent evaluations (the definition of
   :func:`~qrobust.attacks.whitebox.robust_accuracy`; here every test image is attacked once and the
   adversarial inputs are reused for the AIP and the detector);
@@ -69,10 +72,11 @@ from qrobust.defenses.detection import MIDetector, auroc, information_plane
 from qrobust.errors import ConfigError
 from qrobust.metrics import as_float_images
 from qrobust.models import model_for_data
-from qrobust.quant import QuantConfig, quantize
+from qrobust.quant import ActQuant, QuantConfig, QuantConv2d, QuantLinear, quantize, set_quantization_enabled
 from qrobust.quant.stochastic import (
     EnsembleSQ,
     SQConfig,
+    StochasticQuantizer,
     check_num_draws,
     ensemble_entropies,
     ensemble_forward,
@@ -93,8 +97,9 @@ from qrobust.train.loop import fit, resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 from qrobust.train.sq_objective import MIEnsembleLoss
 
-ATTACKS = ("fgsm", "pgd", "eot-pgd", "transfer")
-ATTACK_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "eot-pgd": "EOT-PGD", "transfer": "transfer (PGD on float)"}
+ATTACKS = ("fgsm", "pgd", "eot-pgd", "transfer", "bpda")
+ATTACK_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "eot-pgd": "EOT-PGD", "transfer": "transfer (PGD on float)",
+                 "bpda": "BPDA (PGD on the float twin)"}
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -503,6 +508,25 @@ class _Data:
         self.test_x, self.test_y = as_float_images(ds.test_x[test]).to(device), ds.test_y[test].to(device)
 
 
+def _has_quantizers(model: nn.Module) -> bool:
+    kinds = (ActQuant, QuantConv2d, QuantLinear, StochasticQuantizer)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """BPDA's differentiable stand-in: a copy of ``model`` with every fake quantizer off and every
+    stochastic quantizer replaced by the identity (the same weights, no rounding, no randomness)."""
+    twin = copy.deepcopy(model).eval()
+    set_quantization_enabled(twin, False)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, StochasticQuantizer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent_name) if parent_name else twin, child, nn.Identity())
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
 @dataclass
 class _Deployed:
     """A trained model as the attacker meets it: ``net`` (deployed), ``raw`` (SQ network) if randomised."""
@@ -676,6 +700,11 @@ class SQStudy(SeedStudy):
             fn, kwargs = fgsm, {}
         else:
             fn, kwargs = pgd, {"steps": a.steps, "generator": gen}
+        if attack == "bpda":
+            twin = float_twin(model.raw if model.randomised else model.net)
+            return _batched_attack(
+                lambda xb, yb, **k: pgd(twin, xb, yb, eps, norm=a.norm, **k), x, y, a.batch_size, **kwargs
+            )
         if attack == "transfer":
             key = f"{eps!r}"
             if key not in self._transfer:  # the same float-model examples for every target
@@ -708,7 +737,8 @@ class SQStudy(SeedStudy):
             "robust": {},
             "adv_acc": {},
         }
-        attacks = [k for k in ATTACKS if k != "eot-pgd" or model.randomised]
+        has_twin = _has_quantizers(model.raw if model.randomised else model.net)
+        attacks = [k for k in ATTACKS if (k != "eot-pgd" or model.randomised) and (k != "bpda" or has_twin)]
         cache: dict[str, dict[float, Tensor]] = {k: {} for k in attacks}
         n_draws = None
         if model.randomised:
@@ -769,6 +799,12 @@ class SQStudy(SeedStudy):
                     batch_size=a.batch_size,
                 )
                 out["aip"][attack] = rows
+        if not has_twin:  # a model without quantizers is its own float twin: BPDA is PGD
+            for key in ("robust", "adv_acc"):
+                out[key]["bpda"] = dict(out[key]["pgd"])
+            if model.randomised:
+                for key in ("auroc", "detection_rate", "adv_mi"):
+                    out["detector"][key]["bpda"] = dict(out["detector"][key]["pgd"])
         return out
 
     def adaptive(self) -> dict:
@@ -915,8 +951,10 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
         f"the float model's activations); N={s.n_draws} draws in training and at inference. Attacks: "
         f"{a.norm} FGSM; PGD ({a.steps} steps, step 2.5 eps/steps, random start, one gradient of the deployed "
         f"N-draw ensemble per step); EOT-PGD (the same averaged over {a.eot} ensembles = {a.eot * s.n_draws} "
-        f"draws per step); transfer = PGD made on the float model. Robust = correct clean *and* attacked on "
-        f"all {a.draws} independent evaluations of the deployed ensemble (deterministic models: one).",
+        f"draws per step); transfer = PGD made on the float model; BPDA = PGD on the model's float twin "
+        f"(quantizers off, SQs as identity), evaluated on the model. Robust = correct clean *and* attacked on "
+        f"all {a.draws} independent evaluations of the deployed ensemble (deterministic models: one). "
+        f"**worst case** = the lowest robust accuracy over all attacks: the number to quote.",
         "",
         "## Robust accuracy (%) vs eps",
         "",
@@ -934,7 +972,22 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
                 + " | ".join(_fmt(e["robust"][attack][spec], seeds) for spec in a.eps)
                 + " |"
             )
+        worst = [min(_m(e["robust"][attack][spec]) for attack in ATTACKS) for spec in a.eps]
+        lines.append(f"| {model_label(cfg, name)} | | | **worst case** | "
+                     + " | ".join(f"**{100 * w:.1f}**" for w in worst) + " |")
+    masking = []
+    for name in model_names(cfg):
+        e = ev[name]["robust"]
+        gap = max(_m(e["pgd"][spec]) - _m(e["bpda"][spec]) for spec in a.eps)
+        if gap > 0.02:
+            masking.append(f"{model_label(cfg, name)} (up to {100 * gap:.1f} points)")
+    check = ("**Gradient-masking check**: BPDA beats PGD on " + ", ".join(masking)
+             + ": PGD's numbers there are inflated by the quantizers' gradients; quote the worst case."
+             if masking else "**Gradient-masking check**: BPDA does not beat PGD by more than 2 points on any "
+             "model: no sign that PGD's gradients are masked by the quantizers.")
     lines += [
+        "",
+        check,
         "",
         "Deterministic models: EOT-PGD = PGD (nothing to average). Figure: robust_accuracy.png.",
         "",
