@@ -8,6 +8,7 @@ import pytest
 
 from qrobust.cli import main
 from qrobust.errors import ConfigError
+from qrobust.studies import common
 from qrobust.studies import divqat as study_mod
 from qrobust.studies.divqat import cell_plan, load_study_config, preset_path
 
@@ -95,7 +96,7 @@ def test_resume_reuses_stored_cells_and_models(study, monkeypatch):
         return original(self, victim, defense, attack, params)
 
     monkeypatch.setattr(study_mod.DivQATStudy, "attack_cell", spy)
-    monkeypatch.setattr(study_mod, "fit", lambda *a, **k: pytest.fail("a finished victim was retrained"))
+    monkeypatch.setattr(common, "fit", lambda *a, **k: pytest.fail("a finished victim was retrained"))
     assert main(["run", "divqat", "--preset", "quick", *TINY, f"out_root={study}"]) == 0
     assert calls == [("qat-server", "rs", "dfme")]  # only the missing cell ran again
     again = json.loads(cells_file.read_text())[dropped]

@@ -10,6 +10,7 @@ import torch
 from qrobust.attacks.whitebox import pgd, robust_accuracy
 from qrobust.cli import main
 from qrobust.errors import ConfigError
+from qrobust.studies import common
 from qrobust.studies.sq import ATTACKS, calibrate_ranges, load_study_config, preset_path
 
 TINY = [
@@ -102,7 +103,7 @@ def test_resume_reuses_models_and_stages(study, monkeypatch):
     monkeypatch.setattr(sq.SQStudy, "evaluate_model", boom)
     monkeypatch.setattr(sq.SQStudy, "adaptive", boom)
     monkeypatch.setattr(sq.SQStudy, "ablation", boom)
-    monkeypatch.setattr(sq, "fit", boom)
+    monkeypatch.setattr(common, "fit", boom)
     assert main(["run", "sq", "--preset", "quick", *TINY, f"out_root={study}"]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in seed.glob("*.json") if p.name not in ("models.json", "results.json")}
     assert after == before

@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from qrobust.config import load_dataclass_config, preset_path
 from qrobust.runs import RunDir, atomic_write_bytes, environment
+from qrobust.train.loop import fit
 
 PRESETS = ("quick", "full", "paper")
 
@@ -73,6 +77,9 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
     return root, RunDir(root, study_toml(cfg), meta=environment(cfg.device))
 
 
+_LOOP_KEYS = ("epoch", "train_loss", "train_acc", "lr", "epoch_seconds")  # what fit's rows hold besides evaluate's
+
+
 class SeedStudy:
     """What every per-seed study class shares: stage JSON files in ``root`` and one run folder per
     trained model (``root/models/<stage>``) whose stored config says what was trained."""
@@ -81,6 +88,7 @@ class SeedStudy:
     root: Path
     seed: int
     device: torch.device
+    progress: bool
 
     def _json(self, name: str) -> Any:
         path = self.root / name
@@ -88,6 +96,26 @@ class SeedStudy:
 
     def _write_json(self, name: str, value: Any) -> None:
         atomic_write_bytes(self.root / name, (json.dumps(value, indent=2) + "\n").encode())
+
+    def _fit_stage(self, name: str, model: nn.Module, objective: Any, train: Any, describe: dict,
+                   loader: Callable[[], Any], evaluate: Callable[[nn.Module], dict],
+                   extra_state: dict | None = None) -> tuple[nn.Module, dict]:
+        """Train ``model`` in its own run folder (:meth:`_stage_run`) with the one training loop, or load
+        it when that run is complete. Returns the model in eval mode and the run's ``results.json``:
+        ``complete``, the last epoch's ``evaluate`` metrics and the training seconds."""
+        run = self._stage_run(name, objective, train, describe)
+        done = run.read_json("results.json")
+        if done is not None and done.get("complete"):
+            model.load_state_dict(run.load_checkpoint()["model"])
+            return model.to(self.device).eval(), done
+        t0 = time.perf_counter()
+        rows = fit(model, loader(), objective, train, run=run, evaluate=evaluate, device=self.device,
+                   progress=self.progress, extra_state=extra_state)
+        result = {"complete": True, **{k: v for k, v in rows[-1].items() if k not in _LOOP_KEYS},
+                  "train_seconds_this_call": time.perf_counter() - t0,
+                  "train_seconds_total": sum(r["epoch_seconds"] for r in rows)}
+        run.write_json("results.json", result)
+        return model.eval(), result
 
     def _stage_run(self, name: str, objective: Any, train: Any, describe: dict) -> RunDir:
         """The run folder of stage ``name`` (created, or checked to hold the same run)."""

@@ -71,7 +71,7 @@ from qrobust.studies.common import (
 
 # generic config plumbing shared with the QADT-R study (TOML + key=value overrides into dataclasses)
 from qrobust.train.divqat import DivQATLoss, check_divqat_accuracy, mean_kl_to_float
-from qrobust.train.loop import fit, resolve_device
+from qrobust.train.loop import resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 
 ATTACKS = ("knockoff", "knockoff-hard", "dfme", "maze", "noise")
@@ -353,11 +353,6 @@ class DivQATStudy(SeedStudy):
     def _fit(self, name: str, model: nn.Module, objective: Objective, train: TrainSection, describe: dict,
              teacher: nn.Module | None = None) -> nn.Module:
         """Train ``model`` in its own run folder, or load it when that run is complete."""
-        run = self._stage_run(name, objective, train, describe)
-        done = run.read_json("results.json")
-        if done is not None and done.get("complete"):
-            model.load_state_dict(run.load_checkpoint()["model"])
-            return model.to(self.device).eval()
 
         def evaluate(m: nn.Module) -> dict:
             row = {"test_acc": self._acc(m)}
@@ -367,16 +362,13 @@ class DivQATStudy(SeedStudy):
                 row["test_kl_to_fp"] = mean_kl_to_float(m, teacher, self.data.test_x)
             return row
 
-        t0 = time.perf_counter()
-        loader = datasets.BatchLoader(self.data.train_x, self.data.train_y, train.batch_size, shuffle=True,
-                                      augment=self.cfg.data.augment, info=self.data.info, device=self.device,
-                                      drop_last=True, seed=self.seed)
-        rows = fit(model, loader, objective, train, run=run, evaluate=evaluate, device=self.device,
-                   progress=self.progress, extra_state={"stage": name})
-        run.write_json("results.json", {"complete": True, "test_acc": rows[-1]["test_acc"],
-                                        "train_seconds_this_call": time.perf_counter() - t0,
-                                        "train_seconds_total": sum(r["epoch_seconds"] for r in rows)})
-        return model.eval()
+        def loader() -> datasets.BatchLoader:
+            return datasets.BatchLoader(self.data.train_x, self.data.train_y, train.batch_size, shuffle=True,
+                                        augment=self.cfg.data.augment, info=self.data.info, device=self.device,
+                                        drop_last=True, seed=self.seed)
+
+        return self._fit_stage(name, model, objective, train, describe, loader, evaluate,
+                               extra_state={"stage": name})[0]
 
     def _train(self, epochs: int, lr: float, warmup: float) -> TrainSection:
         return TrainSection(epochs=epochs, batch_size=self.cfg.fp.batch_size, lr=lr, warmup_epochs=warmup,

@@ -70,7 +70,7 @@ from qrobust.studies.common import (
     open_study,
     study_preset,
 )
-from qrobust.train.loop import fit, resolve_device
+from qrobust.train.loop import resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 
 # --------------------------------------------------------------------------------------------------
@@ -366,24 +366,14 @@ class QADTRStudy(SeedStudy):
     def _fit(self, name: str, model: nn.Module, objective: Objective, train: TrainSection,
              eval_bits: int | None, describe: dict) -> nn.Module:
         """Train ``model`` in its own run folder, or load it when that run is complete."""
-        run = self._stage_run(name, objective, train, describe)
-        done = run.read_json("results.json")
-        if done is not None and done.get("complete"):
-            model.load_state_dict(run.load_checkpoint()["model"])
-            return model.to(self.device)
 
         def evaluate(m: nn.Module) -> dict:
             if eval_bits is not None:
                 set_bit_width(m, eval_bits)
             return {"test_acc": self._acc(m)}
 
-        t0 = time.perf_counter()
-        rows = fit(model, self._loader(train.batch_size, self.seed), objective, train, run=run,
-                   evaluate=evaluate, device=self.device, progress=self.progress)
-        run.write_json("results.json", {"complete": True, "test_acc": rows[-1]["test_acc"],
-                                        "train_seconds_this_call": time.perf_counter() - t0,
-                                        "train_seconds_total": sum(r["epoch_seconds"] for r in rows)})
-        return model
+        return self._fit_stage(name, model, objective, train, describe,
+                               lambda: self._loader(train.batch_size, self.seed), evaluate)[0]
 
     def _train_section(self, epochs: int, lr: float, batch_size: int, warmup: float) -> TrainSection:
         return TrainSection(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup,

@@ -93,7 +93,7 @@ from qrobust.studies.common import (
     open_study,
     study_preset,
 )
-from qrobust.train.loop import fit, resolve_device
+from qrobust.train.loop import resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 from qrobust.train.sq_objective import MIEnsembleLoss
 
@@ -585,43 +585,14 @@ class SQStudy(SeedStudy):
         evaluate: Callable[[nn.Module], dict],
     ) -> tuple[nn.Module, dict]:
         """Train ``model`` in its own run folder, or load it when that run is complete."""
-        run = self._stage_run(name, objective, train, describe)
-        done = run.read_json("results.json")
-        if done is not None and done.get("complete"):
-            model.load_state_dict(run.load_checkpoint()["model"])
-            return model.to(self.device).eval(), done
-        torch.manual_seed(self.seed)
-        loader = datasets.BatchLoader(
-            self.data.train_x,
-            self.data.train_y,
-            train.batch_size,
-            shuffle=True,
-            augment=self.cfg.data.augment,
-            info=self.data.info,
-            device=self.device,
-            drop_last=True,
-            seed=self.seed,
-        )
-        t0 = time.perf_counter()
-        rows = fit(
-            model,
-            loader,
-            objective,
-            train,
-            run=run,
-            evaluate=evaluate,
-            device=self.device,
-            progress=self.progress,
-        )
-        model.eval()
-        result = {
-            "complete": True,
-            **evaluate(model),
-            "train_seconds_this_call": time.perf_counter() - t0,
-            "train_seconds_total": sum(r["epoch_seconds"] for r in rows),
-        }
-        run.write_json("results.json", result)
-        return model, result
+
+        def loader() -> datasets.BatchLoader:
+            torch.manual_seed(self.seed)  # SQ noise and MI draws during training
+            return datasets.BatchLoader(self.data.train_x, self.data.train_y, train.batch_size, shuffle=True,
+                                        augment=self.cfg.data.augment, info=self.data.info, device=self.device,
+                                        drop_last=True, seed=self.seed)
+
+        return self._fit_stage(name, model, objective, train, describe, loader, evaluate)
 
     def _eval_det(self, model: nn.Module) -> dict:
         was = model.training
