@@ -207,3 +207,86 @@ def test_a_refused_bit_width_leaves_the_model_unchanged():
     with pytest.raises(ConfigError, match="not in the model's set"):
         set_bit_width(qmodel, 4)
     assert get_bit_width(qmodel) == 8 and all(m.bits == 8 for m in qmodel.modules() if isinstance(m, ActQuant))
+
+
+# ---------------------------------------------------------------- learned activation ranges (LSQ+)
+
+
+def test_learned_range_starts_at_min_max_and_gets_gradients():
+    q = ActQuant(2, learned=True).train()
+    x = torch.randn(4096)
+    q(x)  # first training batch: the range starts at its min / max
+    assert q.lo.item() == pytest.approx(x.min().item()) and q.hi.item() == pytest.approx(x.max().item())
+    assert isinstance(q.lo, torch.nn.Parameter) and isinstance(q.hi, torch.nn.Parameter)
+    lo_before = q.lo.item()
+    (q(x) - x).square().mean().backward()
+    assert q.lo.grad is not None and q.hi.grad is not None and q.hi.grad.abs() > 0
+    # the range is not an EMA any more: a later batch does not move it
+    with torch.no_grad():
+        q(x * 10)
+    assert q.lo.item() == lo_before
+
+
+def test_learned_range_clips_outliers_and_beats_min_max_at_2_bits():
+    # Gaussian activations with a few large outliers: min/max wastes the 4 levels on the outliers;
+    # learning the range for the quantization error should clip them and cut the error.
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(20000), torch.tensor([12.0, -12.0])])
+    q = ActQuant(2, learned=True).train()
+    q(x)
+    mse_minmax = (q.eval()(x) - x).square().mean().item()
+    q.train()
+    opt = torch.optim.Adam(q.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        (q(x) - x).square().mean().backward()
+        opt.step()
+    mse_learned = (q.eval()(x) - x).square().mean().item()
+    assert q.hi.item() < 6 and q.lo.item() > -6, (q.lo.item(), q.hi.item())
+    assert mse_learned < 0.5 * mse_minmax, (mse_learned, mse_minmax)
+
+
+def test_learned_range_forward_equals_the_plain_fake_quantizer_and_keeps_range_across_widths():
+    q = ActQuant(4, learned=True).train()
+    x = torch.rand(1000) * 3 - 0.5
+    q(x)
+    with torch.no_grad():
+        q.lo.fill_(-0.37)
+        q.hi.fill_(2.11)
+    learned = q(x)  # gradient path (learnable op)
+    scale, zp = q.qparams()
+    assert torch.equal(learned.detach(), torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 15))
+    with torch.no_grad():
+        assert torch.equal(q.eval()(x), learned.detach())  # eval / no-grad path: the same numbers
+    model = quantize(tiny(), QuantConfig(4, 4, act_range="learned"))
+    model.train()(torch.rand(8, 1, 28, 28))
+    acts = [m for m in model.modules() if isinstance(m, ActQuant)]
+    ranges = [(a.lo.item(), a.hi.item()) for a in acts]
+    set_bit_width(model, 2)
+    assert [(a.lo.item(), a.hi.item()) for a in acts] == ranges and all(a.levels == 3 for a in acts)
+
+
+def test_learned_ranges_are_trained_by_the_model_optimizer_and_export_to_int8(synthetic):
+    torch.manual_seed(0)
+    model = build_model("convnet", channels=1, num_classes=10, image_size=(28, 28))
+    qmodel = quantize(model, QuantConfig(8, 8, backend="server", act_range="learned"))
+    acts = [m for m in qmodel.modules() if isinstance(m, ActQuant)]
+    opt = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9)
+    x = synthetic.train_x[:512].float() / 255
+    y = synthetic.train_y[:512]
+    qmodel.train()
+    qmodel(x[:64])  # initialise the ranges
+    start = [(a.lo.item(), a.hi.item()) for a in acts]
+    for i in range(0, 512, 64):
+        opt.zero_grad()
+        F.cross_entropy(qmodel(x[i:i + 64]), y[i:i + 64]).backward()
+        opt.step()
+    assert [(a.lo.item(), a.hi.item()) for a in acts] != start, "the optimizer must move the learned ranges"
+    qmodel.eval()
+    int8 = export_int8(qmodel)
+    assert twin_agreement(qmodel, int8, synthetic.test_x.float() / 255) >= 0.99
+
+
+def test_unknown_act_range_is_a_clear_error():
+    with pytest.raises(ConfigError, match="act_range"):
+        QuantConfig(4, 4, act_range="minmax")

@@ -53,6 +53,7 @@ class QuantSection:
     act_bits: int = 0  # 0 = same as bits
     backend: str = "server"  # server (x86) | mobile (ARM)
     first_last_bits: int = 8  # 0 = quantize first/last layers at `bits` too
+    act_range: str = "ema"  # ema (EMA min/max) | learned (LSQ+-style learned range; better at 2-4 bits)
     init: str = ""  # float checkpoint (or run folder) to start QAT from
 
 
@@ -85,6 +86,8 @@ class RunConfig:
              f"quant.act_bits must be 0 (same as bits) or 2..8, got {self.quant.act_bits}"),
             (self.quant.first_last_bits == 0 or 2 <= self.quant.first_last_bits <= 8,
              f"quant.first_last_bits must be 0 (no exception) or 2..8, got {self.quant.first_last_bits}"),
+            (self.quant.act_range in ("ema", "learned"),
+             f"quant.act_range must be 'ema' or 'learned', got '{self.quant.act_range}'"),
             (self.quant.backend in ("server", "mobile"),
              f"quant.backend '{self.quant.backend}' is unknown; use 'server' (x86) or 'mobile' (ARM)"),
         ]

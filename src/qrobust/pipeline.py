@@ -33,7 +33,7 @@ def quant_config(cfg: RunConfig) -> QuantConfig | None:
     if q.bits == 32:
         return None
     return QuantConfig(weight_bits=q.bits, act_bits=q.act_bits or q.bits, backend=q.backend,
-                       first_last_bits=q.first_last_bits or None)
+                       first_last_bits=q.first_last_bits or None, act_range=q.act_range)
 
 
 def checkpoint_file(path: str | Path) -> Path:

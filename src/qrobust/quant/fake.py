@@ -24,6 +24,7 @@ run time with :func:`set_bit_width`, as dynamic bit-width training needs.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,6 +53,7 @@ class QuantConfig:
     backend: str = "server"
     first_last_bits: int | None = 8
     ema_momentum: float = 0.01
+    act_range: str = "ema"  # ema: EMA min/max (frozen in eval) | learned: LSQ+-style learned [lo, hi]
 
     def __post_init__(self):
         for name in ("weight_bits", "act_bits"):
@@ -62,6 +64,11 @@ class QuantConfig:
             raise ConfigError(f"quantization backend '{self.backend}' is unknown; use 'server' (x86) or 'mobile' (ARM)")
         if not 0.0 < self.ema_momentum <= 1.0:
             raise ConfigError(f"ema_momentum must be in (0, 1], got {self.ema_momentum}")
+        if self.act_range not in ("ema", "learned"):
+            raise ConfigError(
+                f"act_range '{self.act_range}' is unknown; use 'ema' (EMA min/max ranges) or 'learned' "
+                "(ranges learned by gradient descent, LSQ+; better at 2-4 bits)"
+            )
 
     @property
     def reduce_range(self) -> bool:
@@ -124,16 +131,31 @@ class QuantPoint(nn.Identity):
 
 
 class ActQuant(nn.Module):
-    """Per-tensor activation fake quantizer with an EMA min/max range (frozen in eval mode)."""
+    """Per-tensor asymmetric activation fake quantizer over a range ``[lo, hi]`` (widened to contain 0).
 
-    def __init__(self, bits: int = 8, momentum: float = 0.01, reduce_range: bool = False):
+    ``learned=False``: the range is an EMA of the batches' min/max in training, frozen in eval mode.
+    ``learned=True``: the range starts at the first training batch's min/max and is then a pair of
+    parameters learned with the network (LSQ+, Bhalgat et al. 2020; LSQ, Esser et al. 2020): the output
+    is ``(clamp(round(x / s) + z, 0, L) - z) * s`` with ``s = (hi - lo) / L`` and ``z = -lo / s``, and
+    the gradients w.r.t. ``s`` and ``z`` are LSQ's, scaled by ``1 / sqrt(numel * L)``. The clipping
+    range is then chosen for the task loss instead of covering every outlier, which is what makes 2-bit
+    activations usable. Since the parameters are the range (not the step), a run-time bit-width switch
+    keeps the range and only changes the number of levels ``L``.
+    """
+
+    def __init__(self, bits: int = 8, momentum: float = 0.01, reduce_range: bool = False, learned: bool = False):
         super().__init__()
         self.bits = check_bits(bits)
         self.momentum = momentum
         self.reduce_range = reduce_range
+        self.learned = bool(learned)
         self.enabled = True
-        self.register_buffer("lo", torch.zeros(()))
-        self.register_buffer("hi", torch.zeros(()))
+        if self.learned:
+            self.lo = nn.Parameter(torch.zeros(()))
+            self.hi = nn.Parameter(torch.zeros(()))
+        else:
+            self.register_buffer("lo", torch.zeros(()))
+            self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @property
@@ -142,7 +164,7 @@ class ActQuant(nn.Module):
         return 2**bits - 1
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return act_qparams(self.lo, self.hi, self.levels)
+        return act_qparams(self.lo.detach(), self.hi.detach(), self.levels)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -158,14 +180,24 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if self.training:
-            self.observe(x)
+        if self.training and not (self.learned and bool(self.initialized)):
+            self.observe(x)  # EMA ranges: every training batch; learned ranges: the first one only
         elif not bool(self.initialized):
             raise RuntimeError(
                 "activation quantizer has no range yet: run at least one training step (or calibrate) before eval"
             )
+        if self.learned and torch.is_grad_enabled() and self.hi.requires_grad:
+            return self._learned_forward(x)
         scale, zero_point = self.qparams()
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, self.levels)
+
+    def _learned_forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = self.levels
+        lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
+        scale = ((hi - lo) / levels).clamp_min(_EPS).reshape(1).float()
+        zero_point = (-lo / scale).reshape(1).float()
+        grad_factor = 1.0 / math.sqrt(x.numel() * levels)
+        return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, 0, levels, grad_factor)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, reduce_range={self.reduce_range}"
@@ -251,7 +283,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         _replace(qmodel, name, cls.from_float(layer, bits))
     for name, module in list(qmodel.named_modules()):
         if isinstance(module, QuantPoint):
-            _replace(qmodel, name, ActQuant(config.act_bits, config.ema_momentum, config.reduce_range))
+            _replace(qmodel, name, ActQuant(config.act_bits, config.ema_momentum, config.reduce_range,
+                                            learned=config.act_range == "learned"))
     qmodel.quant_config = config
     qmodel.quant_edge_layers = sorted(edge)
     return qmodel
