@@ -17,7 +17,7 @@ TINY = [
     "data.name=synthetic", "data.train_subset=384", "data.val_subset=64", "data.test_subset=48",
     "fp.epochs=4", "fp.batch_size=32", "fp.lr=0.05", "qat.epochs=1", "sq.epochs=1", "sq.n_draws=2",
     "attack.steps=3", "attack.eot=2", "attack.draws=2", "attack.batch_size=48", "progress=false", "threads=0",
-    "name=tiny", "attack.eps=['0.05','0.2']", "ablation.beta=[0.5]", "seeds=[0,1]",
+    "name=tiny", "attack.eps=['0.05','0.2']", "ablation.beta=[0.5]", "attack.square_queries=40", "seeds=[0,1]",
 ]
 MODELS = ["fp32", "qat2", "sq", "sq-mi"]
 
@@ -56,7 +56,7 @@ def test_study_writes_results_tables_and_figures(study):
     for model in MODELS + ["sq-mi-beta0.5"]:
         assert (seed / "models" / model / "checkpoint.pt").is_file(), model
     md = (root / "results.md").read_text()
-    for text in ("Robust accuracy", "EOT-PGD", "transfer", "BPDA", "worst case", "Gradient-masking check", "AUROC",
+    for text in ("Robust accuracy", "EOT-PGD", "transfer", "BPDA", "Square (black-box)", "worst case", "Gradient-masking check", "AUROC",
                  "Adaptive attack", "Ablations", "Reading"):
         assert text in md, text
 
@@ -144,6 +144,7 @@ def test_calibrated_ranges_cover_the_activations():
     ("attack.eps=['-0.1']", "eps"),
     ("attack.eps=['l2:0.5']", "l2 budget"),
     ("attack.eot=0", "attack.eot"),
+    ("attack.square_queries=-1", "square_queries"),
     ("ablation.num_bins=[1]", "num_bins >= 2"),
     ("ablation.tau=[-1.0]", "tau"),
     ("sq.percentile=30", "percentile"),

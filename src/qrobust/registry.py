@@ -20,6 +20,7 @@ BUILTIN_MODULES = (
     "qrobust.train.objectives",
     "qrobust.train.sq_objective",
     "qrobust.attacks.whitebox",
+    "qrobust.attacks.blackbox",
     "qrobust.attacks.patch",
     "qrobust.attacks.extraction.knockoff",
     "qrobust.attacks.extraction.dfme",
