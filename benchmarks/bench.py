@@ -14,7 +14,10 @@ Ratios, not absolute times, are the contract (they transfer across machines bett
 - ``divqat_step_over_qat_step``: a DivQAT step (8-bit student + frozen float teacher forward) over a
   plain QAT step, batch 256 (target <= 1.4).
 - ``sq_ensemble16_over_single_forward``: a 16-draw stochastic-quantizer ensemble forward over one
-  deterministic forward of the same network (batched; well under 16 is the goal).
+  forward of the same network (batched; well under 16 is the goal), SQ at the input (as the study
+  deploys it: every draw runs the whole network, so nothing can be shared); and
+  ``sq_ensemble16_over_single_forward_hidden_sq`` with the SQ after the first block only (the first
+  block runs once for all draws).
 
 Writes ``bench.json`` and prints a table. Usage: ``python benchmarks/bench.py [--quick]``.
 """
@@ -156,6 +159,12 @@ def bench_attacks(min_seconds: float) -> dict:
             single = timeit(lambda: sq_model(x), min_seconds)
             ensemble = timeit(lambda: ensemble_forward(sq_model, x, 16), min_seconds, warmup=1)
         out["sq_ensemble16_over_single_forward"] = ensemble / single
+        # The same with the SQ after the first block only: the first block runs once for all 16 draws.
+        hidden = insert_stochastic_quantizers(default_model(), after=["body.0"], num_bins=4).eval()
+        with torch.no_grad():
+            single = timeit(lambda: hidden(x), min_seconds)
+            ensemble = timeit(lambda: ensemble_forward(hidden, x, 16), min_seconds, warmup=1)
+        out["sq_ensemble16_over_single_forward_hidden_sq"] = ensemble / single
     except ImportError:
         pass
     return out
