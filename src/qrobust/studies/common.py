@@ -89,6 +89,17 @@ class SeedStudy:
     seed: int
     device: torch.device
     progress: bool
+    timings: dict[str, float]  # seconds per stage in this call
+
+    def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        """Run a stage; its seconds add up in ``timings.json`` over calls (a resumed stage adds little)."""
+        t0 = time.perf_counter()
+        out = fn()
+        self.timings[stage] = time.perf_counter() - t0
+        total = self._json("timings.json") or {}
+        total[stage] = total.get(stage, 0.0) + self.timings[stage]
+        self._write_json("timings.json", total)
+        return out
 
     def _json(self, name: str) -> Any:
         path = self.root / name

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -329,15 +327,6 @@ class DivQATStudy(SeedStudy):
     # ---------------------------------------------------------------- helpers
     def _acc(self, model: nn.Module) -> float:
         return accuracy(model, self.data.test_x, self.data.test_y, 512, self.device)
-
-    def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
-        out = fn()
-        self.timings[stage] = time.perf_counter() - t0
-        total = self._json("timings.json") or {}
-        total[stage] = total.get(stage, 0.0) + self.timings[stage]
-        self._write_json("timings.json", total)
-        return out
 
     def _model(self, arch: str) -> nn.Module:
         info = self.data.info

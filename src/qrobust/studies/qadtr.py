@@ -379,16 +379,6 @@ class QADTRStudy(SeedStudy):
         return TrainSection(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup,
                             device=self.cfg.device if self.cfg.device != "auto" else "auto")
 
-    def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
-        """Run a stage; its seconds add up in ``timings.json`` over calls (a resumed stage adds little)."""
-        t0 = time.perf_counter()
-        out = fn()
-        self.timings[stage] = time.perf_counter() - t0
-        total = self._json("timings.json") or {}
-        total[stage] = total.get(stage, 0.0) + self.timings[stage]
-        self._write_json("timings.json", total)
-        return out
-
     # ---------------------------------------------------------------- stage 1: float + QAT models
     def train_models(self) -> None:
         cfg = self.cfg
