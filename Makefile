@@ -23,8 +23,10 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# The main job (issue 3): the DivQAT extraction study, quick preset (~8 min here). `qrobust demo` is the
+# shorter float -> 8-bit QAT -> int8 deployment demo.
 demo: setup data
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(VENV)/bin/qrobust demo
+	$(VENV)/bin/qrobust run divqat --preset quick
 
 test: setup data
 	$(PY) -m pytest tests

@@ -82,7 +82,7 @@ def test_ledger_equals_queries_in_every_stored_cell(study):
         assert all(math.isfinite(a) for _, a in cell["history"] if a is not None)
 
 
-def test_resume_reuses_stored_cells_and_models(study, monkeypatch):
+def test_resume_reuses_stored_cells_and_models(study, monkeypatch, capsys):
     cells_file = study / "tiny" / "seed-0" / "cells.json"
     cells = json.loads(cells_file.read_text())
     dropped = "qat-server/rs/dfme"
@@ -99,6 +99,8 @@ def test_resume_reuses_stored_cells_and_models(study, monkeypatch):
     monkeypatch.setattr(common, "fit", lambda *a, **k: pytest.fail("a finished victim was retrained"))
     assert main(["run", "divqat", "--preset", "quick", *TINY, f"out_root={study}"]) == 0
     assert calls == [("qat-server", "rs", "dfme")]  # only the missing cell ran again
+    printed = capsys.readouterr().out  # the report is printed, then where the files are
+    assert "| victim | defense | defender acc |" in printed and printed.rstrip().endswith("PNGs)")
     again = json.loads(cells_file.read_text())[dropped]
     assert again["queries_used"] == kept["queries_used"]
     assert again["clone_acc"] == pytest.approx(kept["clone_acc"])  # per-cell seeds: same clone again

@@ -75,31 +75,24 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    if args.study == "qadtr":
-        from qrobust.studies.qadtr import load_study_config, preset_path, run_study
+    """Run (or resume) a study, then print its report (results.md) and where everything is."""
+    import importlib
 
-        cfg = load_study_config(args.config or preset_path(args.preset), list(args.overrides))
-        run_study(cfg)
-        print(f"run folder: {Path(cfg.out_root) / cfg.name} (results.md, results.json, PNGs)")
-        return 0
-    if args.study == "sq":
-        from qrobust.studies.sq import load_study_config, preset_path, run_study
-
-        cfg = load_study_config(args.config or preset_path(args.preset), list(args.overrides))
-        run_study(cfg)
-        print(f"run folder: {Path(cfg.out_root) / cfg.name} (results.md, results.json, PNGs)")
-        return 0
-    if args.study == "divqat":
-        from qrobust.studies.divqat import load_study_config, preset_path, run_study
-
-        cfg = load_study_config(args.config or preset_path(args.preset), list(args.overrides))
-        run_study(cfg)
-        print(f"run folder: {Path(cfg.out_root) / cfg.name} (results.md, results.json, PNGs)")
-        return 0
-    raise QrobustError(
-        f"study '{args.study}' ({STUDIES[args.study]}) is not implemented yet; its building blocks are in "
-        "qrobust.attacks / qrobust.defenses. Use `qrobust train`, `eval` and `export` meanwhile."
-    )
+    if args.study not in ("divqat", "qadtr", "sq"):
+        raise QrobustError(
+            f"study '{args.study}' ({STUDIES[args.study]}) is not implemented yet; its building blocks are in "
+            "qrobust.attacks / qrobust.defenses. Use `qrobust train`, `eval` and `export` meanwhile."
+        )
+    study = importlib.import_module(f"qrobust.studies.{args.study}")
+    cfg = study.load_study_config(args.config or study.preset_path(args.preset), list(args.overrides))
+    study.run_study(cfg)
+    folder = Path(cfg.out_root) / cfg.name
+    report = folder / "results.md"
+    if report.is_file():
+        print()
+        print(report.read_text())
+    print(f"run folder: {folder} (results.md, results.json, PNGs)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
