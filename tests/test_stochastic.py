@@ -485,3 +485,19 @@ def test_sampling_with_and_without_gradient_follows_the_same_law(v):
     slow = torch.bincount((slow_out.unsqueeze(-1) == BINS4).float().argmax(-1), minlength=4).float() / 20000
     assert torch.allclose(fast, expected, atol=0.015), (fast, expected)
     assert torch.allclose(slow, expected, atol=0.015), (slow, expected)
+
+
+def test_ensemble_forward_splits_large_eval_batches_and_keeps_the_law():
+    torch.manual_seed(0)
+    model = tiny_sq_net().eval()
+    rows = []
+    model.net.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    x = torch.rand(10, 2)
+    out = ensemble_forward(model, x, 4, max_rows=16)  # 40 rows -> sub-batches of 4 images
+    assert out.shape[:2] == (4, 10) and max(rows) <= 16 and len(rows) == 3
+    with deterministic_sq(model):  # without sampling, split and unsplit are the same numbers
+        assert torch.allclose(ensemble_forward(model, x, 4, max_rows=16), ensemble_forward(model, x, 4, max_rows=None))
+    rows.clear()
+    model.train()
+    ensemble_forward(model, x, 4, max_rows=16)  # train mode: BatchNorm statistics need the whole batch
+    assert rows == [40]
