@@ -121,3 +121,14 @@ def test_list_fields_and_generic_dataclass_configs(tmp_path):
         load_dataclass_config(Study(), None, ["bits=[1.5]"])
     with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of: quick, full, paper"):
         preset_path("qadtr", "huge")
+
+
+def test_a_folder_from_an_older_version_resumes_when_new_settings_hold_their_defaults(tmp_path):
+    old = {"seed": 0, "qat": {"bits": 2}}
+    RunDir(tmp_path / "run", old)
+    defaults = {"seed": 0, "qat": {"bits": 8, "act_range": "ema"}}
+    RunDir(tmp_path / "run", {"seed": 0, "qat": {"bits": 2, "act_range": "ema"}}, defaults=defaults)
+    with pytest.raises(RunFolderError, match="act_range"):
+        RunDir(tmp_path / "run", {"seed": 0, "qat": {"bits": 2, "act_range": "learned"}}, defaults=defaults)
+    with pytest.raises(RunFolderError, match="bits"):  # a stored setting that changed still refuses
+        RunDir(tmp_path / "run", {"seed": 0, "qat": {"bits": 4, "act_range": "ema"}}, defaults=defaults)

@@ -114,6 +114,7 @@ def test_presets_load_and_a_missing_config_file_is_a_clear_error(capsys):
         ("defense.lr=0", "defense.lr"),
         ("fp.epochs=two", "expects a int"),
         ("model.depth=3", "unknown config key 'model.depth'"),
+        ("qat.act_range=minmax", "act_range"),
     ],
 )
 def test_bad_study_config_is_a_config_error(override, message):
@@ -134,3 +135,17 @@ def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statist
         assert seed_statistics(res[key], [r[key] for r in per_seed]) > 0, key
     assert per_seed[0]["table1"] != per_seed[1]["table1"]
     assert "±" in (study / "results.md").read_text()
+
+
+def test_qat_models_can_learn_their_activation_ranges():
+    import torch
+
+    from qrobust.models import build_model
+    from qrobust.quant import ActQuant
+    from qrobust.studies.qadtr import qat_model
+
+    fp = build_model("convnet", channels=1, num_classes=10, image_size=(28, 28))
+    for act_range, learned in (("ema", False), ("learned", True)):
+        acts = [m for m in qat_model(fp, 2, act_range).modules() if isinstance(m, ActQuant)]
+        assert acts and all(a.learned is learned for a in acts)
+        assert all(isinstance(a.hi, torch.nn.Parameter) is learned for a in acts)

@@ -91,9 +91,14 @@ def environment(device: str) -> dict:
 
 
 class RunDir:
-    """One run's folder. ``RunDir(path, config_dict)`` creates it or checks that it holds the same run."""
+    """One run's folder. ``RunDir(path, config_dict)`` creates it or checks that it holds the same run.
 
-    def __init__(self, path: str | Path, config: dict, meta: dict | None = None):
+    ``defaults`` (same nesting as ``config``) makes folders written by an older qrobust resumable: a
+    setting the stored config lacks counts as equal when the new config holds its default (the value
+    that reproduces the old behaviour). Any other difference refuses the folder.
+    """
+
+    def __init__(self, path: str | Path, config: dict, meta: dict | None = None, defaults: dict | None = None):
         self.path = Path(path)
         self.config = config
         existing = self.path / "config.toml"
@@ -103,6 +108,8 @@ class RunDir:
             except tomllib.TOMLDecodeError:
                 raise RunFolderError(f"{existing} is corrupt; delete the folder {self.path} or choose another --out") from None
             previous.pop("meta", None)
+            if defaults is not None:
+                previous = _with_missing_defaults(previous, json.loads(json.dumps(config)), json.loads(json.dumps(defaults)))
             if previous != json.loads(json.dumps(config)):
                 diff = _diff(previous, config)
                 raise RunFolderError(
@@ -155,6 +162,18 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self.path / name, text)
+
+
+def _with_missing_defaults(stored: dict, config: dict, defaults: dict) -> dict:
+    """``stored`` plus each key it lacks whose value in ``config`` equals the default (recursively)."""
+    out = dict(stored)
+    for key, value in config.items():
+        if key not in out:
+            if key in defaults and defaults[key] == value:
+                out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            out[key] = _with_missing_defaults(out[key], value, defaults[key])
+    return out
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:

@@ -74,7 +74,8 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out_root) / cfg.name
-    return root, RunDir(root, study_toml(cfg), meta=environment(cfg.device))
+    defaults = study_toml(type(cfg)())  # settings added since a folder was written resume at their defaults
+    return root, RunDir(root, study_toml(cfg), meta=environment(cfg.device), defaults=defaults)
 
 
 _LOOP_KEYS = ("epoch", "train_loss", "train_acc", "lr", "epoch_seconds")  # what fit's rows hold besides evaluate's

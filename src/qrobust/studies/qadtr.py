@@ -107,6 +107,7 @@ class QATCfg:
     bits: list[int] = field(default_factory=lambda: [8, 4, 2])
     epochs: int = 1
     lr: float = 0.01  # fine-tuning from the float model
+    act_range: str = "ema"  # activation ranges: ema (min/max) | learned (LSQ+; better at 2 bits)
 
 
 @dataclass
@@ -174,6 +175,8 @@ class StudyConfig(StudyBase):
     analysis: AnalysisCfg = field(default_factory=AnalysisCfg)
 
     def validate(self) -> StudyConfig:
+        if self.qat.act_range not in ("ema", "learned"):
+            raise ConfigError(f"qat.act_range must be 'ema' or 'learned' (LSQ+ ranges), got '{self.qat.act_range}'")
         unknown = [n for n in self.defense.names if n not in DEFENSES]
         if unknown:
             raise ConfigError(f"unknown defense(s) {unknown} in defense.names; choose from: {', '.join(DEFENSES)}")
@@ -253,9 +256,15 @@ def build_float_model(cfg: StudyConfig, info: datasets.DatasetInfo) -> nn.Module
     return model_for_data(cfg.model.arch, info)
 
 
-def qat_model(float_model: nn.Module, bits: int) -> nn.Module:
+def qat_model(float_model: nn.Module, bits: int, act_range: str = "ema") -> nn.Module:
     """The QAT twin at ``bits`` (weights and activations; first/last layers kept at 8, the default)."""
-    return quantize(float_model, QuantConfig(weight_bits=bits, act_bits=bits))
+    return quantize(float_model, QuantConfig(weight_bits=bits, act_bits=bits, act_range=act_range))
+
+
+def _range_tag(act_range: str) -> dict:
+    """What a stage's run folder records about activation ranges (nothing for the default, so folders
+    written before the setting existed stay valid)."""
+    return {} if act_range == "ema" else {"act_range": act_range}
 
 
 @dataclass(frozen=True)
@@ -388,8 +397,9 @@ class QADTRStudy(SeedStudy):
         self.models["32"] = self._fit("fp32", fp, CrossEntropy(), fp_train, None, {}).eval()
         qat_train = self._train_section(cfg.qat.epochs, cfg.qat.lr, cfg.fp.batch_size, 0.0)
         for bits in cfg.qat.bits:
-            q = qat_model(self.models["32"], bits)
-            self.models[str(bits)] = self._fit(f"qat{bits}", q, CrossEntropy(), qat_train, bits, {}).eval()
+            q = qat_model(self.models["32"], bits, cfg.qat.act_range)
+            self.models[str(bits)] = self._fit(f"qat{bits}", q, CrossEntropy(), qat_train, bits,
+                                               _range_tag(cfg.qat.act_range)).eval()
 
     def train_defenses(self) -> dict[str, nn.Module]:
         cfg, d = self.cfg, self.cfg.defense
@@ -400,13 +410,13 @@ class QADTRStudy(SeedStudy):
             if spec.make is None:
                 continue
             torch.manual_seed(self.seed)
-            model = qat_model(self.models["32"], d.train_bits)
+            model = qat_model(self.models["32"], d.train_bits, cfg.qat.act_range)
             sbn = spec.switchable_bn(cfg)
             if sbn:
                 make_switchable_bn(model, d.bit_widths)
             objective = spec.make(cfg, self.seed)
             defended[name] = self._fit(f"defense-{name}", model, objective, train, d.train_bits,
-                                       {"switchable_bn": sbn}).eval()
+                                       {"switchable_bn": sbn, **_range_tag(cfg.qat.act_range)}).eval()
         return defended
 
     # ---------------------------------------------------------------- stage 2: Table 1

@@ -135,6 +135,7 @@ class QATCfg:
     bits: int = 0  # 0 = ceil(log2(sq.num_bins)), the SQ's resolution (min 2)
     epochs: int = 1
     lr: float = 0.01  # fine-tuning from the float model
+    act_range: str = "ema"  # activation ranges: ema (min/max) | learned (LSQ+; better at 2 bits)
 
 
 @dataclass
@@ -201,6 +202,8 @@ class StudyConfig(StudyBase):
         return spec if spec else self.attack.eps[len(self.attack.eps) // 2]
 
     def validate(self) -> StudyConfig:
+        if self.qat.act_range not in ("ema", "learned"):
+            raise ConfigError(f"qat.act_range must be 'ema' or 'learned' (LSQ+ ranges), got '{self.qat.act_range}'")
         if not self.seeds:
             raise ConfigError("seeds is empty; give at least one, e.g. seeds=[0]")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -626,13 +629,13 @@ class SQStudy(SeedStudy):
         self.models["fp32"] = _Deployed(fp)
         bits = cfg.qat_bits
         torch.manual_seed(self.seed)
-        q = quantize(fp, QuantConfig(weight_bits=bits, act_bits=bits))
+        q = quantize(fp, QuantConfig(weight_bits=bits, act_bits=bits, act_range=cfg.qat.act_range))
         q, q_res = self._fit(
             f"qat{bits}",
             q,
             CrossEntropy(),
             self._train_section(cfg.qat.epochs, cfg.qat.lr, 0.0),
-            {"bits": bits},
+            {"bits": bits, **({} if cfg.qat.act_range == "ema" else {"act_range": cfg.qat.act_range})},
             self._eval_det,
         )
         self.models[f"qat{bits}"] = _Deployed(q)
