@@ -290,3 +290,23 @@ def test_learned_ranges_are_trained_by_the_model_optimizer_and_export_to_int8(sy
 def test_unknown_act_range_is_a_clear_error():
     with pytest.raises(ConfigError, match="act_range"):
         QuantConfig(4, 4, act_range="minmax")
+
+
+@pytest.mark.parametrize("levels", [3, 15, 127, 255])
+def test_fast_activation_fake_quant_is_bit_identical_to_torch_with_the_same_gradient(levels):
+    from qrobust.quant.fake import fake_quantize_activation
+
+    torch.manual_seed(levels)
+    x = (torch.rand(4, 8, 6, 6) * 8 - 2).to(memory_format=torch.channels_last)
+    scale = torch.tensor([7.0 / levels])
+    zero_point = torch.tensor([round(2.0 / scale.item())], dtype=torch.int32)
+    x[0, 0, 0, :3] = torch.tensor([-2.0 + 0.5 * scale.item(), 0.0, 5.0])  # a tie, zero, the clip edge
+    ours = fake_quantize_activation(x, scale, zero_point, levels)
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, levels)
+    assert torch.equal(ours, ref)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    (fake_quantize_activation(a, scale, zero_point, levels) * g).sum().backward()
+    (torch.fake_quantize_per_tensor_affine(b, scale, zero_point, 0, levels) * g).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    assert (a.grad == 0).any() and (a.grad != 0).any()  # some values clipped, some not
