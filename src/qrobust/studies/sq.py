@@ -981,6 +981,13 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
              "quote the worst case."
              if masking else "**Gradient-masking check**: neither BPDA nor the black-box Square Attack beats PGD by "
              "more than 2 points on any model: no sign that PGD's gradients are masked by the quantizers.")
+    fp = ev["fp32"]["robust"]
+    square_strength = [(_m(fp["square"][spec]), _m(fp["pgd"][spec])) for spec in a.eps]
+    if not any(math.isnan(q) for q, _ in square_strength):
+        check += (" How strong the black-box check is: on the float model (no masking possible) Square leaves "
+                  + ", ".join(f"{100 * q:.1f}% vs PGD's {100 * g:.1f}%" for q, g in square_strength)
+                  + f" (eps {', '.join(a.eps)}), so it can only reveal masking that PGD's number overstates by more "
+                  "than that gap.")
     lines += [
         "",
         check,
