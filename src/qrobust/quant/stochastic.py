@@ -380,14 +380,15 @@ def ensemble_forward(
     ``max_rows`` bounds the rows of one pass for a model in eval mode: a batch with ``N * B > max_rows``
     runs as sub-batches of ``max_rows // N`` images, each one batched pass over all ``N`` draws (the same
     law: draws are independent per element and an eval-mode network treats rows independently). On a
-    CPU one pass over ``N * B`` rows spills the caches (a 16-draw ensemble of the convnet at batch 256
-    took 26x a single forward in one pass, 15x in passes of 1024 rows). ``"auto"`` = 1024 rows on a
-    CPU, no limit on a GPU; ``None`` = no limit. A model in train mode is never split (BatchNorm).
+    CPU one pass over ``N * B`` rows spills the caches: a 16-draw ensemble of the convnet (SQ after its
+    first block) at batch 256 took 26-37x a single batch-256 forward in one pass, 15x in passes of 256
+    to 1024 rows and 9-10x in passes of 128 rows (2 threads, this project's CPU). ``"auto"`` = 128 rows
+    on a CPU, no limit on a GPU; ``None`` = no limit. A model in train mode is never split (BatchNorm).
     """
     n = check_num_draws(n_draws)
     batch = x.shape[0]
     if max_rows == "auto":
-        max_rows = 1024 if x.device.type == "cpu" else None
+        max_rows = 128 if x.device.type == "cpu" else None
     if max_rows is not None and not model.training and batch > 1 and n * batch > max_rows:
         size = max(1, int(max_rows) // n)
         parts = [ensemble_forward(model, chunk, n, share_prefix=share_prefix, max_rows=None) for chunk in x.split(size)]
