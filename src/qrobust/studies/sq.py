@@ -846,7 +846,8 @@ class SQStudy(SeedStudy):
         return out
 
     def ablation(self) -> dict:
-        """Clean accuracy, MI and PGD / EOT-PGD robust accuracy of every ablation variant at one eps."""
+        """Clean accuracy, MI and robust accuracy (PGD, EOT-PGD and the masking checks BPDA / Square) of every
+        ablation variant at one eps."""
         a = self.cfg.attack
         spec = self.cfg.middle_eps(self.cfg.ablation.eps, "ablation.eps")
         eps = _eps(spec, a.norm, "ablation.eps")
@@ -857,7 +858,8 @@ class SQStudy(SeedStudy):
             ok, mi = ensemble_stats(model.raw, x, y, model.net.n_draws, a.batch_size)
             clean = correct_on_all_draws(model.net, x, y, a.draws, a.batch_size)
             row = {"clean_acc": ok.float().mean().item(), "clean_mi": mi.mean().item()}
-            for attack in ("pgd", "eot-pgd"):
+            checks = ["bpda"] + (["square"] if a.norm == "linf" and a.square_queries > 0 else [])
+            for attack in ("pgd", "eot-pgd", *checks):
                 x_adv = self._attack(model, attack, eps)
                 row[attack] = (
                     (clean & correct_on_all_draws(model.net, x_adv, y, a.draws, a.batch_size))
@@ -1048,13 +1050,17 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
             "",
             f"## Ablations (SQ + MI, one setting changed; eps={ab['eps']})",
             "",
-            "| variant | clean acc | clean MI | PGD | EOT-PGD |",
-            "|---|---|---|---|---|",
+            "| variant | clean acc | clean MI | PGD | EOT-PGD | BPDA | Square | worst case |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in ab["rows"].items():
+            robust = [r[k] for k in ("pgd", "eot-pgd", "bpda", "square") if k in r]
+            worst = min(v for v in (_m(c) for c in robust) if not math.isnan(v))
             lines.append(
                 f"| {name} | {_fmt(r['clean_acc'], seeds)} | {_fmt(r['clean_mi'], seeds, False)} | "
-                f"{_fmt(r['pgd'], seeds)} | {_fmt(r['eot-pgd'], seeds)} |"
+                f"{_fmt(r['pgd'], seeds)} | {_fmt(r['eot-pgd'], seeds)} | "
+                f"{_fmt(r['bpda'], seeds) if 'bpda' in r else 'n/a'} | "
+                f"{_fmt(r['square'], seeds) if 'square' in r else 'n/a'} | **{100 * worst:.1f}** |"
             )
     lines += ["", "## Reading", "", _reading(cfg, agg), ""]
     return "\n".join(lines)
