@@ -47,6 +47,19 @@ class TrainSection:
     eval_batch_size: int = 1024
 
 
+ACT_RANGES = ("ema", "learned")
+
+
+def check_act_range(value: Any, key: str = "act_range") -> str:
+    """Validate an activation-range mode (``QuantConfig.act_range``, ``quant.act_range``, ``qat.act_range``)."""
+    if value not in ACT_RANGES:
+        raise ConfigError(
+            f"{key} '{value}' is unknown; use 'ema' (EMA min/max ranges) or 'learned' "
+            "(ranges learned by gradient descent, LSQ+; better at 2-4 bits)"
+        )
+    return value
+
+
 @dataclass
 class QuantSection:
     bits: int = 32  # 32 = float; 2..8 = QAT at that weight bit width
@@ -70,6 +83,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> RunConfig:
+        check_act_range(self.quant.act_range, "quant.act_range")
         t = self.train
         checks = [
             (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
@@ -86,8 +100,6 @@ class RunConfig:
              f"quant.act_bits must be 0 (same as bits) or 2..8, got {self.quant.act_bits}"),
             (self.quant.first_last_bits == 0 or 2 <= self.quant.first_last_bits <= 8,
              f"quant.first_last_bits must be 0 (no exception) or 2..8, got {self.quant.first_last_bits}"),
-            (self.quant.act_range in ("ema", "learned"),
-             f"quant.act_range must be 'ema' or 'learned', got '{self.quant.act_range}'"),
             (self.quant.backend in ("server", "mobile"),
              f"quant.backend '{self.quant.backend}' is unknown; use 'server' (x86) or 'mobile' (ARM)"),
         ]

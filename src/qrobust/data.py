@@ -217,10 +217,7 @@ class TensorLoader:
         self.x, self.y, self.batch_size = x, y.to(x.device), batch_size
         self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
 
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ConfigError(f"set_epoch needs a whole number >= 0, got {epoch!r}")
-        self.epoch = epoch
+    set_epoch = BatchLoader.set_epoch  # the same checked setter
 
     def __len__(self) -> int:
         n = len(self.x)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrobust.config import check_act_range
 from qrobust.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -64,11 +65,7 @@ class QuantConfig:
             raise ConfigError(f"quantization backend '{self.backend}' is unknown; use 'server' (x86) or 'mobile' (ARM)")
         if not 0.0 < self.ema_momentum <= 1.0:
             raise ConfigError(f"ema_momentum must be in (0, 1], got {self.ema_momentum}")
-        if self.act_range not in ("ema", "learned"):
-            raise ConfigError(
-                f"act_range '{self.act_range}' is unknown; use 'ema' (EMA min/max ranges) or 'learned' "
-                "(ranges learned by gradient descent, LSQ+; better at 2-4 bits)"
-            )
+        check_act_range(self.act_range)
 
     @property
     def reduce_range(self) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 
 from qrobust.config import load_dataclass_config, preset_path
 from qrobust.runs import RunDir, atomic_write_bytes, environment
-from qrobust.train.loop import fit
+from qrobust.train.loop import fit, resolve_device
 
 PRESETS = ("quick", "full", "paper")
 
@@ -69,6 +69,12 @@ def study_toml(cfg: StudyBase) -> dict:
     return out
 
 
+def act_range_tag(act_range: str) -> dict:
+    """What a QAT stage's run folder records about activation ranges: nothing for the default ``ema``,
+    so folders written before the setting existed stay valid."""
+    return {} if act_range == "ema" else {"act_range": act_range}
+
+
 def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
     """Apply ``threads`` and open (or resume) the study's top-level run folder ``out_root/name``."""
     if cfg.threads > 0:
@@ -85,12 +91,12 @@ class SeedStudy:
     """What every per-seed study class shares: stage JSON files in ``root`` and one run folder per
     trained model (``root/models/<stage>``) whose stored config says what was trained."""
 
-    cfg: Any
-    root: Path
-    seed: int
-    device: torch.device
-    progress: bool
-    timings: dict[str, float]  # seconds per stage in this call
+    def __init__(self, cfg: Any, root: str | Path, seed: int):
+        self.cfg, self.root, self.seed = cfg, Path(root), seed
+        self.device = resolve_device(cfg.device)
+        self.progress = cfg.progress
+        self.models: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}  # seconds per stage in this call
 
     def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         """Run a stage; its seconds add up in ``timings.json`` over calls (a resumed stage adds little)."""

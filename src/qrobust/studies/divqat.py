@@ -69,7 +69,6 @@ from qrobust.studies.common import (
 
 # generic config plumbing shared with the QADT-R study (TOML + key=value overrides into dataclasses)
 from qrobust.train.divqat import DivQATLoss, check_divqat_accuracy, mean_kl_to_float
-from qrobust.train.loop import resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 
 ATTACKS = ("knockoff", "knockoff-hard", "dfme", "maze", "noise")
@@ -317,12 +316,8 @@ class DivQATStudy(SeedStudy):
     """One seed of the study in ``root``; :meth:`run` does every stage not done yet."""
 
     def __init__(self, cfg: StudyConfig, root: Path, seed: int):
-        self.cfg, self.root, self.seed = cfg, Path(root), seed
-        self.device = resolve_device(cfg.device)
-        self.progress = cfg.progress
+        super().__init__(cfg, root, seed)
         self.data = _Data(cfg, seed, self.device)
-        self.models: dict[str, nn.Module] = {}
-        self.timings: dict[str, float] = {}
 
     # ---------------------------------------------------------------- helpers
     def _acc(self, model: nn.Module) -> float:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from qrobust import data as datasets
 from qrobust.attacks.patch import PatchConfig, apply_patch, patch_transfer_matrix, train_patch
-from qrobust.config import TrainSection
+from qrobust.config import TrainSection, check_act_range
 from qrobust.defenses.patch_training import (
     DWQ,
     PBAT,
@@ -65,12 +65,12 @@ from qrobust.studies.common import (
     PRESETS,
     SeedStudy,
     StudyBase,
+    act_range_tag,
     aggregate_seeds,
     load_study,
     open_study,
     study_preset,
 )
-from qrobust.train.loop import resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 
 # --------------------------------------------------------------------------------------------------
@@ -175,8 +175,7 @@ class StudyConfig(StudyBase):
     analysis: AnalysisCfg = field(default_factory=AnalysisCfg)
 
     def validate(self) -> StudyConfig:
-        if self.qat.act_range not in ("ema", "learned"):
-            raise ConfigError(f"qat.act_range must be 'ema' or 'learned' (LSQ+ ranges), got '{self.qat.act_range}'")
+        check_act_range(self.qat.act_range, "qat.act_range")
         unknown = [n for n in self.defense.names if n not in DEFENSES]
         if unknown:
             raise ConfigError(f"unknown defense(s) {unknown} in defense.names; choose from: {', '.join(DEFENSES)}")
@@ -259,12 +258,6 @@ def build_float_model(cfg: StudyConfig, info: datasets.DatasetInfo) -> nn.Module
 def qat_model(float_model: nn.Module, bits: int, act_range: str = "ema") -> nn.Module:
     """The QAT twin at ``bits`` (weights and activations; first/last layers kept at 8, the default)."""
     return quantize(float_model, QuantConfig(weight_bits=bits, act_bits=bits, act_range=act_range))
-
-
-def _range_tag(act_range: str) -> dict:
-    """What a stage's run folder records about activation ranges (nothing for the default, so folders
-    written before the setting existed stay valid)."""
-    return {} if act_range == "ema" else {"act_range": act_range}
 
 
 @dataclass(frozen=True)
@@ -356,12 +349,8 @@ class QADTRStudy(SeedStudy):
     """One seed of the study in ``root``; :meth:`run` does every stage not done yet."""
 
     def __init__(self, cfg: StudyConfig, root: Path, seed: int):
-        self.cfg, self.root, self.seed = cfg, Path(root), seed
-        self.device = resolve_device(cfg.device)
-        self.progress = cfg.progress
+        super().__init__(cfg, root, seed)
         self.data = _Data(cfg, self.device)
-        self.timings: dict[str, float] = {}
-        self.models: dict[str, nn.Module] = {}
 
     # ---------------------------------------------------------------- helpers
     def _acc(self, model: nn.Module) -> float:
@@ -399,7 +388,7 @@ class QADTRStudy(SeedStudy):
         for bits in cfg.qat.bits:
             q = qat_model(self.models["32"], bits, cfg.qat.act_range)
             self.models[str(bits)] = self._fit(f"qat{bits}", q, CrossEntropy(), qat_train, bits,
-                                               _range_tag(cfg.qat.act_range)).eval()
+                                               act_range_tag(cfg.qat.act_range)).eval()
 
     def train_defenses(self) -> dict[str, nn.Module]:
         cfg, d = self.cfg, self.cfg.defense
@@ -416,7 +405,7 @@ class QADTRStudy(SeedStudy):
                 make_switchable_bn(model, d.bit_widths)
             objective = spec.make(cfg, self.seed)
             defended[name] = self._fit(f"defense-{name}", model, objective, train, d.train_bits,
-                                       {"switchable_bn": sbn, **_range_tag(cfg.qat.act_range)}).eval()
+                                       {"switchable_bn": sbn, **act_range_tag(cfg.qat.act_range)}).eval()
         return defended
 
     # ---------------------------------------------------------------- stage 2: Table 1

@@ -68,12 +68,12 @@ from tqdm.auto import tqdm
 from qrobust import data as datasets
 from qrobust.attacks.blackbox import square_attack
 from qrobust.attacks.whitebox import GradientMaskingWarning, fgsm, parse_eps, pgd
-from qrobust.config import TrainSection
+from qrobust.config import TrainSection, check_act_range
 from qrobust.defenses.detection import MIDetector, auroc, information_plane
 from qrobust.errors import ConfigError
 from qrobust.metrics import as_float_images
 from qrobust.models import model_for_data
-from qrobust.quant import ActQuant, QuantConfig, QuantConv2d, QuantLinear, quantize, set_quantization_enabled
+from qrobust.quant import QuantConfig, is_quantized, quantize, set_quantization_enabled
 from qrobust.quant.stochastic import (
     EnsembleSQ,
     SQConfig,
@@ -83,18 +83,19 @@ from qrobust.quant.stochastic import (
     ensemble_forward,
     ensemble_log_probs,
     insert_stochastic_quantizers,
+    stochastic_quantizers,
 )
 from qrobust.runs import environment
 from qrobust.studies.common import (
     PRESETS,
     SeedStudy,
     StudyBase,
+    act_range_tag,
     aggregate_seeds,
     load_study,
     open_study,
     study_preset,
 )
-from qrobust.train.loop import resolve_device
 from qrobust.train.objectives import CrossEntropy, Objective
 from qrobust.train.sq_objective import MIEnsembleLoss
 
@@ -202,8 +203,7 @@ class StudyConfig(StudyBase):
         return spec if spec else self.attack.eps[len(self.attack.eps) // 2]
 
     def validate(self) -> StudyConfig:
-        if self.qat.act_range not in ("ema", "learned"):
-            raise ConfigError(f"qat.act_range must be 'ema' or 'learned' (LSQ+ ranges), got '{self.qat.act_range}'")
+        check_act_range(self.qat.act_range, "qat.act_range")
         if not self.seeds:
             raise ConfigError("seeds is empty; give at least one, e.g. seeds=[0]")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -516,8 +516,7 @@ class _Data:
 
 
 def _has_quantizers(model: nn.Module) -> bool:
-    kinds = (ActQuant, QuantConv2d, QuantLinear, StochasticQuantizer)
-    return any(isinstance(m, kinds) for m in model.modules())
+    return is_quantized(model) or next(stochastic_quantizers(model), None) is not None
 
 
 def float_twin(model: nn.Module) -> nn.Module:
@@ -550,12 +549,8 @@ class SQStudy(SeedStudy):
     """One seed of the study in ``root``; :meth:`run` does every stage not done yet."""
 
     def __init__(self, cfg: StudyConfig, root: Path, seed: int):
-        self.cfg, self.root, self.seed = cfg, Path(root), seed
-        self.device = resolve_device(cfg.device)
-        self.progress = cfg.progress
+        super().__init__(cfg, root, seed)
         self.data = _Data(cfg, self.device)
-        self.models: dict[str, _Deployed] = {}
-        self.stage_seconds: dict[str, float] = {}
         self._transfer: dict[str, Tensor] = {}
 
     # ---------------------------------------------------------------- helpers
@@ -566,10 +561,10 @@ class SQStudy(SeedStudy):
             return done
         t0 = time.perf_counter()
         out = fn()
-        self.stage_seconds[name] = time.perf_counter() - t0
+        self.timings[name] = time.perf_counter() - t0
         self._write_json(f"{name}.json", out)
         total = self._json("timings.json") or {}
-        total[name] = self.stage_seconds[name]
+        total[name] = self.timings[name]
         self._write_json("timings.json", total)
         return out
 
@@ -635,7 +630,7 @@ class SQStudy(SeedStudy):
             q,
             CrossEntropy(),
             self._train_section(cfg.qat.epochs, cfg.qat.lr, 0.0),
-            {"bits": bits, **({} if cfg.qat.act_range == "ema" else {"act_range": cfg.qat.act_range})},
+            {"bits": bits, **act_range_tag(cfg.qat.act_range)},
             self._eval_det,
         )
         self.models[f"qat{bits}"] = _Deployed(q)
@@ -884,7 +879,7 @@ class SQStudy(SeedStudy):
             result["adaptive"] = self._stage("adaptive", self.adaptive)
         if self.cfg.ablation_variants():
             result["ablation"] = self._stage("ablation", self.ablation)
-        result["stage_seconds_this_call"] = self.stage_seconds
+        result["stage_seconds_this_call"] = self.timings
         result["stage_seconds_total"] = self._json("timings.json") or {}
         result["wall_seconds_this_call"] = time.perf_counter() - t0
         self._write_json("results.json", result)
