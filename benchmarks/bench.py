@@ -17,7 +17,10 @@ Ratios, not absolute times, are the contract (they transfer across machines bett
   forward of the same network (batched; well under 16 is the goal), SQ at the input (as the study
   deploys it: every draw runs the whole network, so nothing can be shared); and
   ``sq_ensemble16_over_single_forward_hidden_sq`` with the SQ after the first block only (the first
-  block runs once for all draws).
+  block runs once for all draws); ``sq_ensemble16_over_loop16`` (the batched ensemble over a Python loop
+  of 16 forwards at batch 256: what batching buys once the CPU is busy, ~1) and
+  ``sq_ensemble16_over_single_forward_batch1`` (the same ratio for one image, as an edge device serves
+  queries: there per-call overhead dominates and batching the draws pays).
 
 Writes ``bench.json`` and prints a table. Usage: ``python benchmarks/bench.py [--quick]``.
 """
@@ -157,7 +160,7 @@ def bench_attacks(min_seconds: float) -> dict:
         sq_model = insert_stochastic_quantizers(default_model(), after=[], at_input=True, num_bins=4).eval()
         with torch.no_grad():
             single = timeit(lambda: sq_model(x), min_seconds)
-            ensemble = timeit(lambda: ensemble_forward(sq_model, x, 16), min_seconds, warmup=1)
+            ensemble = ensemble_seconds = timeit(lambda: ensemble_forward(sq_model, x, 16), min_seconds, warmup=1)
         out["sq_ensemble16_over_single_forward"] = ensemble / single
         # The same with the SQ after the first block only: the first block runs once for all 16 draws.
         hidden = insert_stochastic_quantizers(default_model(), after=["body.0"], num_bins=4).eval()
@@ -165,6 +168,15 @@ def bench_attacks(min_seconds: float) -> dict:
             single = timeit(lambda: hidden(x), min_seconds)
             ensemble = timeit(lambda: ensemble_forward(hidden, x, 16), min_seconds, warmup=1)
         out["sq_ensemble16_over_single_forward_hidden_sq"] = ensemble / single
+        # What batching buys: the batched ensemble over a Python loop of 16 single forwards, at batch 256
+        # (compute-bound: ~1) and at batch 1 (one image per query, as an edge device serves: overhead-bound).
+        with torch.no_grad():
+            loop = timeit(lambda: [sq_model(x) for _ in range(16)], min_seconds, warmup=1)
+            out["sq_ensemble16_over_loop16"] = ensemble_seconds / loop
+            one = x[:1]
+            single1 = timeit(lambda: sq_model(one), min_seconds)
+            out["sq_ensemble16_over_single_forward_batch1"] = (
+                timeit(lambda: ensemble_forward(sq_model, one, 16), min_seconds, warmup=1) / single1)
     except ImportError:
         pass
     return out

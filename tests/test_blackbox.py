@@ -76,3 +76,50 @@ def test_square_bad_input_is_a_clear_error():
 def test_square_is_registered():
     load_builtin_components()
     assert ATTACKS.get("square") is square_attack
+
+
+class NoisyLinear(nn.Module):
+    """A linear classifier whose logits carry large Gaussian noise from the global RNG (a randomised
+    model): a single query's margin says little about the input."""
+
+    def __init__(self, weight: torch.Tensor, noise: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.noise = noise
+        self.rows = 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        logits = x.flatten(1) @ self.weight.T
+        return logits + self.noise * torch.randn_like(logits)
+
+
+def test_common_noise_makes_square_work_on_a_randomised_model():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 64, generator=g)
+    x = torch.rand(128, 1, 8, 8, generator=g)
+    y = (x.flatten(1) @ weight.T).argmax(1)
+    model = NoisyLinear(weight, noise=1.0)
+    eps = 0.1
+
+    def clean_model_acc(x_adv):  # judged on the noise-free logits
+        return ((x_adv.flatten(1) @ weight.T).argmax(1) == y).float().mean().item()
+
+    torch.manual_seed(0)
+    plain = square_attack(model, x, y, eps, queries=400, generator=torch.Generator().manual_seed(1))
+    model.rows = 0
+    paired = square_attack(model, x, y, eps, queries=400, common_noise=True,
+                           generator=torch.Generator().manual_seed(1))
+    assert model.rows <= 400 * len(x)  # two queries per step, the budget still holds
+    assert (paired - x).abs().max() <= eps + 1e-6 and paired.min() >= 0 and paired.max() <= 1
+    acc_plain, acc_paired = clean_model_acc(plain), clean_model_acc(paired)
+    assert acc_plain > 0.8 and acc_paired < acc_plain - 0.5, (acc_paired, acc_plain)  # measured 0.94 vs 0.16
+
+
+def test_common_noise_leaves_the_callers_rng_alone():
+    model, x, y = _problem(n=8)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    square_attack(model, x, y, 0.1, queries=20, common_noise=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.rand(3), expected)

@@ -145,6 +145,8 @@ def test_calibrated_ranges_cover_the_activations():
     ("attack.eps=['l2:0.5']", "l2 budget"),
     ("attack.eot=0", "attack.eot"),
     ("attack.square_queries=-1", "square_queries"),
+    ("attack.square_p_init=0", "square_p_init"),
+    ("attack.square_p_init=1.5", "square_p_init"),
     ("qat.act_range=minmax", "act_range"),
     ("ablation.num_bins=[1]", "num_bins >= 2"),
     ("ablation.tau=[-1.0]", "tau"),

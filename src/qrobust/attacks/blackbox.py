@@ -14,6 +14,18 @@ choice, ``||x_adv - x||_inf <= eps``, ``x_adv`` in [0, 1]. Algorithm (L-inf, unt
               sign per channel; in the window the perturbation is set to +-eps; accept the candidate
               for an image if its margin decreases; stop an image once it is fooled.
 
+Randomised models (``common_noise=True``): the margin of a random model is noisy, and accepting a
+candidate because *its* noise was lucky turns the random search into a random walk (on our 2-bin SQ
+ensemble, Square left clean accuracy intact while PGD took 20 points off). With common random numbers
+each step evaluates the current point and the candidate under the *same* model randomness (the global
+RNG re-seeded for both forwards, a fresh seed per step), so the comparison is paired and the noise
+largely cancels: the standard variance-reduction device for comparing two random systems. A step then
+costs two queries, and an image stops once it has been misclassified in ``stop_after`` (default 10)
+consecutive steps (one lucky draw is not a success). On a linear model with N(0, 1) logit noise
+(tests/test_blackbox.py) plain Square left 95% of the images correctly classified and paired Square 16%;
+stopping after 3 misclassified steps instead of 10 left 62%. The model must draw its randomness from the global RNG of
+its device (``torch.rand`` & co., as :class:`~qrobust.quant.stochastic.StochasticQuantizer` does).
+
 ``p_t`` follows the paper's schedule (``p_init`` halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000
 and 8000 of 10000 iterations, rescaled to ``queries``). Every image in the batch gets its own window
 and signs in one batched forward per step: no per-image Python loop. One query = one forward of one
@@ -66,16 +78,21 @@ def square_attack(
     queries: int = 1000,
     p_init: float = 0.05,
     draws: int = 1,
+    common_noise: bool = False,
+    stop_after: int = 10,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Square Attack (L-inf, untargeted, margin loss); see the module docstring. ``draws`` averages the
-    margin over that many forward passes per query (for randomised models; each costs a query)."""
+    margin over that many forward passes per query (for randomised models; each costs a query);
+    ``common_noise`` compares candidate and current point under the same model randomness (randomised
+    models; two queries per step), ``stop_after`` consecutive misclassified steps end an image then."""
     if norm != "linf":
         raise ConfigError(f"square_attack implements the L-inf attack only, got norm={norm!r}; use norm='linf'")
     eps = _budget(eps, "linf")
     _check_inputs(x, y)
     queries = _check_int("queries", queries, 1)
     draws = _check_int("draws", draws, 1)
+    stop_after = _check_int("stop_after", stop_after, 1)
     if not 0 < p_init <= 1:
         raise ConfigError(f"p_init (share of the image a square covers at first) must be in (0, 1], got {p_init}")
     x = x.detach()
@@ -87,14 +104,29 @@ def square_attack(
         return bits * 2 - 1
 
     x_adv = (x + eps * rand_sign(n, c, 1, w)).clamp(0, 1)
-    best = _scores(model, x_adv, y, draws)
     rows = torch.arange(h, device=x.device).view(1, 1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
-    for t in range(1, queries):
-        active = (best >= 0).nonzero().squeeze(1)
+    if common_noise:
+        seeds = torch.randint(0, 2**62, (queries,), generator=generator, device=gen_device).tolist()
+        rng_devices = [x.device] if x.device.type == "cuda" else []
+
+        def paired(t: int, xs: Tensor, ys: Tensor) -> Tensor:
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(seeds[t])
+                return _scores(model, xs, ys, draws)
+
+        streak = torch.zeros(n, dtype=torch.long, device=x.device)
+        steps = max(1, (queries - 1) // 2)  # the init query, then two per step
+        best = paired(0, x_adv, y)
+        streak += best < 0
+    else:
+        steps = queries
+        best = _scores(model, x_adv, y, draws)
+    for t in range(1, steps):
+        active = ((streak < stop_after) if common_noise else (best >= 0)).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        side = max(1, min(h, w, round((_p_at(p_init, t, queries) * h * w) ** 0.5)))
+        side = max(1, min(h, w, round((_p_at(p_init, t, steps) * h * w) ** 0.5)))
         m = active.numel()
         top = torch.randint(0, h - side + 1, (m,), generator=generator, device=gen_device).to(x.device)
         left = torch.randint(0, w - side + 1, (m,), generator=generator, device=gen_device).to(x.device)
@@ -103,6 +135,14 @@ def square_attack(
         xa, x0 = x_adv[active], x[active]
         target = (x0 + eps * rand_sign(m, c, 1, 1)).clamp(0, 1)
         candidate = torch.where(window, target, xa)
+        if common_noise:
+            current = paired(t, xa, y[active])
+            score = paired(t, candidate, y[active])
+            better = score < current
+            now = torch.where(better, score, current)
+            streak[active] = torch.where(now < 0, streak[active] + 1, torch.zeros_like(streak[active]))
+            x_adv[active[better]] = candidate[better]
+            continue
         score = _scores(model, candidate, y[active], draws)
         better = score < best[active]
         x_adv[active[better]] = candidate[better]

@@ -169,7 +169,8 @@ class AttackCfg:
     adaptive: bool = True  # adaptive attack on the detector (sq-mi only)
     adaptive_eps: str = ""  # eps of the adaptive attack; empty = the middle one of `eps`
     adaptive_lambda: float = 1.0  # weight of the MI term in the adaptive attacker's loss
-    square_queries: int = 300  # Square Attack (black-box, L-inf only) queries per image; 0 = off
+    square_queries: int = 1000  # Square Attack (black-box, L-inf only) queries per image; 0 = off
+    square_p_init: float = 0.8  # share of the image Square's first windows cover (the Square paper's MNIST value)
 
 
 @dataclass
@@ -237,6 +238,9 @@ class StudyConfig(StudyBase):
             _draws(getattr(self.attack, key), f"attack.{key}")
         if self.attack.square_queries < 0:
             raise ConfigError(f"attack.square_queries must be >= 0 (0 = no Square Attack), got {self.attack.square_queries}")
+        if not 0 < self.attack.square_p_init <= 1:
+            raise ConfigError("attack.square_p_init (share of the image Square's first windows cover) must be in "
+                              f"(0, 1], got {self.attack.square_p_init}; 0.8 suits 28x28 images, 0.05 CIFAR-10")
         if self.qat.bits and not 2 <= self.qat.bits <= 8:
             raise ConfigError(f"qat.bits must be 2..8 (or 0 = the SQ's resolution), got {self.qat.bits}")
         if not 50.0 < self.sq.percentile <= 100.0:
@@ -675,7 +679,9 @@ class SQStudy(SeedStudy):
             fn, kwargs = pgd, {"steps": a.steps, "generator": gen}
         if attack == "square":
             return _batched_attack(
-                lambda xb, yb, check, **k: square_attack(model.net, xb, yb, eps, queries=a.square_queries, **k),
+                lambda xb, yb, check, **k: square_attack(model.net, xb, yb, eps, queries=a.square_queries,
+                                                           p_init=a.square_p_init,
+                                                           common_noise=model.randomised, **k),
                 x, y, a.batch_size, generator=gen,
             )
         if attack == "bpda":
@@ -941,7 +947,9 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
         f"N-draw ensemble per step); EOT-PGD (the same averaged over {a.eot} ensembles = {a.eot * s.n_draws} "
         f"draws per step); transfer = PGD made on the float model; BPDA = PGD on the model's float twin "
         f"(quantizers off, SQs as identity), evaluated on the model; Square = Square Attack (black-box, "
-        f"{a.square_queries} queries per image, margin of the deployed model's output; no gradients, so "
+        f"{a.square_queries} queries per image, p_init {a.square_p_init:g}, margin of the deployed model's output; "
+        f"on a randomised model each step compares candidate and current point under the same SQ noise "
+        f"(common random numbers, 2 queries per step); no gradients, so "
         f"no gradient masking). Robust = correct clean *and* attacked on "
         f"all {a.draws} independent evaluations of the deployed ensemble (deterministic models: one). "
         f"**worst case** = the lowest robust accuracy over all attacks: the number to quote.",
