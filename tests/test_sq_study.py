@@ -18,6 +18,7 @@ TINY = [
     "fp.epochs=4", "fp.batch_size=32", "fp.lr=0.05", "qat.epochs=1", "sq.epochs=1", "sq.n_draws=2",
     "attack.steps=3", "attack.eot=2", "attack.draws=2", "attack.batch_size=48", "progress=false", "threads=0",
     "name=tiny", "attack.eps=['0.05','0.2']", "ablation.beta=[0.5]", "attack.square_queries=40", "seeds=[0,1]",
+    "attack.apgd_steps=5",
 ]
 MODELS = ["fp32", "qat2", "sq", "sq-mi"]
 
@@ -56,8 +57,9 @@ def test_study_writes_results_tables_and_figures(study):
     for model in MODELS + ["sq-mi-beta0.5"]:
         assert (seed / "models" / model / "checkpoint.pt").is_file(), model
     md = (root / "results.md").read_text()
-    for text in ("Robust accuracy", "EOT-PGD", "transfer", "BPDA", "Square (black-box)", "worst case", "Gradient-masking check", "AUROC",
-                 "Adaptive attack", "Ablations", "| BPDA | Square | worst case |", "Reading"):
+    for text in ("Robust accuracy", "EOT-PGD", "transfer", "BPDA", "Square (black-box)", "worst case", "Attack-strength check", "AUROC",
+                 "Adaptive attack", "Ablations", "| APGD-CE | BPDA | Square | worst case |", "APGD-CE (5 steps",
+                 "Reading"):
         assert text in md, text
 
 
@@ -89,6 +91,8 @@ def test_accuracies_auroc_and_orderings(study):
         assert all(0 <= _m(row[k]) <= 1 for k in ("robust_acc", "adv_acc", "auroc", "detection_rate",
                                                   "undetected_success"))
     assert set(res["ablation"]["rows"]) == {"sq-mi", "sq-mi-beta0.5"}
+    for row in res["ablation"]["rows"].values():
+        assert {"pgd", "eot-pgd", "apgd-ce", "bpda", "square"} <= set(row)
 
 
 def test_resume_reuses_models_and_stages(study, monkeypatch):
@@ -108,6 +112,18 @@ def test_resume_reuses_models_and_stages(study, monkeypatch):
     after = {p.name: p.stat().st_mtime_ns for p in seed.glob("*.json") if p.name not in ("models.json", "results.json")}
     assert after == before
     assert ckpt == {m: (seed / "models" / m / "checkpoint.pt").stat().st_mtime_ns for m in MODELS}
+
+
+def test_a_stage_written_before_an_attack_was_added_is_recomputed(study):
+    seed = study / "tiny" / "seed-0"
+    stale = json.loads((seed / "eval-fp32.json").read_text())
+    for key in ("robust", "adv_acc"):
+        stale[key].pop("apgd-ce")
+    (seed / "eval-fp32.json").write_text(json.dumps(stale))
+    untouched = (seed / "eval-qat2.json").stat().st_mtime_ns
+    assert main(["run", "sq", "--preset", "quick", *TINY, f"out_root={study}"]) == 0
+    fresh = json.loads((seed / "eval-fp32.json").read_text())
+    assert "apgd-ce" in fresh["robust"] and (seed / "eval-qat2.json").stat().st_mtime_ns == untouched
 
 
 def test_robust_accuracy_matches_whitebox_robust_accuracy_for_deterministic_models(study):
@@ -145,6 +161,7 @@ def test_calibrated_ranges_cover_the_activations():
     ("attack.eps=['l2:0.5']", "l2 budget"),
     ("attack.eot=0", "attack.eot"),
     ("attack.square_queries=-1", "square_queries"),
+    ("attack.apgd_steps=-1", "apgd_steps"),
     ("attack.square_p_init=0", "square_p_init"),
     ("attack.square_p_init=1.5", "square_p_init"),
     ("qat.act_range=minmax", "act_range"),
