@@ -104,6 +104,7 @@ ATTACK_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "eot-pgd": "EOT-PGD", "apgd-ce": 
                  "transfer": "transfer (PGD on float)", "bpda": "BPDA (PGD on the float twin)",
                  "square": "Square (black-box)"}
 STRENGTH_CHECKS = ("apgd-ce", "bpda", "square")  # attacks that reveal where fixed-step PGD overstates robustness
+ABLATION_ATTACKS = ("pgd", "eot-pgd", *STRENGTH_CHECKS)  # what the ablation stage runs on every variant
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -174,6 +175,15 @@ class AttackCfg:
     square_queries: int = 1000  # Square Attack (black-box, L-inf only) queries per image; 0 = off
     square_p_init: float = 0.8  # share of the image Square's first windows cover (the Square paper's MNIST value)
     apgd_steps: int = 50  # APGD-CE iterations (step-size-free PGD, Croce & Hein 2020); 0 = off
+
+    def runs(self, attack: str) -> bool:
+        """Whether these settings switch ``attack`` on: APGD-CE needs ``apgd_steps > 0``, Square an L-inf
+        budget and ``square_queries > 0``; the others always run (where the model allows)."""
+        if attack == "apgd-ce":
+            return self.apgd_steps > 0
+        if attack == "square":
+            return self.norm == "linf" and self.square_queries > 0
+        return True
 
 
 @dataclass
@@ -730,9 +740,8 @@ class SQStudy(SeedStudy):
             "adv_acc": {},
         }
         has_twin = _has_quantizers(model.raw if model.randomised else model.net)
-        run_square = a.norm == "linf" and a.square_queries > 0
-        attacks = [k for k in ATTACKS if (k != "eot-pgd" or model.randomised) and (k != "bpda" or has_twin)
-                   and (k != "square" or run_square) and (k != "apgd-ce" or a.apgd_steps > 0)]
+        attacks = [k for k in ATTACKS if a.runs(k) and (k != "eot-pgd" or model.randomised)
+                   and (k != "bpda" or has_twin)]
         cache: dict[str, dict[float, Tensor]] = {k: {} for k in attacks}
         n_draws = None
         if model.randomised:
@@ -793,7 +802,7 @@ class SQStudy(SeedStudy):
                     batch_size=a.batch_size,
                 )
                 out["aip"][attack] = rows
-        for off in [k for k in ("square", "apgd-ce") if k not in attacks]:  # switched off (Square: or L2): n/a
+        for off in [k for k in ATTACKS if not a.runs(k)]:  # switched off (Square: or an L2 budget): n/a
             out["robust"][off] = {spec: float("nan") for spec in a.eps}
             out["adv_acc"][off] = {spec: float("nan") for spec in a.eps}
             if model.randomised:
@@ -867,9 +876,7 @@ class SQStudy(SeedStudy):
             ok, mi = ensemble_stats(model.raw, x, y, model.net.n_draws, a.batch_size)
             clean = correct_on_all_draws(model.net, x, y, a.draws, a.batch_size)
             row = {"clean_acc": ok.float().mean().item(), "clean_mi": mi.mean().item()}
-            checks = (["apgd-ce"] if a.apgd_steps > 0 else []) + ["bpda"] + (
-                ["square"] if a.norm == "linf" and a.square_queries > 0 else [])
-            for attack in ("pgd", "eot-pgd", *checks):
+            for attack in [k for k in ABLATION_ATTACKS if a.runs(k)]:
                 x_adv = self._attack(model, attack, eps)
                 row[attack] = (
                     (clean & correct_on_all_draws(model.net, x_adv, y, a.draws, a.batch_size))
@@ -894,7 +901,7 @@ class SQStudy(SeedStudy):
         if self.cfg.attack.adaptive:
             result["adaptive"] = self._stage("adaptive", self.adaptive)
         if self.cfg.ablation_variants():
-            wanted = {"apgd-ce"} if self.cfg.attack.apgd_steps > 0 else set()
+            wanted = {k for k in ABLATION_ATTACKS if self.cfg.attack.runs(k)}
             result["ablation"] = self._stage("ablation", self.ablation,
                                              lambda done: all(wanted <= set(r) for r in done["rows"].values()))
         result["stage_seconds_this_call"] = self.timings
@@ -1071,10 +1078,10 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in ab["rows"].items():
-            robust = [r[k] for k in ("pgd", "eot-pgd", "apgd-ce", "bpda", "square") if k in r]
+            robust = [r[k] for k in ABLATION_ATTACKS if k in r]
             worst = min(v for v in (_m(c) for c in robust) if not math.isnan(v))
             cells = " | ".join(_fmt(r[k], seeds) if k in r else "n/a"
-                               for k in ("pgd", "eot-pgd", "apgd-ce", "bpda", "square"))
+                               for k in ABLATION_ATTACKS)
             lines.append(f"| {name} | {_fmt(r['clean_acc'], seeds)} | {_fmt(r['clean_mi'], seeds, False)} | "
                          f"{cells} | **{100 * worst:.1f}** |")
     lines += ["", "## Reading", "", _reading(cfg, agg), ""]
