@@ -6,7 +6,16 @@ import torch.nn.functional as F
 
 from qrobust.errors import ConfigError
 from qrobust.models import build_model
-from qrobust.quant import ActQuant, QuantConfig, QuantConv2d, get_bit_width, quantize, set_bit_width
+from qrobust.quant import (
+    ActQuant,
+    QuantConfig,
+    QuantConv2d,
+    QuantPoint,
+    calibrate,
+    get_bit_width,
+    quantize,
+    set_bit_width,
+)
 from qrobust.quant.deploy import export_int8, twin_agreement
 from qrobust.quant.fake import fake_quantize_weight, weight_int_repr
 
@@ -106,11 +115,67 @@ def test_set_bit_width_changes_body_but_keeps_first_and_last_at_8_bits():
     assert get_bit_width(qmodel) == 2
     assert qmodel.body[0].conv.bits == 8 and qmodel.body[4].fc.bits == 8
     assert qmodel.body[1].conv.bits == 2
-    assert all(m.bits == 2 for m in qmodel.modules() if isinstance(m, ActQuant))
+    roles = {m.role: [] for m in qmodel.modules() if isinstance(m, ActQuant)}
+    for m in qmodel.modules():
+        if isinstance(m, ActQuant):
+            roles[m.role].append(m.bits)
+    assert roles == {"input": [8], "body": [2, 2, 2], "logits": [8]}  # the edges stay at 8 bits
+    assert qmodel.input_q.role == "input" and qmodel.body[4].q.role == "logits"
     w = qmodel.body[1].conv.quantized_weight()
     assert all(w[c].unique().numel() <= 3 for c in range(w.shape[0]))  # ternary
     set_bit_width(qmodel, 8, act_bits=4)
-    assert qmodel.body[1].conv.bits == 8 and qmodel.input_q.bits == 4
+    assert qmodel.body[1].conv.bits == 8 and qmodel.body[1].q.bits == 4 and qmodel.input_q.bits == 8
+
+
+def test_edge_bits_zero_reproduces_the_old_body_width_edges():
+    qmodel = quantize(tiny(), QuantConfig(weight_bits=4, edge_bits=0))
+    assert qmodel.input_q.bits == 4 and qmodel.body[4].q.bits == 4
+    set_bit_width(qmodel, 2)
+    assert qmodel.input_q.bits == 2 and qmodel.body[4].q.bits == 2
+    assert qmodel.body[4].q.reduce_range  # the old logit quantizer had the server backend's 7-bit range
+
+
+def test_logit_quantizer_uses_the_full_8_bit_range_and_float_logits_leave_it_out():
+    qmodel = quantize(tiny(), QuantConfig(weight_bits=2, backend="server"))
+    assert qmodel.input_q.levels == 127  # feeds the first conv: the server kernels' 7-bit range
+    assert qmodel.body[4].q.levels == 255  # feeds no kernel
+    floaty = quantize(tiny(), QuantConfig(weight_bits=2, float_logits=True))
+    assert isinstance(floaty.body[4].q, QuantPoint) and not isinstance(floaty.body[4].q, ActQuant)
+    calibrate(floaty, torch.rand(64, 1, 28, 28))
+    logits = floaty.eval()(torch.rand(256, 1, 28, 28))
+    assert logits.unique().numel() > 1000  # float logits: (almost) every value distinct
+
+
+def test_quant_config_act_bits_follow_weight_bits_as_the_cli_does():
+    assert QuantConfig(weight_bits=4).act_bits == 4
+    assert QuantConfig(weight_bits=4, act_bits=8).act_bits == 8
+    with pytest.raises(ConfigError, match="edge_bits"):
+        QuantConfig(edge_bits=1)
+
+
+def test_calibrate_sets_ranges_only_and_restores_the_mode():
+    model = tiny()
+    model.train()
+    qmodel = quantize(model)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        qmodel.eval()(torch.rand(2, 1, 28, 28))
+    qmodel.train()
+    bn = [m for m in qmodel.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(b.running_mean.clone(), b.running_var.clone(), int(b.num_batches_tracked)) for b in bn]
+    weights = [p.detach().clone() for p in qmodel.parameters()]
+    x = torch.rand(100, 1, 28, 28)
+    calibrate(qmodel, x, batch_size=32)
+    assert qmodel.training  # mode restored
+    for b, (m, v, n) in zip(bn, before, strict=True):
+        assert torch.equal(b.running_mean, m) and torch.equal(b.running_var, v) and int(b.num_batches_tracked) == n
+    assert all(torch.equal(p, w) for p, w in zip(qmodel.parameters(), weights, strict=True))
+    # the input quantizer's range is the min/max of the normalised images over all batches
+    normed = qmodel.normalize(x)
+    assert float(qmodel.input_q.lo) == pytest.approx(float(normed.min()), abs=1e-6)
+    assert float(qmodel.input_q.hi) == pytest.approx(float(normed.max()), abs=1e-6)
+    assert torch.isfinite(qmodel.eval()(x[:4])).all()
+    with pytest.raises(ConfigError, match="quantize"):
+        calibrate(tiny(), x)
 
 
 @pytest.mark.parametrize("bad", [1, 9, 32, 0, 2.5, "8"])
@@ -263,7 +328,8 @@ def test_learned_range_forward_equals_the_plain_fake_quantizer_and_keeps_range_a
     acts = [m for m in model.modules() if isinstance(m, ActQuant)]
     ranges = [(a.lo.item(), a.hi.item()) for a in acts]
     set_bit_width(model, 2)
-    assert [(a.lo.item(), a.hi.item()) for a in acts] == ranges and all(a.levels == 3 for a in acts)
+    assert [(a.lo.item(), a.hi.item()) for a in acts] == ranges
+    assert [a.levels for a in acts] == [127, 3, 3, 3, 255]  # edges stay 8-bit (input 7-bit range on server)
 
 
 def test_learned_ranges_are_trained_by_the_model_optimizer_and_export_to_int8(synthetic):

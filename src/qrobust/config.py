@@ -67,6 +67,8 @@ class QuantSection:
     backend: str = "server"  # server (x86) | mobile (ARM)
     first_last_bits: int = 8  # 0 = quantize first/last layers at `bits` too
     act_range: str = "ema"  # ema (EMA min/max) | learned (LSQ+-style learned range; better at 2-4 bits)
+    edge_bits: int = 8  # input quantizer and logits at every body width; 0 = follow the body (old, ties)
+    float_logits: bool = False  # true: logits unquantized (ONNX QDQ export only; torch int8 refuses)
     init: str = ""  # float checkpoint (or run folder) to start QAT from
 
 
@@ -98,6 +100,8 @@ class RunConfig:
              f"quant.bits must be 32 (float) or 2..8, got {self.quant.bits}"),
             (self.quant.act_bits == 0 or 2 <= self.quant.act_bits <= 8,
              f"quant.act_bits must be 0 (same as bits) or 2..8, got {self.quant.act_bits}"),
+            (self.quant.edge_bits == 0 or 2 <= self.quant.edge_bits <= 8,
+             f"quant.edge_bits must be 2..8 (8 = as deployed) or 0 (follow the body), got {self.quant.edge_bits}"),
             (self.quant.first_last_bits == 0 or 2 <= self.quant.first_last_bits <= 8,
              f"quant.first_last_bits must be 0 (no exception) or 2..8, got {self.quant.first_last_bits}"),
             (self.quant.backend in ("server", "mobile"),

@@ -36,3 +36,21 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device=Non
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device=None) -> float:
     """Top-1 accuracy in [0, 1]."""
     return float((predict(model, x, batch_size, device) == y.cpu()).float().mean())
+
+
+def tie_rate(logits: torch.Tensor) -> float:
+    """Share of rows whose top-1 logit is tied (two or more classes share the maximum).
+
+    A tied row's prediction is decided by ``argmax`` picking the lowest class index, not by the model:
+    quantized logits with few levels tie often (a 2-bit logit layer ties on about half of the images)."""
+    if logits.dim() != 2 or len(logits) == 0:
+        raise ValueError(f"tie_rate needs a non-empty (N, classes) tensor, got shape {tuple(logits.shape)}")
+    top = logits.max(dim=1, keepdim=True).values
+    return float(((logits == top).sum(dim=1) > 1).float().mean())
+
+
+def accuracy_and_tie_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+                          device=None) -> dict:
+    """``{"acc", "tie_rate"}`` of ``model`` on ``(x, y)`` from one pass (eval mode, mode restored)."""
+    logits = predict_logits(model, x, batch_size, device)
+    return {"acc": float((logits.argmax(1) == y.cpu()).float().mean()), "tie_rate": tie_rate(logits)}

@@ -16,7 +16,7 @@ from torch import nn
 from qrobust import data as datasets
 from qrobust.config import RunConfig, config_from_dict, load_config
 from qrobust.errors import CheckpointError, ConfigError
-from qrobust.metrics import accuracy
+from qrobust.metrics import accuracy, predict_logits, tie_rate
 from qrobust.models import QNet, model_for_data
 from qrobust.quant import QuantConfig, quantize
 from qrobust.runs import RunDir, atomic_write_bytes, environment, safe_load
@@ -33,7 +33,8 @@ def quant_config(cfg: RunConfig) -> QuantConfig | None:
     if q.bits == 32:
         return None
     return QuantConfig(weight_bits=q.bits, act_bits=q.act_bits or q.bits, backend=q.backend,
-                       first_last_bits=q.first_last_bits or None, act_range=q.act_range)
+                       first_last_bits=q.first_last_bits or None, act_range=q.act_range,
+                       edge_bits=q.edge_bits, float_logits=q.float_logits)
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -130,6 +131,8 @@ def load_run(path: str | Path) -> tuple[RunConfig, nn.Module, datasets.DatasetIn
                           "`qrobust train --out` wrote")
     values = tomllib.loads(cfg_file.read_text())
     values.pop("meta", None)
+    if "quant" in values and "edge_bits" not in values["quant"]:
+        values["quant"]["edge_bits"] = 0  # written before edge_bits existed: its input and logits followed the body
     cfg = config_from_dict(values)
     ds = load_data(cfg)
     model = model_for_data(cfg.model.arch, ds.info)
@@ -191,9 +194,15 @@ def export(path: str | Path, backend: str | None = None, *, measure_speed: bool 
 
 
 def evaluate(path: str | Path) -> dict:
-    """Test accuracy of a trained run's model (the fake-quant twin for QAT runs)."""
+    """Test accuracy and tie rate of a trained run's model (the fake-quant twin for QAT runs).
+
+    ``tie_rate`` is the share of test images whose top-1 logit is tied: their prediction is decided by
+    ``argmax`` picking the lowest class index (see :func:`qrobust.metrics.tie_rate`)."""
     cfg, model, ds = load_run(path)
-    return {"test_acc": accuracy(model, ds.test_x, ds.test_y), "bits": cfg.quant.bits, "arch": cfg.model.arch}
+    logits = predict_logits(model, ds.test_x)
+    return {"test_acc": float((logits.argmax(1) == ds.test_y.cpu()).float().mean()), "tie_rate": tie_rate(logits),
+            "bits": cfg.quant.bits, "edge_bits": cfg.quant.edge_bits if cfg.quant.bits != 32 else 32,
+            "arch": cfg.model.arch}
 
 
 __all__ = ["build_model", "evaluate", "export", "images_per_second", "load_config", "load_run", "load_weights",

@@ -6,6 +6,8 @@ from qrobust.quant.fake import (
     QuantConv2d,
     QuantLinear,
     QuantPoint,
+    activation_quantizers,
+    calibrate,
     get_bit_width,
     is_quantized,
     quantize,
@@ -14,6 +16,7 @@ from qrobust.quant.fake import (
 )
 
 __all__ = [
-    "ActQuant", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantPoint", "get_bit_width",
+    "ActQuant", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantPoint", "activation_quantizers", "calibrate",
+    "get_bit_width",
     "is_quantized", "quantize", "set_bit_width", "set_quantization_enabled",
 ]

@@ -161,6 +161,10 @@ def export_int8(twin: nn.Module, backend: str | None = None) -> Int8Model:
         raise ConfigError(f"unknown int8 backend '{backend}'; use one of {sorted(ENGINES)}")
     if backend != config.backend:
         warnings.warn(f"model was trained for '{config.backend}' but is exported for '{backend}'", stacklevel=2)
+    if config.float_logits:
+        raise ConfigError("this model keeps float logits (quant.float_logits=true), but torch's int8 modules always "
+                          "quantize the logits to 8 bits; export it with --format onnx, or train with "
+                          "quant.float_logits=false")
     acts = [m for m in twin.modules() if isinstance(m, ActQuant)]
     if any(m.bits != 8 for m in acts):
         raise ConfigError("only 8-bit activations export to int8: call set_bit_width(model, 8) first")

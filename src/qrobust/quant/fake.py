@@ -17,8 +17,16 @@ gradient is zero outside the clipping range (torch's ``fake_quantize_*`` ops, us
 
 QAT is a module swap: :func:`quantize` replaces ``nn.Conv2d`` / ``nn.Linear`` by
 :class:`QuantConv2d` / :class:`QuantLinear` (same parameters, fake-quantized weights in ``forward``) and
-each :class:`QuantPoint` marker of a model by an :class:`ActQuant`. The bit width can be changed at
-run time with :func:`set_bit_width`, as dynamic bit-width training needs.
+each :class:`QuantPoint` marker of a model by an :class:`ActQuant`. The bit width of the *body* can be
+changed at run time with :func:`set_bit_width`, as dynamic bit-width training needs.
+
+**Edges.** As deployed low-bit networks do, the input quantizer and the logits stay at
+``QuantConfig.edge_bits`` (default 8) whatever the body's width: a 2-bit body whose logits were 2-bit
+would give 4 distinct logit values, and half of its predictions would be ties broken by ``argmax``'s
+lowest index. The logit quantizer uses the full 8-bit range (256 levels, also on the ``server``
+backend: it feeds no kernel, so ``reduce_range`` does not apply); ``float_logits=True`` leaves the logits
+unquantized, as a QDQ ONNX graph may. :func:`calibrate` sets activation ranges from data without
+touching anything else (BatchNorm statistics, weights).
 """
 
 from __future__ import annotations
@@ -44,23 +52,37 @@ class QuantConfig:
 
     ``backend`` names the deployment target of an 8-bit model: ``server`` (x86, fbgemm kernels; 8-bit
     activations use a 7-bit range, ``reduce_range``) or ``mobile`` (ARM, qnnpack; full 8-bit range).
-    ``first_last_bits`` keeps the first conv and the classifier at that width when the body goes lower
-    (common practice since DoReFa/PACT: those two layers are small and the most sensitive); ``None``
-    quantizes them at the body's width too.
+    ``weight_bits`` is the body's width; ``act_bits`` (default: the same) its activations' width, the
+    meaning of the CLI's ``quant.bits=b``. ``first_last_bits`` keeps the *weights* of the first conv and
+    the classifier at that width when the body goes lower (common practice since DoReFa/PACT: those two
+    layers are small and the most sensitive); ``None`` quantizes them at the body's width too.
+    ``edge_bits`` is the width of the input quantizer and of the logits (the first and last quant point,
+    by module order) at every body width; ``0`` makes them follow the body, the behaviour before
+    2026-11-30, kept only to reproduce old numbers (it ties half of a 2-bit model's predictions).
+    ``float_logits`` leaves the logits unquantized (ONNX QDQ export can deploy that; torch's int8
+    modules cannot, so :func:`~qrobust.quant.deploy.export_int8` refuses such a model).
     """
 
     weight_bits: int = 8
-    act_bits: int = 8
+    act_bits: int | None = None  # None = weight_bits
     backend: str = "server"
     first_last_bits: int | None = 8
     ema_momentum: float = 0.01
     act_range: str = "ema"  # ema: EMA min/max (frozen in eval) | learned: LSQ+-style learned [lo, hi]
+    edge_bits: int = 8  # input quantizer and logits; 0 = follow the body (old behaviour)
+    float_logits: bool = False
 
     def __post_init__(self):
-        for name in ("weight_bits", "act_bits"):
-            check_bits(getattr(self, name), name)
+        check_bits(self.weight_bits, "weight_bits")
+        if self.act_bits is None:
+            self.act_bits = self.weight_bits
+        check_bits(self.act_bits, "act_bits")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
+        if self.edge_bits != 0:
+            check_bits(self.edge_bits, "edge_bits (0 = follow the body)")
+        if not isinstance(self.float_logits, bool):
+            raise ConfigError(f"float_logits must be true or false, got {self.float_logits!r}")
         if self.backend not in ("server", "mobile"):
             raise ConfigError(f"quantization backend '{self.backend}' is unknown; use 'server' (x86) or 'mobile' (ARM)")
         if not 0.0 < self.ema_momentum <= 1.0:
@@ -70,6 +92,10 @@ class QuantConfig:
     @property
     def reduce_range(self) -> bool:
         return self.backend == "server"
+
+    def edge_width(self, body_bits: int) -> int:
+        """The input quantizer's and the logits' width when the body's activations are ``body_bits``."""
+        return self.edge_bits or body_bits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,15 +194,25 @@ class ActQuant(nn.Module):
     range is then chosen for the task loss instead of covering every outlier, which is what makes 2-bit
     activations usable. Since the parameters are the range (not the step), a run-time bit-width switch
     keeps the range and only changes the number of levels ``L``.
+
+    ``role`` is ``"input"``, ``"body"`` or ``"logits"``: :func:`set_bit_width` switches body quantizers
+    only (unless the model's ``edge_bits`` is 0).
     """
 
-    def __init__(self, bits: int = 8, momentum: float = 0.01, reduce_range: bool = False, learned: bool = False):
+    ROLES = ("input", "body", "logits")
+
+    def __init__(self, bits: int = 8, momentum: float = 0.01, reduce_range: bool = False, learned: bool = False,
+                 role: str = "body"):
         super().__init__()
+        if role not in self.ROLES:
+            raise ConfigError(f"ActQuant role '{role}' is unknown; use one of {', '.join(self.ROLES)}")
         self.bits = check_bits(bits)
         self.momentum = momentum
         self.reduce_range = reduce_range
         self.learned = bool(learned)
+        self.role = role
         self.enabled = True
+        self.calibrating = False  # set by calibrate(): observe running min/max in any mode
         if self.learned:
             self.lo = nn.Parameter(torch.zeros(()))
             self.hi = nn.Parameter(torch.zeros(()))
@@ -204,14 +240,29 @@ class ActQuant(nn.Module):
             self.lo.lerp_(lo, self.momentum)
             self.hi.lerp_(hi, self.momentum)
 
+    @torch.no_grad()
+    def observe_min_max(self, x: torch.Tensor) -> None:
+        """Widen the range to the running min/max of everything seen (what :func:`calibrate` uses)."""
+        lo, hi = torch.aminmax(x.detach().float())
+        if not bool(self.initialized):
+            self.lo.copy_(lo)
+            self.hi.copy_(hi)
+            self.initialized.fill_(True)
+        else:
+            self.lo.copy_(torch.minimum(self.lo, lo))
+            self.hi.copy_(torch.maximum(self.hi, hi))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if self.training and not (self.learned and bool(self.initialized)):
+        if self.calibrating:
+            self.observe_min_max(x)
+        elif self.training and not (self.learned and bool(self.initialized)):
             self.observe(x)  # EMA ranges: every training batch; learned ranges: the first one only
         elif not bool(self.initialized):
             raise RuntimeError(
-                "activation quantizer has no range yet: run at least one training step (or calibrate) before eval"
+                "activation quantizer has no range yet: call qrobust.quant.calibrate(model, images) "
+                "(or train at least one step) before evaluating"
             )
         if self.learned and torch.is_grad_enabled() and self.hi.requires_grad:
             return self._learned_forward(x)
@@ -227,7 +278,7 @@ class ActQuant(nn.Module):
         return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, 0, levels, grad_factor)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, reduce_range={self.reduce_range}"
+        return f"bits={self.bits}, reduce_range={self.reduce_range}, role={self.role}"
 
 
 class _WeightQuantMixin:
@@ -308,10 +359,19 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
             bits = max(bits, config.first_last_bits)
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         _replace(qmodel, name, cls.from_float(layer, bits))
-    for name, module in list(qmodel.named_modules()):
-        if isinstance(module, QuantPoint):
-            _replace(qmodel, name, ActQuant(config.act_bits, config.ema_momentum, config.reduce_range,
-                                            learned=config.act_range == "learned"))
+    points = [name for name, module in qmodel.named_modules() if isinstance(module, QuantPoint)]
+    roles = {name: "body" for name in points}
+    if len(points) >= 2:  # by module order: the first marker quantizes the input, the last the logits
+        roles[points[0]], roles[points[-1]] = "input", "logits"
+    for name in points:
+        role = roles[name]
+        if role == "logits" and config.float_logits:
+            continue  # the marker stays an identity: float logits
+        bits = config.act_bits if role == "body" else config.edge_width(config.act_bits)
+        # Logits feed no int8 kernel, so they get the full 8-bit range on every backend (not in the old mode).
+        reduce_range = config.reduce_range and not (role == "logits" and config.edge_bits)
+        _replace(qmodel, name, ActQuant(bits, config.ema_momentum, reduce_range,
+                                        learned=config.act_range == "learned", role=role))
     qmodel.quant_config = config
     qmodel.quant_edge_layers = sorted(edge)
     return qmodel
@@ -322,11 +382,12 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def set_bit_width(model: nn.Module, bits: int, act_bits: int | None = None) -> nn.Module:
-    """Switch a QAT model to ``bits``-bit weights (and ``act_bits``, default ``bits``) in place.
+    """Switch a QAT model's body to ``bits``-bit weights (and ``act_bits``, default ``bits``) in place.
 
-    The first/last layers stay at ``config.first_last_bits`` when that is set. Any other module with an
-    ``on_bit_width(bits)`` method (e.g. DWQ's BatchNorm-per-bit-width) is told the new width. Returns
-    the model.
+    The first/last layers' weights stay at ``config.first_last_bits`` when that is set; the input and
+    logit quantizers stay at ``config.edge_bits`` (they follow the body only when it is 0). Any other
+    module with an ``on_bit_width(bits)`` method (e.g. DWQ's BatchNorm-per-bit-width) is told the new
+    width. Returns the model.
     """
     check_bits(bits, "weight bit width")
     act_bits = check_bits(bits if act_bits is None else act_bits, "activation bit width")
@@ -343,7 +404,7 @@ def set_bit_width(model: nn.Module, bits: int, act_bits: int | None = None) -> n
             keep = name in edge and config.first_last_bits is not None
             module.bits = max(bits, config.first_last_bits) if keep else bits
         elif isinstance(module, ActQuant):
-            module.bits = act_bits
+            module.bits = act_bits if module.role == "body" else config.edge_width(act_bits)
     return model
 
 
@@ -364,4 +425,42 @@ def set_quantization_enabled(model: nn.Module, enabled: bool) -> nn.Module:
     for module in model.modules():
         if isinstance(module, (QuantConv2d, QuantLinear, ActQuant)):
             module.enabled = enabled
+    return model
+
+
+def activation_quantizers(model: nn.Module, role: str | None = None) -> list[ActQuant]:
+    """The model's :class:`ActQuant` modules (of one ``role`` if given), in module order."""
+    return [m for m in model.modules() if isinstance(m, ActQuant) and (role is None or m.role == role)]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 256, *, reset: bool = True) -> nn.Module:
+    """Set a quantized model's activation ranges to the min/max its quantizers see on images ``x``.
+
+    Post-training calibration with a min/max observer (Jacob et al. 2018; torch's ``MinMaxObserver``):
+    the model runs in eval mode, so BatchNorm uses and keeps its running statistics; nothing but the
+    ranges of the :class:`ActQuant` modules changes (with ``reset=False`` the ranges only widen). ``x``
+    are images in [0, 1] (float) or uint8. The model's train/eval mode is restored. Returns the model.
+    """
+    from qrobust.metrics import as_float_images  # metrics imports nothing from quant: no cycle
+
+    acts = activation_quantizers(model)
+    if not acts:
+        raise ConfigError("calibrate needs a quantized model: call qrobust.quant.quantize(model) first")
+    if len(x) == 0:
+        raise ConfigError("calibrate needs at least one image")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        for act in acts:
+            if reset:
+                act.initialized.fill_(False)
+            act.calibrating = True
+        for start in range(0, len(x), batch_size):
+            model(as_float_images(x[start:start + batch_size].to(device)))
+    finally:
+        for act in acts:
+            act.calibrating = False
+        model.train(was_training)
     return model

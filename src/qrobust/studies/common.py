@@ -69,6 +69,12 @@ def study_toml(cfg: StudyBase) -> dict:
     return out
 
 
+# What a QAT stage's run folder records about its edges: the input quantizer and the logits stay 8-bit at
+# every body width (QuantConfig.edge_bits, issue 10). Folders trained before that lack the key and are
+# refused rather than resumed with another quantizer layout.
+QAT_EDGES = {"edge_bits": 8}
+
+
 def act_range_tag(act_range: str) -> dict:
     """What a QAT stage's run folder records about activation ranges: nothing for the default ``ema``,
     so folders written before the setting existed stay valid."""
@@ -81,7 +87,10 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out_root) / cfg.name
     defaults = study_toml(type(cfg)())  # settings added since a folder was written resume at their defaults
-    return root, RunDir(root, study_toml(cfg), meta=environment(cfg.device), defaults=defaults)
+    # ... but not across a change of what the quantized models are: a folder without this key holds models
+    # whose input and logits followed the body's width, and its stage files would be reused.
+    config = study_toml(cfg) | {"quant_edges": QAT_EDGES["edge_bits"]}
+    return root, RunDir(root, config, meta=environment(cfg.device), defaults=defaults)
 
 
 _LOOP_KEYS = ("epoch", "train_loss", "train_acc", "lr", "epoch_seconds")  # what fit's rows hold besides evaluate's

@@ -53,12 +53,13 @@ from qrobust.attacks.extraction.victim import Victim
 from qrobust.config import TrainSection
 from qrobust.defenses.output import calibrate_defense, make_defense
 from qrobust.errors import ConfigError
-from qrobust.metrics import accuracy, as_float_images, predict_logits
+from qrobust.metrics import accuracy, accuracy_and_tie_rate, as_float_images, predict_logits
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize
 from qrobust.runs import environment
 from qrobust.studies.common import (
     PRESETS,
+    QAT_EDGES,
     SeedStudy,
     StudyBase,
     load_study,
@@ -365,13 +366,14 @@ class DivQATStudy(SeedStudy):
         fp = self._fit("fp32", self._model(cfg.model.arch), CrossEntropy(),
                        self._train(cfg.fp.epochs, cfg.fp.lr, 0.5), {})
         self.models["fp32"] = fp
-        info = {"fp32": {"kind": "float", "backend": "", "alpha": 0.0, "test_acc": self._acc(fp), "kl_to_fp": 0.0}}
+        info = {"fp32": {"kind": "float", "backend": "", "alpha": 0.0, "kl_to_fp": 0.0}}
         qat_train = self._train(cfg.qat.epochs, cfg.qat.lr, 0.0)
         for backend in cfg.qat.backends:
             torch.manual_seed(self.seed)
             q = quantize(fp, QuantConfig(cfg.qat.bits, cfg.qat.bits, backend=backend))
             name = f"qat-{backend}"
-            self.models[name] = self._fit(name, q, CrossEntropy(), qat_train, {"backend": backend}, teacher=fp)
+            self.models[name] = self._fit(name, q, CrossEntropy(), qat_train, {"backend": backend, **QAT_EDGES},
+                                          teacher=fp)
             info[name] = {"kind": "qat", "backend": backend, "alpha": 0.0}
         d = cfg.divqat
         div_train = self._train(d.epochs, d.lr, 0.0)
@@ -380,13 +382,13 @@ class DivQATStudy(SeedStudy):
             q = quantize(fp, QuantConfig(cfg.qat.bits, cfg.qat.bits, backend=d.backend))
             name = f"divqat-{alpha_tag(alpha)}-{d.backend}"
             objective = DivQATLoss(fp, alpha, teacher_floor=d.teacher_floor)
-            self.models[name] = self._fit(name, q, objective, div_train, {"backend": d.backend}, teacher=fp)
+            self.models[name] = self._fit(name, q, objective, div_train, {"backend": d.backend, **QAT_EDGES}, teacher=fp)
             info[name] = {"kind": "divqat", "backend": d.backend, "alpha": alpha}
         for name, meta in info.items():
-            if name == "fp32":
-                continue
-            meta["test_acc"] = self._acc(self.models[name])
-            meta["kl_to_fp"] = mean_kl_to_float(self.models[name], fp, self.data.test_x)
+            clean = accuracy_and_tie_rate(self.models[name], self.data.test_x, self.data.test_y, 512, self.device)
+            meta["test_acc"], meta["tie_rate"] = clean["acc"], clean["tie_rate"]
+            if name != "fp32":
+                meta["kl_to_fp"] = mean_kl_to_float(self.models[name], fp, self.data.test_x)
         for name, meta in info.items():
             if meta["kind"] == "divqat":
                 check_divqat_accuracy(meta["test_acc"], info[f"qat-{meta['backend']}"]["test_acc"],
@@ -522,7 +524,8 @@ _NUMERIC = ("defender_acc", "clone_acc", "agreement", "l1", "queries_used", "vic
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean and std over seeds of victims, defenses and cells (histories kept per seed)."""
     first = per_seed[0]
-    victims = {name: {k: (mean_std([r["victims"][name][k] for r in per_seed]) if k in ("test_acc", "kl_to_fp")
+    victims = {name: {k: (mean_std([r["victims"][name][k] for r in per_seed])
+                          if k in ("test_acc", "tie_rate", "kl_to_fp")
                           else v) for k, v in meta.items()} for name, meta in first["victims"].items()}
     defenses = {v: {d: {"params": [r["defenses"][v][d]["params"] for r in per_seed],
                         **{k: mean_std([r["defenses"][v][d][k] for r in per_seed])
@@ -587,14 +590,17 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
         "Mean KL(f_q || f_fp) on test images: how far each quantized victim's probabilities are from the "
         "float model's (DivQAT's mechanism; plain QAT should be near 0).",
         "",
-        "| victim | backend | alpha | test acc | mean KL(f_q \\|\\| f_fp) |",
-        "|---|---|---|---|---|",
+        "Tie rate: share of test images whose top-1 logit is tied (decided by argmax's lowest index, not "
+        "by the model); the input quantizer and the logits stay 8-bit at every body width.",
+        "",
+        "| victim | backend | alpha | test acc | tie rate | mean KL(f_q \\|\\| f_fp) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, meta in v_info.items():
         kl = meta["kl_to_fp"]
         kl_text = f"{kl['mean']:.4f}" + (f" ± {kl['std']:.4f}" if seeds > 1 else "")
         lines.append(f"| {name} | {meta['backend'] or '-'} | {meta['alpha'] or '-'} | "
-                     f"{_pct(meta['test_acc'], seeds)} | {kl_text} |")
+                     f"{_pct(meta['test_acc'], seeds)} | {_pct(meta['tie_rate'], seeds)} | {kl_text} |")
     lines += [
         "",
         f"## Extraction: victim x defense (l1 <= {cfg.defense.l1_budget} on validation) x attack",

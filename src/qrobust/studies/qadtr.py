@@ -57,12 +57,13 @@ from qrobust.defenses.patch_training import (
     patch_asr,
 )
 from qrobust.errors import ConfigError
-from qrobust.metrics import accuracy, as_float_images
+from qrobust.metrics import accuracy, accuracy_and_tie_rate, as_float_images
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize, set_bit_width
 from qrobust.runs import atomic_write_bytes, environment
 from qrobust.studies.common import (
     PRESETS,
+    QAT_EDGES,
     SeedStudy,
     StudyBase,
     act_range_tag,
@@ -356,6 +357,10 @@ class QADTRStudy(SeedStudy):
     def _acc(self, model: nn.Module) -> float:
         return accuracy(model, self.data.test_x, self.data.test_y, _eval_batch(model), self.device)
 
+    def _tie_rate(self, model: nn.Module) -> float:
+        return accuracy_and_tie_rate(model, self.data.test_x, self.data.test_y, _eval_batch(model),
+                                     self.device)["tie_rate"]
+
     def _loader(self, batch_size: int, seed: int) -> datasets.BatchLoader:
         return datasets.BatchLoader(self.data.train_x, self.data.train_y, batch_size, shuffle=True,
                                     augment=self.cfg.data.augment, info=self.data.info, device=self.device,
@@ -388,7 +393,7 @@ class QADTRStudy(SeedStudy):
         for bits in cfg.qat.bits:
             q = qat_model(self.models["32"], bits, cfg.qat.act_range)
             self.models[str(bits)] = self._fit(f"qat{bits}", q, CrossEntropy(), qat_train, bits,
-                                               act_range_tag(cfg.qat.act_range)).eval()
+                                               act_range_tag(cfg.qat.act_range) | QAT_EDGES).eval()
 
     def train_defenses(self) -> dict[str, nn.Module]:
         cfg, d = self.cfg, self.cfg.defense
@@ -405,7 +410,7 @@ class QADTRStudy(SeedStudy):
                 make_switchable_bn(model, d.bit_widths)
             objective = spec.make(cfg, self.seed)
             defended[name] = self._fit(f"defense-{name}", model, objective, train, d.train_bits,
-                                       {"switchable_bn": sbn, **act_range_tag(cfg.qat.act_range)}).eval()
+                                       {"switchable_bn": sbn, **act_range_tag(cfg.qat.act_range), **QAT_EDGES}).eval()
         return defended
 
     # ---------------------------------------------------------------- stage 2: Table 1
@@ -426,6 +431,7 @@ class QADTRStudy(SeedStudy):
                                              pcfg, train_kwargs=kwargs | {"steps": 0}, x_eval=self.data.test_x,
                                              y_eval=self.data.test_y, seed=self.seed, draws=a.draws)["32"]
         out = {"patch": spec.to_dict(), "clean_acc": {w: self._acc(models[w]) for w in widths},
+               "tie_rate": {w: self._tie_rate(models[w]) for w in widths},
                "asr": matrix, "random_patch_asr": random_patch}
         if a.table1_switched and 8 in cfg.qat.bits:
             base = self.models["8"]
@@ -495,7 +501,8 @@ class QADTRStudy(SeedStudy):
             rows = {}
             for width, view in self._views(name, defended).items():
                 model = view()
-                row: dict[str, Any] = {"clean_acc": self._acc(model), "per_spec": {}}
+                row: dict[str, Any] = {"clean_acc": self._acc(model), "tie_rate": self._tie_rate(view()),
+                                       "per_spec": {}}
                 for group, specs in (("seen", seen), ("unseen", unseen)):
                     for spec in specs:
                         entry = {"transfer": self._asr(view(), float_patches[spec.key], spec)}
@@ -713,6 +720,8 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, seconds: float) ->
         "| source \\ target | " + " | ".join(f"{w}-bit" for w in widths) + " |",
         "|---|" + "---|" * len(widths),
         "| clean accuracy | " + " | ".join(_fmt(t1["clean_acc"][w], seeds=seeds) for w in widths) + " |",
+        "| tie rate (top-1 logit tied) | " + " | ".join(
+            _fmt(t1["tie_rate"][w], seeds=seeds) if "tie_rate" in t1 else "-" for w in widths) + " |",
     ]
     for src in widths:
         lines.append(f"| patch from {src}-bit | " + " | ".join(_fmt(t1["asr"][src][w], seeds=seeds) for w in widths)
@@ -737,12 +746,12 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, seconds: float) ->
         f"patch made against the defended model at that width ({cfg.attack.adaptive_steps} steps; "
         "`rand` = random precision inference, the attack sees a random width per step). Lower ASR is better.",
         "",
-        "| defense | width | clean acc | transfer seen | transfer unseen | adaptive seen | adaptive unseen |",
-        "|---|---|---|---|---|---|---|",
+        "| defense | width | clean acc | tie rate | transfer seen | transfer unseen | adaptive seen | adaptive unseen |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in cfg.defense.names:
         for width, row in t2.get(name, {}).items():
-            cells = [_fmt(row["clean_acc"], seeds=seeds)] + [
+            cells = [_fmt(row["clean_acc"], seeds=seeds), _fmt(row["tie_rate"], seeds=seeds) if "tie_rate" in row else "-"] + [
                 _fmt(row[k], seeds=seeds) if k in row else "-"
                 for k in ("transfer_seen", "transfer_unseen", "adaptive_seen", "adaptive_unseen")]
             lines.append(f"| {LABELS[name]} | {width} | " + " | ".join(cells) + " |")

@@ -71,7 +71,7 @@ from qrobust.attacks.whitebox import GradientMaskingWarning, apgd_ce, fgsm, pars
 from qrobust.config import TrainSection, check_act_range
 from qrobust.defenses.detection import MIDetector, auroc, information_plane
 from qrobust.errors import ConfigError
-from qrobust.metrics import as_float_images
+from qrobust.metrics import as_float_images, predict_logits, tie_rate
 from qrobust.models import model_for_data
 from qrobust.quant import QuantConfig, is_quantized, quantize, set_quantization_enabled
 from qrobust.quant.stochastic import (
@@ -88,6 +88,7 @@ from qrobust.quant.stochastic import (
 from qrobust.runs import environment
 from qrobust.studies.common import (
     PRESETS,
+    QAT_EDGES,
     SeedStudy,
     StudyBase,
     act_range_tag,
@@ -650,7 +651,7 @@ class SQStudy(SeedStudy):
             q,
             CrossEntropy(),
             self._train_section(cfg.qat.epochs, cfg.qat.lr, 0.0),
-            {"bits": bits, **act_range_tag(cfg.qat.act_range)},
+            {"bits": bits, **act_range_tag(cfg.qat.act_range), **QAT_EDGES},
             self._eval_det,
         )
         self.models[f"qat{bits}"] = _Deployed(q)
@@ -727,6 +728,12 @@ class SQStudy(SeedStudy):
                 **kwargs,
             )
 
+    def _tie_rate(self, model: _Deployed) -> float:
+        """Tie rate of the deployed output (an SQ model: its ensemble's mean probabilities, one evaluation);
+        the global RNG is left as it was, so the attacks that follow draw the same SQ noise."""
+        with torch.random.fork_rng(devices=[]):
+            return tie_rate(predict_logits(model.net, self.data.test_x, self.cfg.attack.batch_size))
+
     def evaluate_model(self, name: str) -> dict:
         """Clean and robust accuracy per attack and eps; for SQ models the AIP rows and detector metrics."""
         a = self.cfg.attack
@@ -736,6 +743,7 @@ class SQStudy(SeedStudy):
         clean_ok = correct_on_all_draws(model.net, x, y, draws, a.batch_size)
         out: dict[str, Any] = {
             "clean_acc_all_draws": clean_ok.float().mean().item(),
+            "tie_rate": self._tie_rate(model),
             "robust": {},
             "adv_acc": {},
         }
@@ -976,22 +984,23 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
         "",
         "## Robust accuracy (%) vs eps",
         "",
-        "| model | clean (ensemble) | clean (all draws) | attack | "
+        "| model | clean (ensemble) | clean (all draws) | tie rate | attack | "
         + " | ".join(f"eps={e}" for e in a.eps)
         + " |",
-        "|---|---|---|---|" + "---|" * len(a.eps),
+        "|---|---|---|---|---|" + "---|" * len(a.eps),
     ]
     for name in model_names(cfg):
         e = ev[name]
         for attack in ATTACKS:
             lines.append(
                 f"| {model_label(cfg, name)} | {_fmt(e['clean_acc'], seeds)} | "
-                f"{_fmt(e['clean_acc_all_draws'], seeds)} | {ATTACK_LABELS[attack]} | "
+                f"{_fmt(e['clean_acc_all_draws'], seeds)} | "
+                f"{_fmt(e['tie_rate'], seeds) if 'tie_rate' in e else '-'} | {ATTACK_LABELS[attack]} | "
                 + " | ".join(_fmt(e["robust"][attack][spec], seeds) for spec in a.eps)
                 + " |"
             )
         worst = [_worst(e["robust"], spec) for spec in a.eps]
-        lines.append(f"| {model_label(cfg, name)} | | | **worst case** | "
+        lines.append(f"| {model_label(cfg, name)} | | | | **worst case** | "
                      + " | ".join(f"**{100 * w:.1f}**" for w in worst) + " |")
     masking = []
     for name in model_names(cfg):
