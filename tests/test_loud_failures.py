@@ -306,6 +306,21 @@ def test_data_location_flags_do_not_make_a_different_run(tmp_path):
                ignore=("data.dir", "data.download"))
 
 
+def test_a_moved_study_folder_resumes(tmp_path):
+    from qrobust.studies.common import open_study
+
+    qadtr = importlib.import_module("qrobust.studies.qadtr")
+    cfg = qadtr.load_study_config(None, ["data.name=synthetic", f"out_root={tmp_path}", "name=first"])
+    _, run = open_study(cfg)
+    run.write_json("results.json", {"complete": True})
+    (tmp_path / "first").rename(tmp_path / "moved")
+    cfg.out_root, cfg.name = str(tmp_path), "moved"
+    assert open_study(cfg)[1].read_json("results.json") == {"complete": True}
+    cfg.fp.epochs += 1
+    with pytest.raises(RunFolderError, match="fp.epochs"):
+        open_study(cfg)
+
+
 def test_demo_uses_data_dir_and_refuses_a_foreign_folder(tmp_path, capsys):
     out = tmp_path / "demo"
     _one_line_error(capsys, ["demo", "--out", str(out), "--data-dir", str(tmp_path / "nodata"),

@@ -93,8 +93,7 @@ def study_folder_name(study, path, overrides: list[str], flags: list[str]) -> tu
     from qrobust.studies.common import study_toml
 
     cfg = study.load_study_config(path, overrides + flags)
-    chosen = {k for k in parse_overrides(overrides + flags)} & {"name", "out_root"}
-    if chosen:
+    if set(parse_overrides(overrides + flags)) & {"name", "out_root"}:  # the folder is chosen
         return cfg, ""
     plain = study.load_study_config(path, flags)
     new, old = (without_keys(study_toml(c), _RUN_ONLY_KEYS) for c in (cfg, plain))
@@ -130,7 +129,7 @@ def cmd_run(args) -> int:
     study = importlib.import_module(f"qrobust.studies.{args.study}")
     flags = _data_overrides(args) + (["progress=false"] if args.no_progress else [])
     if args.out:
-        out = Path(args.out)
+        out = Path(args.out) if Path(args.out).name else Path(args.out).resolve()  # "." has no name
         flags += [f"out_root={out.parent}", f"name={out.name}"]
     cfg, note = study_folder_name(study, args.config or study.preset_path(args.preset), list(args.overrides), flags)
     folder = Path(cfg.out_root) / cfg.name

@@ -95,8 +95,8 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out_root) / cfg.name
     defaults = study_toml(type(cfg)())  # settings added since a folder was written resume at their defaults
-    return root, RunDir(root, study_toml(cfg), meta=environment(cfg.device), defaults=defaults,
-                        ignore=DATA_LOCATION_KEYS)
+    where = ("name", "out_root", *DATA_LOCATION_KEYS)  # where the study and its data are, not what it computes
+    return root, RunDir(root, study_toml(cfg), meta=environment(cfg.device), defaults=defaults, ignore=where)
 
 
 _LOOP_KEYS = ("epoch", "train_loss", "train_acc", "lr", "epoch_seconds")  # what fit's rows hold besides evaluate's
