@@ -94,4 +94,5 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
     # ... but not across a change of what the quantized models are: a folder without this key holds models
     # whose input and logits followed the body's width, and its stage files would be reused.
     config = study_toml(cfg) | {"quant_edges": QAT_EDGES["edge_bits"]}
-    return root, RunDir(root, config, meta=environment(cfg.device), defaults=defaults, ignore=DATA_LOCATION_KEYS)
+    where = ("name", "out_root", *DATA_LOCATION_KEYS)  # where the study and its data are, not what it computes
+    return root, RunDir(root, config, meta=environment(cfg.device), defaults=defaults, ignore=where)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,12 @@ from qrobust.attacks.extraction.maze import MAZE
 from qrobust.attacks.extraction.metrics import agreement, clone_accuracy
 from qrobust.attacks.extraction.victim import Victim
 from qrobust.config import TrainSection
-from qrobust.defenses.output import calibrate_defense, make_defense
+from qrobust.defenses.output import (
+    DefenseAccuracyWarning,
+    calibrate_defense,
+    defense_accuracy_warning,
+    make_defense,
+)
 from qrobust.errors import ConfigError
 from qrobust.metrics import accuracy, accuracy_and_tie_rate, as_float_images, predict_logits
 from qrobust.models import QNet, _convnet, model_for_data
@@ -418,6 +424,10 @@ class DivQATStudy(SeedStudy):
                 out[name][defense] = {"params": params, "l1_val": l1,
                                       "l1_test": victim.mean_l1(self.data.test_x),
                                       "defender_acc": victim.accuracy(self.data.test_x, self.data.test_y)}
+                message = defense_accuracy_warning(f"{defense} on victim {name}", out[name]["none"]["defender_acc"],
+                                                   out[name][defense]["defender_acc"])
+                if message:  # also listed in results.md (defense_warnings)
+                    warnings.warn(message, DefenseAccuracyWarning, stacklevel=2)
         self._write_json("defenses.json", out)
         return out
 
@@ -568,6 +578,20 @@ def error_gains(cfg: StudyConfig, agg: dict) -> dict:
     return out
 
 
+def defense_warnings(cfg: StudyConfig, defenses: dict) -> list[str]:
+    """One line per (victim, defense) whose mean test defender accuracy is below half the undefended
+    victim's (:func:`defense_accuracy_warning`), from the seed-aggregated ``defenses`` table."""
+    out = []
+    for name in victim_names(cfg):
+        for defense in cfg.defense.names:
+            message = defense_accuracy_warning(f"{defense} on victim {name}",
+                                               defenses[name]["none"]["defender_acc"]["mean"],
+                                               defenses[name][defense]["defender_acc"]["mean"])
+            if message:
+                out.append(message)
+    return out
+
+
 def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, seconds: float, splits: dict,
                      transfer: str) -> str:
     v_info, defenses, cells = agg["victims"], agg["defenses"], agg["cells"]
@@ -627,6 +651,9 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
                 parts.append(text)
             lines.append(f"| {_label(name, v_info)} | {defense} | {_pct(dmeta['defender_acc'], seeds)} | "
                          f"{dmeta['l1_test']['mean']:.3f} | " + " | ".join(parts) + " |")
+    warned = defense_warnings(cfg, defenses)
+    if warned:
+        lines += ["", "**Warning**: " + " ".join(f"{w}." for w in warned)]
     ledger_ok = all(c["ledger_matches_queries"] for per_d in cells.values() for per_a in per_d.values()
                     for c in per_a.values())
     mean_gain = {a: [g[a] for per_d in gains.values() for g in per_d.values() if a in g] for a in attacks}

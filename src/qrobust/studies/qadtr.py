@@ -60,7 +60,7 @@ from qrobust.errors import ConfigError
 from qrobust.metrics import accuracy, accuracy_and_tie_rate, as_float_images
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize, set_bit_width
-from qrobust.runs import atomic_write_bytes, environment
+from qrobust.runs import atomic_write_bytes, environment, safe_load
 from qrobust.studies.common import (
     PRESETS,
     QAT_EDGES,
@@ -452,7 +452,7 @@ class QADTRStudy(SeedStudy):
     def float_patches(self) -> dict[str, Tensor]:
         path = self.root / "float_patches.pt"
         if path.exists():
-            return {k: v.to(self.device) for k, v in torch.load(path, weights_only=True).items()}
+            return {k: v.to(self.device) for k, v in safe_load(path).items()}
         a = self.cfg.attack
         patches = {}
         for spec in tqdm(self.cfg.seen_specs() + self.cfg.unseen_specs(), desc="float patches",

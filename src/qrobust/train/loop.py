@@ -84,6 +84,7 @@ def fit(
     the schedule still comes from ``cfg``). ``desc`` prefixes the progress bar; ``log_epochs=False``
     keeps the per-epoch summary line out of the log. Returns the metric rows of all epochs so far.
     """
+    check_loader(loader, cfg)
     device = torch.device(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
@@ -95,18 +96,20 @@ def fit(
         rows = [r for r in run.metrics() if r["epoch"] < start_epoch]
         run.write_metrics(rows)
     global_step = start_epoch * len(loader)
+    state = _float_state(model)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         loader.set_epoch(epoch)
         t0 = time.perf_counter()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        state_finite = torch.ones((), dtype=torch.bool, device=device)  # parameters/buffers after the last step
         bar = tqdm(loader, desc=f"{desc}epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False, unit="batch")
         for step, (x, y) in enumerate(bar):
             with torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext():
                 loss, stats = objective(model, x, y)
-            if not torch.isfinite(loss):
-                kept = f"the last good checkpoint (end of epoch {epoch}) is kept in {run.checkpoint_path}" if (
-                    run is not None and run.has_checkpoint()) else "no checkpoint had been written yet"
+            if not bool(torch.isfinite(loss) & state_finite):  # one host sync for both checks
+                _check_state(model, run, cfg, epoch, step, global_step)  # the previous step's update?
+                kept = _kept(run, epoch)
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
                     f"{kept}. Lower train.lr (now {cfg.lr}) or the method's weight (e.g. alpha), then re-run."
@@ -115,6 +118,7 @@ def fit(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            state_finite = _all_finite(state)  # no sync here: read with the next step's loss check
             global_step += 1
             loss_sum += loss.detach().float() * len(y)
             correct += stats.get("correct", 0)
@@ -124,6 +128,8 @@ def fit(
         row = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, seen),
                "train_acc": float(correct) / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
                "epoch_seconds": time.perf_counter() - t0}
+        if not bool(_all_finite(_float_state(model))):  # never evaluate or checkpoint a diverged model
+            _check_state(model, run, cfg, epoch, step + 1, global_step)
         if evaluate is not None:
             row.update(evaluate(model))
         rows.append(row)
@@ -136,6 +142,56 @@ def fit(
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     return rows
+
+
+def check_loader(loader, cfg: TrainSection) -> None:
+    """ConfigError when ``loader`` yields no batch (fewer images than one batch, the partial one dropped):
+    training would run 0 steps and report success."""
+    if len(loader) > 0:
+        return
+    images = len(loader.x) if hasattr(loader, "x") else "fewer"
+    batch = getattr(loader, "batch_size", cfg.batch_size)
+    raise ConfigError(
+        f"the training set has {images} images, less than one batch of {batch} (the last, partial "
+        "batch is dropped), so no training step would run; lower the batch size (train.batch_size, or the "
+        "study's *.batch_size) or train on more images"
+    )
+
+
+def _float_state(model: nn.Module) -> list[torch.Tensor]:
+    """The model's non-empty floating-point parameters and buffers (weights, BatchNorm statistics, ranges)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.numel()]
+    return list({id(t): t for t in tensors}.values())
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor, True when no entry of ``tensors`` is NaN or inf (max-abs per tensor: fused,
+    no overflow, no host sync)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors, math.inf)])).all()
+
+
+def _kept(run: RunDir | None, epoch: int) -> str:
+    if run is not None and run.has_checkpoint():
+        return f"the last good checkpoint (end of epoch {epoch}) is kept in {run.checkpoint_path}"
+    return "no checkpoint had been written yet"
+
+
+def _check_state(model: nn.Module, run: RunDir | None, cfg: TrainSection, epoch: int, step: int,
+                 global_step: int) -> None:
+    """TrainingDiverged naming the parameters/buffers that are NaN/inf after ``step`` of ``epoch``
+    (BatchNorm's running variance can overflow while the loss stays finite); returns if there are none."""
+    names = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+             if t.is_floating_point() and not torch.isfinite(t).all()]
+    if not names:
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise TrainingDiverged(
+        f"training diverged at epoch {epoch + 1}, step {step} (global step {global_step}): {shown} became "
+        f"NaN/inf (the loss can stay finite meanwhile); {_kept(run, epoch)}. Lower train.lr (now {cfg.lr}) "
+        "or lengthen the warm-up, then re-run (with another --out if a checkpoint was kept)."
+    )
 
 
 def _state(model, optimizer, scheduler, objective, epoch, extra_state) -> dict:
