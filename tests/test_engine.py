@@ -24,7 +24,6 @@ class ToyConfig(StudyBase):
     name: str = "toy"
     epochs: int = 1
     noise: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.5])
-    fail_on: str = ""
 
     def validate(self):
         return self
@@ -33,6 +32,9 @@ class ToyConfig(StudyBase):
 class Toy(StudySpec):
     name = "toy"
     config_cls = ToyConfig
+
+    def __init__(self, fail_on: str = ""):
+        self.fail_on = fail_on
 
     def describe(self, cfg):
         return {"toy": {"epochs": cfg.epochs}}
@@ -54,7 +56,7 @@ class Toy(StudySpec):
 
     def run_cell(self, cfg, ctx, cell):
         CALLS.append(cell.key)
-        if cell.key == cfg.fail_on:
+        if cell.key == self.fail_on:
             raise ConfigError(f"cell {cell.key} failed on purpose")
         g = torch.Generator().manual_seed(cell_seed(0, cell.key))
         x = (ctx["x"] + cell.params["noise"] * torch.randn(ctx["x"].shape, generator=g)).clamp(0, 1)
@@ -103,12 +105,12 @@ def test_an_incomplete_or_missing_record_is_recomputed_and_only_that(tmp_path):
 
 def test_a_failing_cell_keeps_the_records_before_it(tmp_path):
     with pytest.raises(ConfigError, match="on purpose"):
-        run_study(Toy(), _cfg(tmp_path, fail_on="noise-0.5"))
+        run_study(Toy(fail_on="noise-0.5"), _cfg(tmp_path))
     cells = json.loads((tmp_path / "toy" / "seed-0" / "cells.json").read_text())
     assert set(cells) == {"noise-0", "noise-0.2"}
     CALLS.clear()
     run_study(Toy(), _cfg(tmp_path))
-    assert CALLS == ["prepare 0", "prepare 1", "noise-0.5", "noise-0.5"]
+    assert CALLS == ["prepare 0", "prepare 1", "noise-0.5", "noise-0", "noise-0.2", "noise-0.5"]  # seed 1 never ran
 
 
 def test_unknown_executor_is_a_clear_error():
@@ -118,10 +120,8 @@ def test_unknown_executor_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def ray_executor():
-    pytest.importorskip("ray")
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
     executor = make_executor("ray", num_cpus=2)
     yield executor
     executor.close()
@@ -136,4 +136,4 @@ def test_ray_gives_the_same_results_as_local(tmp_path, ray_executor):
         a, b = (json.loads((tmp_path / k / "toy" / f"seed-{seed}" / "results.json").read_text()) for k in ("local", "ray"))
         assert a == b
     with pytest.raises(ConfigError, match="on purpose"):  # a task's own error reaches the driver
-        run_study(Toy(), _cfg(tmp_path / "ray2", fail_on="noise-0.2"), ray_executor)
+        run_study(Toy(fail_on="noise-0.2"), _cfg(tmp_path / "ray2"), ray_executor)

@@ -67,7 +67,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
     stages = {seed: seed_stages(spec, cfg, root, seed) for seed in cfg.seeds}
     stores = {seed: CellStore(stages[seed]) for seed in cfg.seeds}
     grids = {seed: spec.cells(cfg, seed) for seed in cfg.seeds}
-    for seed, grid in grids.items():
+    for grid in grids.values():
         keys = [c.key for c in grid]
         if len(set(keys)) != len(keys):
             raise ValueError(f"study '{spec.name}' declares a cell key twice: {sorted(k for k in keys if keys.count(k) > 1)}")
