@@ -133,8 +133,15 @@ def cmd_run(args) -> int:
         flags += [f"out_root={out.parent}", f"name={out.name}"]
     cfg, note = study_folder_name(study, args.config or study.preset_path(args.preset), list(args.overrides), flags)
     folder = Path(cfg.out_root) / cfg.name
-    print(f"study folder: {folder}" + (f" ({note})" if note else ""), flush=True)
-    study.run_study(cfg)
+    from qrobust.experiment import make_executor
+
+    executor = make_executor(args.executor, address=args.ray_address or "", num_cpus=args.ray_cpus)
+    print(f"study folder: {folder}" + (f" ({note})" if note else "")
+          + (f"; executor: {args.executor}" if args.executor != "local" else ""), flush=True)
+    try:
+        study.run_study(cfg, executor=executor)
+    finally:
+        executor.close()
     report = folder / "results.md"
     if report.is_file():
         print()
@@ -170,9 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a whole study")
     p.add_argument("study", choices=sorted(STUDIES))
     _config_args(p, "TOML study config (default: configs/<study>-<preset>.toml)")
-    p.add_argument("--preset", choices=["quick", "full", "paper"], default="quick")
+    p.add_argument("--preset", choices=["smoke", "quick", "full", "paper"], default="quick",
+                   help="smoke: seconds, synthetic data (a check that everything runs); quick: minutes on "
+                        "Fashion-MNIST; full: 3 seeds, about an hour or two; paper: the paper's setting (GPU)")
     p.add_argument("--out", help="study folder (default runs/<study>-<preset>, plus -<hash> when key=value "
                                  "overrides change the study)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: in this process (default); ray: seeds and cells as Ray tasks")
+    p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://host:10001); default: start "
+                                         "a local Ray on this machine")
+    p.add_argument("--ray-cpus", type=int, default=0, help="CPUs of a local Ray (default: all)")
     p.set_defaults(func=cmd_run)
     return parser
 
