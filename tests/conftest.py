@@ -48,3 +48,14 @@ def assert_seed_statistics(agg, per_seed, path=()):
 def seed_statistics():
     """:func:`assert_seed_statistics`, for the study tests that run two seeds."""
     return assert_seed_statistics
+
+
+@pytest.fixture(scope="session")
+def ray_executor():
+    """One local Ray of 2 CPUs for the whole test session (starting one costs seconds)."""
+    pytest.importorskip("ray")
+    from qrobust.experiment import make_executor
+
+    executor = make_executor("ray", num_cpus=2)
+    yield executor
+    executor.close()

@@ -118,16 +118,10 @@ def test_unknown_executor_is_a_clear_error():
         make_executor("spark")
 
 
-@pytest.fixture(scope="module")
-def ray_executor():
-    ray = pytest.importorskip("ray")
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
-    executor = make_executor("ray", num_cpus=2)
-    yield executor
-    executor.close()
-
-
 def test_ray_gives_the_same_results_as_local(tmp_path, ray_executor):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
     local = run_study(Toy(), _cfg(tmp_path / "local"))
     remote = run_study(Toy(), _cfg(tmp_path / "ray"), ray_executor)
     assert remote["executor"] == "ray" and local["executor"] == "local"
