@@ -21,7 +21,7 @@ QAT_DEFAULTS = ["train.epochs=1", "train.lr=0.005", "train.warmup_epochs=0", "qu
 
 
 def run_demo(out: Path, config: str | None = None, overrides: list[str] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = False) -> dict:
     overrides = list(overrides or [])
     fp_cfg = load_config(config, FP32_DEFAULTS + overrides)
     fp_dir, q_dir = out / "fp32", out / "qat8"

@@ -387,7 +387,7 @@ class DFME(ZerothOrderExtraction):
         lr_clone: SGD learning rate of the clone (DFME: 0.1). lr_generator: Adam lr (DFME: 5e-4).
         momentum, weight_decay: SGD settings (0.9, 5e-4).
         schedule: "multistep" (DFME), "cosine" or "none".
-        progress: tqdm bar. seed: seed of the attack's own draws (z, directions).
+        progress: tqdm bar (default off). seed: seed of the attack's own draws (z, directions).
     """
 
     name = "dfme"
@@ -410,7 +410,7 @@ class DFME(ZerothOrderExtraction):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         schedule: str = "multistep",
-        progress: bool = True,
+        progress: bool = False,
         seed: int | None = None,
     ):
         super().__init__(

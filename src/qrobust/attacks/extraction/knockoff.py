@@ -204,7 +204,7 @@ class KnockoffNets:
         optimizer, lr, momentum, weight_decay: the clone's optimizer ("sgd" or "adam").
         num_groups: k-means groups for adaptive sampling when no ``transfer_groups`` are given.
         bandit_lr: step size of the gradient bandit.
-        progress: show tqdm progress bars.
+        progress: show tqdm progress bars (default off).
         seed: seed of the attack's own random draws (sampling order, k-means init, shuffling).
     """
 
@@ -225,7 +225,7 @@ class KnockoffNets:
         weight_decay: float = 5e-4,
         num_groups: int = 10,
         bandit_lr: float = 0.1,
-        progress: bool = True,
+        progress: bool = False,
         seed: int | None = None,
     ):
         if sampling not in ("random", "adaptive"):
@@ -504,7 +504,7 @@ class RandomNoise(KnockoffNets):
         lr: float = 0.01,
         momentum: float = 0.5,
         weight_decay: float = 5e-4,
-        progress: bool = True,
+        progress: bool = False,
         seed: int | None = None,
     ):
         super().__init__(
