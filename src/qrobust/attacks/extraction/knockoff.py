@@ -48,6 +48,7 @@ from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
 from qrobust.train.loop import fit
 from qrobust.train.objectives import SoftTargetCrossEntropy
+from qrobust.utils import eval_mode
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, RGB -> gray
 
@@ -411,11 +412,8 @@ class KnockoffNets:
                 if y is None:
                     break
                 # rewards use the clone's prediction before it trains on this round
-                with torch.no_grad():
-                    was_training = self.clone.training
-                    self.clone.eval()
+                with torch.no_grad(), eval_mode(self.clone):
                     logits = self.clone(x.to(device)).cpu()
-                    self.clone.train(was_training)
                 y_cpu = y.detach().cpu()
                 if answer_mean is None:
                     answer_mean = torch.full_like(y_cpu[0], 1.0 / y_cpu.shape[1])
