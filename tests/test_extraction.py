@@ -267,7 +267,7 @@ def test_knockoff_hard_labels_turn_soft_answers_into_one_hot(task):
     attack = KnockoffNets(victim, fresh_clone(), hard_labels=True, progress=False)
     x = task["transfer"][:10]
     targets = attack.query(x)
-    clean = torch.softmax(task["model"](x), dim=1).detach()
+    clean = torch.softmax(task["model"](x), dim=1).detach()  # the victim's forward: the same 10 rows
     assert torch.equal(targets, F.one_hot(clean.argmax(1), K).float()) and victim.used == 10
 
 

@@ -264,7 +264,7 @@ def test_objective_state_round_trips_through_a_checkpoint(data, tmp_path, make):
     twin.load_state_dict(model.state_dict())
     objective(model, x, y)
     restored(twin, x, y)
-    for key, value in objective.patches.items():  # the next step makes the same patch
+    for key, value in objective.patches.items():  # the next step makes the same patch (same batch, kernels)
         assert torch.equal(restored.patches[key], value)
 
 
@@ -279,7 +279,7 @@ def test_fit_resumes_a_patch_defense_exactly(data, tmp_path):
     straight, obj1 = run(path=tmp_path / "straight")
     run(stop=1)
     resumed, obj2 = run(seed=5)  # another init: everything must come from the checkpoint
-    for key, value in straight.state_dict().items():
+    for key, value in straight.state_dict().items():  # exact: resumed = uninterrupted, same batches
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert obj1.step == obj2.step and all(torch.equal(obj1.patches[k], obj2.patches[k]) for k in obj1.patches)
 
