@@ -4,10 +4,34 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from qrobust.studies.common import is_stat
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class PerSample(nn.Module):
+    """Runs ``net`` one sample at a time, so batched and per-sample evaluations agree bit for bit.
+
+    A test that compares numbers computed with different batch sizes (e.g. "independent of batching")
+    wraps its model in this: every image then meets the same kernels on the same shapes whatever the
+    batching, and an exact comparison is sound on any CPU. Without it, a GEMM/conv kernel may sum in
+    another order for another row count and a near-tied argmax can flip.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net(xi.unsqueeze(0)) for xi in x])
+
+
+@pytest.fixture
+def per_sample():
+    """The :class:`PerSample` wrapper class."""
+    return PerSample
 
 
 @pytest.fixture(scope="session")

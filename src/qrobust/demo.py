@@ -36,7 +36,7 @@ def check_demo_folder(out: Path) -> None:
 
 
 def run_demo(out: Path, config: str | None = None, overrides: list[str] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = False) -> dict:
     """Float training -> 8-bit QAT -> int8 export into ``out`` (``fp32/``, ``qat8/``, ``summary.*``).
     Both configs and the folder are checked before anything is written."""
     out = Path(out)

@@ -81,7 +81,7 @@ def run_extra_state(cfg: RunConfig) -> dict:
     return {"arch": cfg.model.arch, "quant": cfg.to_dict()["quant"], "data": cfg.data.name}
 
 
-def train(cfg: RunConfig, out: str | Path, *, progress: bool = True, stop_after_epoch: int | None = None) -> dict:
+def train(cfg: RunConfig, out: str | Path, *, progress: bool = False, stop_after_epoch: int | None = None) -> dict:
     """Train (or resume) the run described by ``cfg`` into ``out``; returns ``results.json``'s content.
 
     Everything that can be checked before training (config, device, data set, architecture, the

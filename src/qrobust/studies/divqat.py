@@ -19,7 +19,8 @@ Per seed (``runs/<name>/seed-<s>/``):
    victims for each backend ('server' = x86, 'mobile' = ARM); DivQAT victims over the alpha sweep,
    all fine-tuned from the float model. For each quantized victim: test accuracy and the mean
    ``KL(f_q || f_fp)`` on test images (the mechanism). A DivQAT victim that lost more than
-   ``divqat.max_acc_drop`` accuracy vs plain QAT stops the study with a clear error (its folder is kept).
+   ``divqat.max_acc_drop`` accuracy vs plain QAT stops the study with a clear error (its folder is kept);
+   the objective's own guard stops it earlier, during training, at the same threshold vs the teacher.
 3. **Defenses**: none, RS and DCP, each calibrated per victim to the strongest parameter with mean
    l1 <= ``defense.l1_budget`` (0.6) on the validation probabilities (``calibrate_defense``).
 4. **Attacks** per victim x defense: KnockoffNets (soft labels, transfer set = the attacker split or a
@@ -387,7 +388,8 @@ class DivQATStudy(SeedStudy):
             torch.manual_seed(self.seed)
             q = quantize(fp, QuantConfig(cfg.qat.bits, cfg.qat.bits, backend=d.backend))
             name = f"divqat-{alpha_tag(alpha)}-{d.backend}"
-            objective = DivQATLoss(fp, alpha, teacher_floor=d.teacher_floor)
+            # the same collapse check and threshold in training (vs the teacher) and after it (vs QAT)
+            objective = DivQATLoss(fp, alpha, teacher_floor=d.teacher_floor, max_acc_drop=d.max_acc_drop)
             self.models[name] = self._fit(name, q, objective, div_train, {"backend": d.backend, **QAT_EDGES}, teacher=fp)
             info[name] = {"kind": "divqat", "backend": d.backend, "alpha": alpha}
         for name, meta in info.items():

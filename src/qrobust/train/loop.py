@@ -67,8 +67,8 @@ def fit(
     *,
     run: RunDir | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = False,
     stop_after_epoch: int | None = None,
     extra_state: dict | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -83,9 +83,23 @@ def fit(
     replaces the one built from ``cfg`` (e.g. an attack that keeps its optimizer's state between fits;
     the schedule still comes from ``cfg``). ``desc`` prefixes the progress bar; ``log_epochs=False``
     keeps the per-epoch summary line out of the log. Returns the metric rows of all epochs so far.
+
+    Device: ``device`` if given, else ``cfg.device`` (auto | cpu | cuda, :func:`resolve_device`); each
+    batch is copied there if the loader yields it elsewhere. ``progress`` (default off, as befits a
+    library call; the CLI and the studies pass their own setting) shows a tqdm bar and a line per epoch.
+
+    What it changes on the caller's objects (it trains in place; nothing is restored at the end):
+
+    * ``model``: its weights and buffers (the point), its device (moved to the training device), its
+      memory format (channels-last when ``cfg.channels_last``, else contiguous: converted in place, and
+      kept, so evaluations after training see the layout training used) and its mode (training mode
+      on return: call ``model.eval()`` before evaluating);
+    * the global torch RNG: consumed by the objective and augmentation, and set from the checkpoint
+      when resuming from ``run`` (that is what makes a resumed run equal an uninterrupted one).
     """
     check_loader(loader, cfg)
-    device = torch.device(device)
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
+    loader = _OnDevice(loader, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
@@ -192,6 +206,27 @@ def _check_state(model: nn.Module, run: RunDir | None, cfg: TrainSection, epoch:
         f"NaN/inf (the loss can stay finite meanwhile); {_kept(run, epoch)}. Lower train.lr (now {cfg.lr}) "
         "or lengthen the warm-up, then re-run (with another --out if a checkpoint was kept)."
     )
+
+
+class _OnDevice:
+    """``loader`` with its batches copied to ``device`` (``.to`` returns a batch that is already there
+    as it is: no copy, same memory format); every other attribute is the loader's own."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["loader"], name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device), y.to(self.device)
 
 
 def _state(model, optimizer, scheduler, objective, epoch, extra_state) -> dict:
