@@ -24,6 +24,12 @@ PRESETS = ("smoke", "quick", "full", "paper")
 QAT_EDGES = {"edge_bits": 8}
 
 
+def act_range_tag(act_range: str) -> dict:
+    """What a QAT stage's run folder records about activation ranges: nothing for the default ``ema``,
+    so folders written before the setting existed stay valid."""
+    return {} if act_range == "ema" else {"act_range": act_range}
+
+
 @dataclass
 class StudyBase:
     """The settings every study has; a study's config adds its own sections."""
