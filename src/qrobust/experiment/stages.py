@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from qrobust.experiment.settings import flat_section
@@ -86,7 +87,10 @@ class Stages:
         done = run.read_json("results.json")
         if done is not None and done.get("complete"):
             model.load_state_dict(run.load_checkpoint()["model"])
-            return model.to(self.device).eval(), done
+            # the device and memory format fit() leaves, so that a resumed study computes what an
+            # uninterrupted one does (channels-last kernels differ from contiguous ones in the last bits)
+            memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+            return model.to(device=self.device, memory_format=memory_format).eval(), done
         t0 = time.perf_counter()
         rows = fit(model, loader(), objective, train, run=run, evaluate=evaluate, device=self.device,
                    progress=self.progress, extra_state=extra_state)
