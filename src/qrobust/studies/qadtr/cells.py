@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qrobust.attacks.patch import PatchConfig, attack_success_rate, train_patch
+from qrobust.attacks.whitebox import input_gradient
 from qrobust.defenses.patch_training import PatchSpec, RandomPrecision, patch_asr
 from qrobust.metrics import accuracy, accuracy_and_tie_rate
 from qrobust.quant import set_bit_width
@@ -153,11 +154,9 @@ def _nanmean(values: list[float]) -> float:
 
 
 def input_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """grad_x of the summed cross-entropy, in eval mode (the model's mode is restored)."""
+    """grad_x of the per-image cross-entropy, in eval mode (the model's mode is restored)."""
     with eval_mode(model):
-        xg = x.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
-    return g
+        return input_gradient(model, x, y)
 
 
 def gradients_float(ctx: dict, cfg: StudyConfig) -> dict:
