@@ -133,6 +133,22 @@ def test_rerun_skips_finished_stages(study):
     assert _same(_without(again), _without(results))
 
 
+def test_cells_lost_in_a_crash_are_recomputed_equal_on_the_loaded_models(study):
+    """Resumed = uninterrupted: cells recomputed on models loaded from their run folders (not trained
+    in this call) give the records of the first run exactly (same kernels, shapes and memory format)."""
+    path = study / "seed-1" / "cells.json"
+    cells = json.loads(path.read_text())
+    lost = ["table2/qadtr/rand", "table2/dwq/2", "gradients/float", "gradients/alignment/aqapa+dbwt", "features"]
+    path.write_text(json.dumps({k: v for k, v in cells.items() if k not in lost}))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", "qadtr", "--preset", "smoke", "--no-progress", f"out_root={study.parent}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    again = json.loads(path.read_text())
+    assert set(again) == set(cells) and all(_same(again[k], cells[k]) for k in lost)
+
+
 def test_presets_load_and_a_missing_config_file_is_a_clear_error(capsys):
     for preset in ("smoke", "quick", "full", "paper"):
         cfg = load_study_config(preset_path(preset))

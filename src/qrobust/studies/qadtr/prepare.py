@@ -76,7 +76,11 @@ class _Trainer:
                                         augment=self.cfg.data.augment, info=d["info"], device=device,
                                         drop_last=True, seed=self.seed)
 
-        return self.stages.fit(name, model, objective, train, describe, loader, evaluate)[0].eval()
+        model = self.stages.fit(name, model, objective, train, describe, loader, evaluate)[0]
+        # fit leaves a model it trains in its training memory format; a model loaded from a finished run
+        # gets the same one, so cells give the same numbers whether their models were trained or loaded.
+        layout = torch.channels_last if train.channels_last else torch.contiguous_format
+        return model.to(memory_format=layout).eval()
 
     def models(self) -> dict[str, nn.Module]:
         """The float model (``"32"``) and a QAT model per ``qat.bits`` fine-tuned from it."""
