@@ -224,10 +224,10 @@ def test_ray_gives_the_same_numbers_as_the_local_run(study, tmp_path, ray_execut
 
 
 PAPER_FEW_STEPS = [
-    "data.name=synthetic-cifar10", "data.train_subset=64", "data.attack_subset=16", "data.test_subset=16",
+    "data.name=synthetic-cifar10", "data.train_subset=32", "data.attack_subset=8", "data.test_subset=8",
     "fp.epochs=1", "fp.batch_size=32", "qat.epochs=1", "defense.epochs=1", "defense.patch_steps=1",
-    "defense.gir_batch=8", "attack.steps=1", "attack.adaptive_steps=1", "attack.batch_size=16", "attack.draws=1",
-    "analysis.num_images=4", "analysis.pgd_steps=1", "seeds=[0]", "device=cpu", "progress=false",
+    "defense.gir_batch=8", "attack.steps=1", "attack.adaptive_steps=1", "attack.batch_size=8", "attack.draws=1",
+    "analysis.num_images=2", "analysis.pgd_steps=1", "seeds=[0]", "device=cpu", "progress=false",
     # one defense per code path (QADT-R's aqapa/dbwt/gir flags each on and off, GIR by bits and by noise)
     "defense.names=['none','pbat','dwq','aqapa','dbwt+gir','qadtr-noise']", "patches.unseen=['circle:0.1']",
 ]
