@@ -90,7 +90,7 @@ def study_folder_name(study, path, overrides: list[str], flags: list[str]) -> tu
 
     from qrobust.config import parse_overrides
     from qrobust.runs import without_keys
-    from qrobust.studies.common import study_toml
+    from qrobust.experiment import study_toml
 
     cfg = study.load_study_config(path, overrides + flags)
     if set(parse_overrides(overrides + flags)) & {"name", "out_root"}:  # the folder is chosen
