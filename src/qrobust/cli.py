@@ -89,8 +89,8 @@ def study_folder_name(study, path, overrides: list[str], flags: list[str]) -> tu
     import hashlib
 
     from qrobust.config import parse_overrides
-    from qrobust.runs import without_keys
     from qrobust.experiment import study_toml
+    from qrobust.runs import without_keys
 
     cfg = study.load_study_config(path, overrides + flags)
     if set(parse_overrides(overrides + flags)) & {"name", "out_root"}:  # the folder is chosen
