@@ -17,8 +17,8 @@ Code-space clamps. A twin's activation quantizer with ``L`` levels computes
 (``max = L``) makes the top of the range exact. A ReLU before a quantizer is the clamp ``code >= z``
 (``Q(relu(y)) == max(Q(y), z)`` exactly), so it is the same ``Clip``'s ``min``; with ``z = 0`` and
 ``L = 255`` no ``Clip`` is needed at all. Max-pooling and flattening act on the uint8 codes directly
-(quantization is monotone, so ``Q(maxpool(x)) == maxpool(Q(x))``), as the twin's quant point after the
-pool already assumes.
+(quantization and the clamp are monotone, so they commute with max, as the twin's quant point after
+the pool already assumes); the clamp follows the pool, on a quarter of the elements.
 
 Logits: 8-bit by default (the twin's last quantizer: ``Q -> DQ`` on the output), float when the model
 has no quantizer on its last block (``float_logits``): then ``Gemm`` ends the graph and ONNX Runtime
@@ -26,8 +26,8 @@ runs it as an int8 GEMM with a float output.
 
 Remaining differences to the twin (measured by :func:`~qrobust.quant.deploy.twin_agreement`): int32
 bias rounding, requantization rounding in the int8 kernels, ``x / s`` versus the twin's ``x * (1 / s)``
-at exact rounding ties, and global average pooling (requantized to its input's grid, as torch's int8
-path does; the twin feeds the float mean to the classifier).
+at exact rounding ties, and global average pooling (requantized to feed the int8 classifier, see
+:func:`_global_avg_pool`; the twin feeds it the float mean).
 """
 
 from __future__ import annotations
@@ -88,20 +88,27 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, [output], name=self.fresh(f"{op}"), **attrs))
         return output
 
-    def quantize(self, x: str, q: ActQuant, relu: bool = False) -> _QTensor:
-        """``QuantizeLinear`` with the quantizer's scale and zero point, then the code-space clamp
-        ``[z if relu else 0, L]`` where it is not the uint8 range already (see the module docstring)."""
+    def quantize(self, x: str, q: ActQuant, relu: bool = False, clamp: bool = True) -> _QTensor:
+        """``QuantizeLinear`` with the quantizer's scale and zero point, then (unless ``clamp`` is False:
+        the caller clamps later) the code-space clamp of :meth:`clamp`."""
         scale, zero_point = _act_qparams(q)
         levels = q.levels
         if levels > 255:
             raise ConfigError(f"an activation quantizer has {levels} levels; int8 export needs at most 255")
         codes = self.node("QuantizeLinear", [x, self.const("act_scale", np.array(scale, np.float32)),
                                               self.const("act_zp", np.array(zero_point, np.uint8))], "q")
-        low = zero_point if relu else 0
-        if low > 0 or levels < 255:
-            codes = self.node("Clip", [codes, self.const("code_min", np.array(low, np.uint8)),
-                                       self.const("code_max", np.array(levels, np.uint8))], "q_clip")
-        return _QTensor(codes, scale, zero_point, levels)
+        t = _QTensor(codes, scale, zero_point, levels)
+        return self.clamp(t, relu) if clamp else t
+
+    def clamp(self, t: _QTensor, relu: bool) -> _QTensor:
+        """Clip the codes to ``[z if relu else 0, L]`` where that is not the uint8 range already (see the
+        module docstring): the twin's ``L < 255`` levels, and a ReLU as ``code >= z``."""
+        low = t.zero_point if relu else 0
+        if low == 0 and t.levels == 255:
+            return t
+        codes = self.node("Clip", [t.name, self.const("code_min", np.array(low, np.uint8)),
+                                   self.const("code_max", np.array(t.levels, np.uint8))], "q_clip")
+        return _QTensor(codes, t.scale, t.zero_point, t.levels)
 
     def dequantize(self, t: _QTensor) -> str:
         """One ``DequantizeLinear`` per consumer (ONNX Runtime's QDQ fusion wants a DQ per node)."""
@@ -167,15 +174,16 @@ def _conv_block(g: _Graph, block: ConvBNAct, x: _QTensor) -> _QTensor:
     pool = getattr(block, "pool", None)
     if pool is None:
         return g.quantize(y, block.q, relu)
-    # quantize before the pool with the block's (post-pool) quantizer, pool the codes: exact, since
-    # quantization is monotone and so commutes with max
+    # quantize before the pool with the block's (post-pool) quantizer, pool the codes, then clamp them:
+    # exact, since quantization and the clamp are monotone and so commute with max; the clamp then
+    # touches a quarter of the elements
     if not isinstance(pool, nn.MaxPool2d) or pool.dilation != 1 or pool.ceil_mode:
         raise ConfigError(f"ONNX export supports plain max-pooling only, found {pool}")
-    codes = g.quantize(y, block.q, relu)
+    codes = g.quantize(y, block.q, relu, clamp=False)
     k, s, p = (pool.kernel_size, pool.stride, pool.padding)
     k, s, p = ((v, v) if isinstance(v, int) else tuple(v) for v in (k, s, p))
     pooled = g.node("MaxPool", [codes.name], "pool", kernel_shape=list(k), strides=list(s), pads=[*p, *p])
-    return _QTensor(pooled, codes.scale, codes.zero_point, codes.levels)
+    return g.clamp(_QTensor(pooled, codes.scale, codes.zero_point, codes.levels), relu)
 
 
 def _linear_block(g: _Graph, block: LinearAct, x: _QTensor, last: bool) -> _QTensor | str:
