@@ -34,8 +34,10 @@ test: setup data
 bench: setup data
 	$(PY) benchmarks/bench.py
 
+# ruff, and the layers of docs/ARCHITECTURE.md (import-linter; contract in pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs bench.json

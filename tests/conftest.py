@@ -4,10 +4,34 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from qrobust.studies.common import is_stat
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class PerSample(nn.Module):
+    """Runs ``net`` one sample at a time, so batched and per-sample evaluations agree bit for bit.
+
+    A test that compares numbers computed with different batch sizes (e.g. "independent of batching")
+    wraps its model in this: every image then meets the same kernels on the same shapes whatever the
+    batching, and an exact comparison is sound on any CPU. Without it, a GEMM/conv kernel may sum in
+    another order for another row count and a near-tied argmax can flip.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net(xi.unsqueeze(0)) for xi in x])
+
+
+@pytest.fixture
+def per_sample():
+    """The :class:`PerSample` wrapper class."""
+    return PerSample
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +72,14 @@ def assert_seed_statistics(agg, per_seed, path=()):
 def seed_statistics():
     """:func:`assert_seed_statistics`, for the study tests that run two seeds."""
     return assert_seed_statistics
+
+
+@pytest.fixture(scope="session")
+def ray_executor():
+    """One local Ray of 2 CPUs for the whole test session (starting one costs seconds)."""
+    pytest.importorskip("ray")
+    from qrobust.experiment import make_executor
+
+    executor = make_executor("ray", num_cpus=2)
+    yield executor
+    executor.close()

@@ -48,7 +48,7 @@ def test_bad_config_files(tmp_path):
 def test_run_folder_refuses_a_different_run_and_accepts_the_same(tmp_path):
     cfg = RunConfig().to_dict()
     RunDir(tmp_path / "r", cfg, meta={"git_commit": "x"})
-    RunDir(tmp_path / "r", cfg)  # same run: resume
+    RunDir(tmp_path / "r", cfg).append_metrics({"epoch": 0})  # same run: resume; now it holds a result
     other = RunConfig()
     other.train.epochs = 99
     with pytest.raises(RunFolderError, match=r"different run.*train.epochs: 15 -> 99"):
@@ -84,9 +84,10 @@ def test_a_malicious_pickle_checkpoint_is_refused_and_never_executed(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"model": _Evil()}, f)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="refused to load.*posix.system.*could run code") as err:
         safe_load(path)
     assert not os.path.exists(marker)
+    assert "weights_only=False" not in str(err.value) and "corrupt" not in str(err.value)
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -125,7 +126,7 @@ def test_list_fields_and_generic_dataclass_configs(tmp_path):
 
 def test_a_folder_from_an_older_version_resumes_when_new_settings_hold_their_defaults(tmp_path):
     old = {"seed": 0, "qat": {"bits": 2}}
-    RunDir(tmp_path / "run", old)
+    RunDir(tmp_path / "run", old).write_json("results.json", {"complete": True})  # a folder with results
     defaults = {"seed": 0, "qat": {"bits": 8, "act_range": "ema"}}
     RunDir(tmp_path / "run", {"seed": 0, "qat": {"bits": 2, "act_range": "ema"}}, defaults=defaults)
     with pytest.raises(RunFolderError, match="act_range"):

@@ -8,7 +8,6 @@ import io
 import os
 import pickle
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -589,9 +588,7 @@ OFFICIAL_RAW_MD5 = {
     reason=f"{DEBIAN_FASHION} is absent: install the Debian package dataset-fashion-mnist to run this test",
 )
 def test_real_fashion_mnist():
-    start = time.perf_counter()
-    d = load_dataset("fashion-mnist")
-    assert time.perf_counter() - start < 10
+    d = load_dataset("fashion-mnist")  # (no timing assertion: CI machines differ in speed)
     assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
     assert (
         torch.bincount(d.train_y).tolist() == [6000] * 10 and torch.bincount(d.test_y).tolist() == [1000] * 10

@@ -1,6 +1,7 @@
 """DivQAT objective: KL direction by hand, frozen teacher, gradients to the student only, the mechanism
 (CE down while KL(f_q || f_fp) grows vs plain QAT), bad alpha, huge alpha -> clear error."""
 
+import copy
 import math
 
 import pytest
@@ -134,7 +135,7 @@ def test_bad_teacher_and_floor(trained):
 def test_huge_alpha_stays_finite_then_collapse_gives_a_clear_error(trained, synthetic):
     teacher, loader = trained
     student = quantize(teacher, QuantConfig(8, 8))
-    objective = DivQATLoss(teacher, alpha=1000.0)
+    objective = DivQATLoss(teacher, alpha=1000.0, max_acc_drop=None)  # guard off: watch the collapse
     cfg = TrainSection(epochs=1, batch_size=64, lr=0.05, warmup_epochs=0)
     rows = fit(student, loader, objective, cfg, progress=False)  # bounded loss: no NaN
     assert math.isfinite(rows[-1]["train_loss"])
@@ -147,3 +148,105 @@ def test_huge_alpha_stays_finite_then_collapse_gives_a_clear_error(trained, synt
     check_divqat_accuracy(ref - 0.05, ref, alpha=0.1, max_drop=0.1)  # within the allowed drop: fine
     with pytest.raises(TrainingDiverged):
         check_divqat_accuracy(float("nan"), ref, alpha=0.1, max_drop=0.1)
+
+
+def test_the_objective_itself_stops_a_collapse_inside_fit(trained):
+    # The default guard compares the student's training accuracy with the teacher's on the same images
+    # over 512-image windows. alpha=1000 reaches chance from its second step (measured: ~24% over the
+    # first window vs the teacher's 100%), so fit() stops at the end of the first window, step 8.
+    teacher, loader = trained
+    student = quantize(teacher, QuantConfig(8, 8))
+    cfg = TrainSection(epochs=2, batch_size=64, lr=0.05, warmup_epochs=0)
+    steps = []
+    objective = DivQATLoss(teacher, alpha=1000.0)
+    with pytest.raises(TrainingDiverged, match=r"alpha=1000 collapsed: training accuracy \(last 512 training "
+                       r"images\) \d+\.\d% vs 100\.0% for the float teacher on the same images \(allowed "
+                       r"drop 30 points\)\. Lower alpha"):
+        fit(student, loader, _Counting(objective, steps), cfg, progress=False)
+    assert len(steps) == 8  # the first window ended at step 8 and raised there
+    # A tighter threshold (the study passes its divqat.max_acc_drop, 0.15) and a shorter window catch it
+    # sooner; the paper's alpha trains without a word even when only 2 points of drop are allowed.
+    early = DivQATLoss(teacher, alpha=1000.0, max_acc_drop=0.15, guard_window=128)
+    steps.clear()
+    with pytest.raises(TrainingDiverged, match="allowed drop 15 points"):
+        fit(quantize(teacher, QuantConfig(8, 8)), loader, _Counting(early, steps), cfg, progress=False)
+    assert len(steps) == 2
+    fine = DivQATLoss(teacher, alpha=0.1, max_acc_drop=0.02)  # measured: 100% like the teacher in every window
+    rows = fit(quantize(teacher, QuantConfig(8, 8)), loader, fine, cfg, progress=False)
+    assert len(rows) == 2
+
+
+class _Counting:
+    """An objective wrapper that counts the steps it was called for."""
+
+    def __init__(self, objective, steps):
+        self.objective, self.steps = objective, steps
+
+    def __call__(self, model, x, y):
+        self.steps.append(len(y))
+        return self.objective(model, x, y)
+
+    def state_dict(self):
+        return self.objective.state_dict()
+
+    def load_state_dict(self, state):
+        self.objective.load_state_dict(state)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_acc_drop": -0.1}, {"max_acc_drop": 1.5}, {"max_acc_drop": "0.2"},
+                                    {"guard_window": 0}, {"guard_window": 64.0}], ids=str)
+def test_bad_guard_settings_are_config_errors(trained, kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        DivQATLoss(trained[0], alpha=0.1, **kwargs)
+
+
+def test_guard_settings_do_not_change_the_run_identity(trained):
+    # config() names the run folder of a study stage: a guard setting must not make it "another run"
+    a = DivQATLoss(trained[0], alpha=0.1)
+    b = DivQATLoss(trained[0], alpha=0.1, max_acc_drop=None, guard_window=64)
+    assert a.config() == b.config() == {"name": "divqat", "alpha": 0.1, "teacher_floor": 1e-6}
+
+
+class _Unmovable(torch.nn.Module):
+    """Wraps a model; any attempt to move or cast it (``.to``, ``.cuda``, ``.float``...) fails the test."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def _apply(self, fn, recurse=True):
+        raise AssertionError("the caller's float model was moved or cast")
+
+
+def test_mean_kl_to_float_leaves_both_models_as_found(trained, synthetic):
+    teacher, _ = trained
+    student = quantize(teacher, QuantConfig(8, 8)).train()
+    student.body[0].eval()  # a mixed-mode model must come back mixed
+    modes = [m.training for m in student.modules()]
+    fp = _Unmovable(copy.deepcopy(teacher)).train()
+    fp_modes = [m.training for m in fp.modules()]
+    x = synthetic.test_x[:64]
+    with torch.no_grad():
+        student.train()(x.float() / 255)  # activation ranges
+    student.body[0].eval()
+    kl = mean_kl_to_float(student, fp, x)  # uint8 images are divided by 255
+    assert kl > 0 and kl == pytest.approx(mean_kl_to_float(student, fp, x.float() / 255, batch_size=16), rel=1e-4)
+    assert [m.training for m in student.modules()] == modes
+    assert [m.training for m in fp.modules()] == fp_modes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mean_kl_to_float_across_devices_moves_nothing(trained, synthetic):
+    teacher, _ = trained
+    student = quantize(teacher, QuantConfig(8, 8))
+    x = synthetic.test_x[:64].float() / 255
+    with torch.no_grad():
+        student.train()(x)
+    on_cpu = mean_kl_to_float(student, teacher, x)
+    student.cuda()
+    across = mean_kl_to_float(student, teacher, x)  # the teacher stays on the CPU
+    assert next(teacher.parameters()).device.type == "cpu" and next(student.parameters()).is_cuda
+    assert across == pytest.approx(on_cpu, rel=1e-2, abs=1e-6)  # other kernels (cuDNN, TF32): a tolerance

@@ -150,11 +150,29 @@ def test_victim_evaluation_is_not_a_query(task):
     v = Victim(model, defense="label", budget=10)
     model.train()
     acc = v.accuracy(task["x_test"], task["y_test"])
+    # the same 500 rows through the same kernel (the victim's batch_size 512 holds them all)
     expected = (task["model"](task["x_test"]).argmax(1) == task["y_test"]).float().mean().item()
     assert acc == pytest.approx(expected)
     assert v.mean_l1(task["x_test"]) > 0
     assert v.used == 0 and v.remaining == 10
     assert torch.equal(v.query(task["x_test"][:5]), v.query(task["x_test"][:5]))  # deterministic: eval mode
+
+
+def test_victim_leaves_the_callers_model_as_it_found_it(task):
+    model = nn.Sequential(copy.deepcopy(task["model"]), nn.Dropout(0.5)).train()
+    model[0].conv.eval()  # a mixed-mode model must come back mixed, not all-train or all-eval
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    v = Victim(model, defense=make_defense("rs", beta=0.5, gamma=0.3), budget=20)
+    assert [m.training for m in model.modules()] == modes  # building the victim changes nothing
+    x = task["x_test"][:10]
+    first = v.query(x)
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(first, v.query(x))  # yet every answer came from eval mode (no dropout)
+    v.labels(x), v.accuracy(x, task["y_test"][:10]), v.mean_l1(x)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and v.device.type == "cpu"
 
 
 @pytest.mark.parametrize(
@@ -249,7 +267,7 @@ def test_knockoff_hard_labels_turn_soft_answers_into_one_hot(task):
     attack = KnockoffNets(victim, fresh_clone(), hard_labels=True, progress=False)
     x = task["transfer"][:10]
     targets = attack.query(x)
-    clean = torch.softmax(task["model"](x), dim=1).detach()
+    clean = torch.softmax(task["model"](x), dim=1).detach()  # the victim's forward: the same 10 rows
     assert torch.equal(targets, F.one_hot(clean.argmax(1), K).float()) and victim.used == 10
 
 

@@ -38,3 +38,15 @@ def test_bad_model_sizes_are_refused():
         build_model("convnet", channels=1, num_classes=10, image_size=(4, 4))
     with pytest.raises(ConfigError, match="one value per channel"):
         build_model("convnet", channels=3, num_classes=10, image_size=(32, 32), mean=(0.5,), std=(0.2,))
+
+
+def test_model_registry_passes_architecture_settings(synthetic):
+    from qrobust.models import model_for_data
+
+    narrow = model_for_data("convnet", synthetic.info, width=8)
+    assert narrow.body[0].conv.out_channels == 8 and narrow.body[2].conv.out_channels == 32
+    assert model_for_data("convnet", synthetic.info).body[0].conv.out_channels == 32  # the default
+    with pytest.raises(ConfigError, match="no setting width"):
+        model_for_data("lenet5", synthetic.info, width=8)
+    with pytest.raises(ConfigError, match="whole number"):
+        model_for_data("convnet", synthetic.info, width=0)

@@ -241,8 +241,9 @@ def test_patch_trained_with_rotation_and_scale_works_under_them(trained):
     assert asr > 0.4 and asr > asr_random + 0.3, (asr, asr_random)
 
 
-def test_asr_is_reproducible_and_independent_of_batch_size(trained):
+def test_asr_is_reproducible_and_independent_of_batch_size(trained, per_sample):
     net, _, _, xt, yt = trained
+    net = per_sample(net)  # each image alone: batches of 7 and 256 meet the same kernels, so exact
     cfg = PatchConfig(size=0.3, max_rotation=20)
     patch = random_patch(cfg, (16, 16), seed=3) ** 4  # dark-ish: flips some images, not all
     runs = [
@@ -250,6 +251,7 @@ def test_asr_is_reproducible_and_independent_of_batch_size(trained):
         for bs in (256, 256, 7)
     ]
     assert runs[0] == runs[1] == runs[2]
+    assert 0 < runs[0]["asr"] < 1
 
 
 def test_patch_stays_in_unit_interval_under_large_steps(trained):
@@ -342,7 +344,7 @@ def test_transfer_matrix_with_switch_callables_equals_separate_models(trained):
     via_modules = patch_transfer_matrix(
         {"plain": plain, "inverted": inverted}, x, y, cfg, train_kwargs=kw, **args
     )
-    assert via_callables == via_modules
+    assert via_callables == via_modules  # exact: the same network, batches and seeds in both
     assert list(via_modules) == ["plain", "inverted"] and list(via_modules["plain"]) == ["plain", "inverted"]
     # each entry is train on the source, evaluate on the target, with the documented seeds
     patch = train_patch(inverted, x, y, cfg, target=2, generator=gen(4), **kw)

@@ -234,10 +234,14 @@ def test_patch_asr_counts_only_clean_correct_images_and_is_a_rate(data):
     patch = torch.rand(1, 5, 5)
     spec = PatchSpec("square", 0.1)
     res = patch_asr(model, x, y, patch, spec)
-    correct = accuracy(model, x, y)
-    assert res["num_eligible"] == round(correct * 64)
+    # eligible = correct when clean, from the forward patch_asr itself runs (64 rows, this memory
+    # format): a quantized model's logits tie often, so another batching or kernel could flip an argmax
+    with torch.no_grad():
+        clean_pred = model(x).argmax(1)
+    assert res["num_eligible"] == int((clean_pred == y).sum()) > 0
+    assert res["clean_acc"] == pytest.approx(res["num_eligible"] / 64)
     assert res["asr"] != res["asr"] or 0 <= res["asr"] <= 1
-    wrong = (model(x).argmax(1) + 1) % data.info.num_classes  # nothing classified correctly
+    wrong = (clean_pred + 1) % data.info.num_classes  # nothing classified correctly
     assert patch_asr(model, x, wrong, patch, spec)["num_eligible"] == 0
 
 
@@ -260,7 +264,7 @@ def test_objective_state_round_trips_through_a_checkpoint(data, tmp_path, make):
     twin.load_state_dict(model.state_dict())
     objective(model, x, y)
     restored(twin, x, y)
-    for key, value in objective.patches.items():  # the next step makes the same patch
+    for key, value in objective.patches.items():  # the next step makes the same patch (same batch, kernels)
         assert torch.equal(restored.patches[key], value)
 
 
@@ -275,7 +279,7 @@ def test_fit_resumes_a_patch_defense_exactly(data, tmp_path):
     straight, obj1 = run(path=tmp_path / "straight")
     run(stop=1)
     resumed, obj2 = run(seed=5)  # another init: everything must come from the checkpoint
-    for key, value in straight.state_dict().items():
+    for key, value in straight.state_dict().items():  # exact: resumed = uninterrupted, same batches
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert obj1.step == obj2.step and all(torch.equal(obj1.patches[k], obj2.patches[k]) for k in obj1.patches)
 

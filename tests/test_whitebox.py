@@ -16,7 +16,6 @@ from torch import nn
 
 from qrobust.attacks.whitebox import (
     GradientMaskingWarning,
-    accuracy,
     apgd_ce,
     apgd_checkpoints,
     check_attack_setup,
@@ -27,6 +26,7 @@ from qrobust.attacks.whitebox import (
     robust_accuracy,
 )
 from qrobust.errors import ConfigError
+from qrobust.metrics import accuracy
 from qrobust.registry import ATTACKS
 
 ATTACK_NAMES = ["fgsm", "pgd", "apgd-ce"]
@@ -75,7 +75,14 @@ def model() -> nn.Module:
 
 @pytest.fixture(scope="session")
 def clean_acc(model, data) -> float:
-    return accuracy(model, *data)
+    """Clean accuracy of the fixture model. ``accuracy`` and ``robust_accuracy`` run the model on other
+    batch shapes and memory formats (other CPU kernels: last-bit differences), so comparing their
+    numbers is only sound if no prediction hangs on a near tie: the model's top-1 margin is checked."""
+    x, y = data
+    with torch.no_grad():
+        top2 = model(x).topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-4  # >> the ~1e-6 kernels may differ by
+    return accuracy(model, x, y)
 
 
 class NoisyInput(nn.Module):
@@ -262,7 +269,9 @@ def test_perturbation_stays_in_budget_and_box(model, data, name, norm, eps):
 def test_eps_zero_returns_the_input(model, data, clean_acc, name, eps):
     x, y = data
     assert torch.equal(run(name, model, x, y, eps, check=False), x)
-    assert robust_accuracy(model, x, y, name, eps=eps, check=False, **FAST[name]) == clean_acc
+    # the same predictions (no near ties, see clean_acc); abs: accuracy is a float32 mean of the hits
+    robust = robust_accuracy(model, x, y, name, eps=eps, check=False, **FAST[name])
+    assert robust == pytest.approx(clean_acc, abs=1e-6)
 
 
 def test_budget_names_work_in_attacks(model, data):
@@ -288,7 +297,7 @@ def test_stronger_attacks_find_at_least_as_much(model, data, clean_acc, norm, ep
         model, x, y, "apgd-ce", steps=30, generator=torch.Generator().manual_seed(0), **kw
     )
     assert clean_acc > 0.9
-    assert acc_fgsm <= clean_acc
+    assert acc_fgsm <= clean_acc + 1e-6  # + float32 rounding of accuracy's mean
     assert acc_pgd <= clean_acc - 0.2  # PGD really breaks the model at this budget
     assert acc_pgd <= acc_fgsm + 0.02
     assert acc_apgd <= acc_pgd + 0.02
@@ -324,17 +333,6 @@ def test_targeted_mode_raises_the_target_score(model, data, name, norm, eps):
     hit_before = (before.argmax(1) == target).float().mean()
     hit_after = (after.argmax(1) == target).float().mean()
     assert hit_after >= hit_before + 0.3
-
-
-class PerSample(nn.Module):
-    """Runs ``net`` one sample at a time, so batched and per-sample evaluations agree bit for bit."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.net(xi.unsqueeze(0)) for xi in x])
 
 
 def reference_apgd_linf(model, x, y, x0, eps, steps, rho=0.75):
@@ -376,12 +374,12 @@ def reference_apgd_linf(model, x, y, x0, eps, steps, rho=0.75):
 
 
 @pytest.mark.parametrize("eps, steps", [(0.05, 30), (0.1, 30)])
-def test_apgd_matches_a_per_sample_reference_of_the_paper(eps, steps):
+def test_apgd_matches_a_per_sample_reference_of_the_paper(eps, steps, per_sample):
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Flatten(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
     )
-    net = PerSample(net.double())
+    net = per_sample(net.double())  # the attack's batch and the reference's single images: same numbers
     for p in net.parameters():
         p.data *= 6  # a rugged loss surface, so step-size halving and restarts from the best point matter
     x = torch.rand(16, 1, 4, 4, dtype=torch.float64)
@@ -549,11 +547,15 @@ def test_robust_accuracy_requires_every_draw_to_be_correct():
     assert robust < 0.06  # 3 clean and 3 attacked draws must all be right: ~ 0.5 ** 6
 
 
-def test_robust_accuracy_is_independent_of_batching_and_accepts_callables(model, data):
+def test_robust_accuracy_is_independent_of_batching_and_accepts_callables(model, data, per_sample):
+    # PerSample runs every image alone, so batches of 7 and of 192 see the same kernels on the same
+    # shapes and the numbers must agree bit for bit (the plain model's GEMMs could differ in the last bit)
     x, y = data
-    by_name = robust_accuracy(model, x, y, "fgsm", eps=0.15, check=False)
-    assert robust_accuracy(model, x, y, fgsm, eps=0.15, batch_size=7, check=False) == by_name
-    assert accuracy(model, x, y, batch_size=7) == accuracy(model, x, y)
+    net = per_sample(model)
+    by_name = robust_accuracy(net, x, y, "fgsm", eps=0.15, check=False)
+    assert robust_accuracy(net, x, y, fgsm, eps=0.15, batch_size=7, check=False) == by_name
+    assert accuracy(net, x, y, batch_size=7) == accuracy(net, x, y)
+    assert 0 < by_name < accuracy(net, x, y)  # fgsm at 0.15 breaks some images, not all
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -562,4 +564,5 @@ def test_attacks_run_on_the_inputs_device(model, data):
     for name in ATTACK_NAMES:  # run() passes a CPU generator: the random start must still land on the GPU
         x_adv = run(name, net, x, y, 0.1, eot=2)
         assert x_adv.device == x.device and (x_adv - x).abs().max() <= 0.1 + 1e-6
-    assert robust_accuracy(net, x, y, "pgd", eps=0.15) <= accuracy(net, x, y)
+    # robust_accuracy and accuracy run other kernels (cuDNN may use TF32): allow one image of slack
+    assert robust_accuracy(net, x, y, "pgd", eps=0.15) <= accuracy(net, x, y) + 1 / len(y)

@@ -21,23 +21,24 @@ STUDIES = {
 }
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (see configs/)")
+def _config_args(p: argparse.ArgumentParser, config_help: str = "TOML config file (see configs/)") -> None:
+    p.add_argument("--config", help=config_help)
     p.add_argument("--data-dir", help="data folder (default: $QROBUST_DATA or the data set's standard place)")
     p.add_argument("--download", action="store_true", help="download the data set if missing (checksums verified)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
 
 
+def _data_overrides(args) -> list[str]:
+    """``--data-dir`` / ``--download`` as config overrides."""
+    out = [f"data.dir={args.data_dir}"] if args.data_dir else []
+    return out + (["data.download=true"] if args.download else [])
+
+
 def _resolve(args) -> tuple:
     from qrobust.config import load_config
 
-    overrides = list(args.overrides)
-    if args.data_dir:
-        overrides.append(f"data.dir={args.data_dir}")
-    if args.download:
-        overrides.append("data.download=true")
-    return load_config(args.config, overrides)
+    return load_config(args.config, list(args.overrides) + _data_overrides(args))
 
 
 def cmd_train(args) -> int:
@@ -70,8 +71,50 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from qrobust.demo import run_demo
 
-    run_demo(Path(args.out), config=args.config, overrides=args.overrides, progress=not args.no_progress)
+    run_demo(Path(args.out), config=args.config, overrides=list(args.overrides) + _data_overrides(args),
+             progress=not args.no_progress)
     return 0
+
+
+# Study settings that choose where a study runs and how it shows progress, not what it computes: they
+# do not make the default folder name differ (see study_folder_name).
+_RUN_ONLY_KEYS = ("name", "out_root", "progress", "threads", "data.dir", "data.download")
+
+
+def study_folder_name(study, path, overrides: list[str], flags: list[str]) -> tuple[object, str]:
+    """The study config and a note on its folder name. When ``overrides`` change what the study computes
+    (the resolved config differs from the one without them), the default name gets ``-<8 hex digits>``,
+    a hash of the changed settings, so that the plain command and the one with overrides each have their
+    folder. An explicit ``name=`` / ``out_root=`` override or ``--out`` keeps the name as given."""
+    import hashlib
+
+    from qrobust.config import parse_overrides
+    from qrobust.runs import without_keys
+    from qrobust.studies.common import study_toml
+
+    cfg = study.load_study_config(path, overrides + flags)
+    if set(parse_overrides(overrides + flags)) & {"name", "out_root"}:  # the folder is chosen
+        return cfg, ""
+    plain = study.load_study_config(path, flags)
+    new, old = (without_keys(study_toml(c), _RUN_ONLY_KEYS) for c in (cfg, plain))
+    changed = {k: v for k, v in _flatten(new).items() if _flatten(old).get(k) != v}
+    if not changed:
+        return cfg, ""
+    digest = hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+    base = cfg.name
+    cfg.name = f"{base}-{digest}"
+    listed = ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+    return cfg, f"{base} + overrides ({listed}); give --out to choose the folder"
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def cmd_run(args) -> int:
@@ -84,9 +127,21 @@ def cmd_run(args) -> int:
             "qrobust.attacks / qrobust.defenses. Use `qrobust train`, `eval` and `export` meanwhile."
         )
     study = importlib.import_module(f"qrobust.studies.{args.study}")
-    cfg = study.load_study_config(args.config or study.preset_path(args.preset), list(args.overrides))
-    study.run_study(cfg)
+    flags = _data_overrides(args) + (["progress=false"] if args.no_progress else [])
+    if args.out:
+        out = Path(args.out) if Path(args.out).name else Path(args.out).resolve()  # "." has no name
+        flags += [f"out_root={out.parent}", f"name={out.name}"]
+    cfg, note = study_folder_name(study, args.config or study.preset_path(args.preset), list(args.overrides), flags)
     folder = Path(cfg.out_root) / cfg.name
+    from qrobust.experiment import make_executor
+
+    executor = make_executor(args.executor, address=args.ray_address or "", num_cpus=args.ray_cpus)
+    print(f"study folder: {folder}" + (f" ({note})" if note else "")
+          + (f"; executor: {args.executor}" if args.executor != "local" else ""), flush=True)
+    try:
+        study.run_study(cfg, executor=executor)
+    finally:
+        executor.close()
     report = folder / "results.md"
     if report.is_file():
         print()
@@ -124,9 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a whole study")
     p.add_argument("study", choices=sorted(STUDIES))
-    p.add_argument("--config")
-    p.add_argument("--preset", choices=["quick", "full", "paper"], default="quick")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _config_args(p, "TOML study config (default: configs/<study>-<preset>.toml)")
+    p.add_argument("--preset", choices=["smoke", "quick", "full", "paper"], default="quick",
+                   help="smoke: seconds, synthetic data (a check that everything runs); quick: minutes on "
+                        "Fashion-MNIST; full: 3 seeds, about an hour or two; paper: the paper's setting (GPU)")
+    p.add_argument("--out", help="study folder (default runs/<study>-<preset>, plus -<hash> when key=value "
+                                 "overrides change the study)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: in this process (default); ray: seeds and cells as Ray tasks")
+    p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://host:10001); default: start "
+                                         "a local Ray on this machine")
+    p.add_argument("--ray-cpus", type=int, default=0, help="CPUs of a local Ray (default: all)")
     p.set_defaults(func=cmd_run)
     return parser
 
@@ -144,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except QrobustError as err:
         print(f"qrobust: error: {err}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as err:  # a user-given file that is not text
+        print(f"qrobust: error: a file given to qrobust is not UTF-8 text ({err.reason} at byte {err.start}); "
+              "check the paths you gave", file=sys.stderr)
+        return 2
+    except OSError as err:  # a user-given path that cannot be read or written
+        where = f": {err.filename}" if err.filename else ""
+        print(f"qrobust: error: {err.strerror or err}{where}; check the path (--out, --config, --data-dir, "
+              "a run folder) and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qrobust: interrupted; run the same command again to resume from the last checkpoint",

@@ -8,6 +8,7 @@ name the key and the valid choices. The resolved config is written into the run 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -85,12 +86,16 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> RunConfig:
+        check_finite(self)
         check_act_range(self.quant.act_range, "quant.act_range")
-        t = self.train
+        t, q = self.train, self.quant
         checks = [
             (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
             (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+            (t.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {t.eval_batch_size}"),
             (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+            (0 <= t.momentum < 1, f"train.momentum must be in [0, 1) (0 = plain SGD), got {t.momentum}"),
+            (t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0 (0 = no warm-up), got {t.warmup_epochs}"),
             (t.optimizer in ("sgd", "adam"), f"train.optimizer '{t.optimizer}' is unknown; use 'sgd' or 'adam'"),
             (t.schedule in ("cosine", "constant"), f"train.schedule '{t.schedule}' is unknown; use 'cosine' or 'constant'"),
             (0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}"),
@@ -106,11 +111,29 @@ class RunConfig:
              f"quant.first_last_bits must be 0 (no exception) or 2..8, got {self.quant.first_last_bits}"),
             (self.quant.backend in ("server", "mobile"),
              f"quant.backend '{self.quant.backend}' is unknown; use 'server' (x86) or 'mobile' (ARM)"),
+            (q.bits != 32 or q.act_bits == 0,
+             f"quant.act_bits={q.act_bits} needs a QAT run, but quant.bits=32 is float; set quant.bits to 2..8 "
+             "or drop quant.act_bits"),
+            (q.bits != 32 or not q.init,
+             "quant.init is for QAT runs; set quant.bits to 2..8 or drop quant.init"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def check_finite(config: Any, prefix: str = "") -> None:
+    """ConfigError naming the first float field of dataclass ``config`` (recursively, lists included)
+    that is NaN or infinite: no setting of qrobust means anything at NaN/inf."""
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{key}.")
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}; give an ordinary number")
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
@@ -183,9 +206,15 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at position "
+                          f"{err.start}); save it as UTF-8 (TOML files must be UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err}); check the path and its "
+                          "permissions") from None
 
 
 def load_dataclass_config(config: Any, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
@@ -194,6 +223,8 @@ def load_dataclass_config(config: Any, path: str | Path | None = None, overrides
     if path:
         apply_values(config, read_toml(path))
     apply_values(config, parse_overrides(overrides or []))
+    if dataclasses.is_dataclass(config):
+        check_finite(config)
     return config.validate() if hasattr(config, "validate") else config
 
 

@@ -12,22 +12,41 @@ from pathlib import Path
 
 from qrobust import pipeline
 from qrobust.config import load_config
+from qrobust.errors import RunFolderError
 from qrobust.metrics import accuracy
-from qrobust.runs import atomic_write_text
+from qrobust.runs import atomic_write_text, is_stray_tmp
 
 # Sized so the whole demo finishes in well under 10 minutes on a 2-core CPU.
 FP32_DEFAULTS = ["train.epochs=6", "train.lr=0.05"]
 QAT_DEFAULTS = ["train.epochs=1", "train.lr=0.005", "train.warmup_epochs=0", "quant.bits=8"]
 
 
+DEMO_FILES = ("fp32", "qat8", "summary.md", "summary.json")  # everything the demo writes into its folder
+
+
+def check_demo_folder(out: Path) -> None:
+    """RunFolderError unless ``out`` is new, empty or holds only what an earlier demo wrote."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"demo folder {out} is a file, not a folder; choose another --out")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES and not is_stray_tmp(p))
+        if foreign:
+            raise RunFolderError(f"demo folder {out} is not empty and holds no qrobust demo (found: "
+                                 f"{', '.join(foreign[:3])}); choose another --out")
+
+
 def run_demo(out: Path, config: str | None = None, overrides: list[str] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = False) -> dict:
+    """Float training -> 8-bit QAT -> int8 export into ``out`` (``fp32/``, ``qat8/``, ``summary.*``).
+    Both configs and the folder are checked before anything is written."""
+    out = Path(out)
     overrides = list(overrides or [])
-    fp_cfg = load_config(config, FP32_DEFAULTS + overrides)
     fp_dir, q_dir = out / "fp32", out / "qat8"
+    fp_cfg = load_config(config, FP32_DEFAULTS + overrides)
+    q_cfg = load_config(config, FP32_DEFAULTS + QAT_DEFAULTS + overrides + [f"quant.init={fp_dir}"])
+    check_demo_folder(out)
     print(f"[1/3] float training: {fp_cfg.model.arch} on {fp_cfg.data.name}, {fp_cfg.train.epochs} epochs -> {fp_dir}")
     pipeline.train(fp_cfg, fp_dir, progress=progress)
-    q_cfg = load_config(config, FP32_DEFAULTS + QAT_DEFAULTS + overrides + [f"quant.init={fp_dir}"])
     print(f"[2/3] 8-bit QAT ({q_cfg.quant.backend}) from the float model, {q_cfg.train.epochs} epoch(s) -> {q_dir}")
     pipeline.train(q_cfg, q_dir, progress=progress)
     print("[3/3] int8 export, agreement and speed")

@@ -1,9 +1,21 @@
-"""Batched prediction and accuracy for any classifier (float, fake-quant twin or int8)."""
+"""Batched prediction and accuracy for any classifier (float, fake-quant twin, int8 or randomised).
+
+One input rule for every function here: ``x`` is a non-empty batch of images, either ``uint8`` in
+[0, 255] (divided by 255 here) or floating point in [0, 1] (normalisation lives inside the model);
+anything else is a :class:`~qrobust.errors.ConfigError`. Labels ``y`` are one integer per image.
+Forwards run in eval mode without gradients, batch by batch on the model's device; the model's
+train/eval flags (every submodule's) are restored afterwards (:func:`qrobust.utils.eval_mode`).
+"""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
+
+from qrobust.errors import ConfigError
+from qrobust.utils import eval_mode, module_device
 
 
 def as_float_images(x: torch.Tensor) -> torch.Tensor:
@@ -11,31 +23,76 @@ def as_float_images(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
+def check_images(x: torch.Tensor) -> None:
+    """Raise :class:`ConfigError` unless ``x`` is a non-empty uint8 batch or a float batch in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"x must be a non-empty batch of images (N, C, H, W), got {shape}")
+    if x.dtype == torch.uint8:
+        return
+    if not x.is_floating_point():
+        raise ConfigError(f"x must be uint8 images in [0, 255] or float images in [0, 1], got dtype {x.dtype}")
+    low, high = float(x.min()), float(x.max())
+    if not (low >= 0.0 and high <= 1.0):  # also catches NaN
+        raise ConfigError(
+            f"float images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]; pass uint8 images or "
+            "divide by 255, and put normalisation (mean/std) inside the model's forward"
+        )
+
+
+def _check_batch_size(batch_size: object) -> int:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512,
                    device: torch.device | str | None = None) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` (uint8 or float in [0, 1]) in eval mode, batch by batch, on CPU."""
-    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
+    """Logits of ``model`` on ``x`` (see the module's input rule) in eval mode, batch by batch; on CPU.
+
+    ``device`` (default: the model's) is where the forwards run; the model itself is not moved.
+    Image batches (4-D) are passed in channels-last memory format.
+    """
+    check_images(x)
+    batch_size = _check_batch_size(batch_size)
+    device = device or module_device(model)
+    with eval_mode(model):
         out = []
         for i in range(0, len(x), batch_size):
             xb = as_float_images(x[i:i + batch_size].to(device))
-            out.append(model(xb.contiguous(memory_format=torch.channels_last)).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
-    finally:
-        model.train(was_training)
+            if xb.ndim == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            out.append(model(xb).float().cpu())
+    return torch.cat(out)
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device=None) -> torch.Tensor:
-    """Top-1 predictions (eval mode)."""
+    """Top-1 predictions (eval mode); ties go to the lowest class index (``argmax``)."""
     return predict_logits(model, x, batch_size, device).argmax(1)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device=None) -> float:
-    """Top-1 accuracy in [0, 1]."""
-    return float((predict(model, x, batch_size, device) == y.cpu()).float().mean())
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+             device: torch.device | str | None = None, *, draws: int = 1) -> float:
+    """Top-1 accuracy in [0, 1]: the share of ``x`` (see the module's input rule) classified as ``y``.
+
+    A randomised model (stochastic quantizers, random precision, input noise: random in eval mode too)
+    is run ``draws`` times over ``x``; an image counts only if *every* draw classifies it correctly, so
+    such a model gets no credit for lucky single draws (as :func:`qrobust.attacks.whitebox.robust_accuracy`).
+    The result is the float32 mean of the per-image hits (the number the studies have always stored).
+    """
+    if not isinstance(draws, numbers.Integral) or isinstance(draws, bool) or draws < 1:
+        raise ConfigError(f"draws must be an integer >= 1, got {draws!r}")
+    check_images(x)
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.is_floating_point():
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ConfigError(f"y must be an integer tensor of shape ({x.shape[0]},) (one label per image), got {shape}")
+    y = y.cpu()
+    correct = predict(model, x, batch_size, device) == y
+    for _ in range(int(draws) - 1):
+        correct &= predict(model, x, batch_size, device) == y
+    return float(correct.float().mean())
+
 
 
 def tie_rate(logits: torch.Tensor) -> float:
@@ -54,3 +111,7 @@ def accuracy_and_tie_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ba
     """``{"acc", "tie_rate"}`` of ``model`` on ``(x, y)`` from one pass (eval mode, mode restored)."""
     logits = predict_logits(model, x, batch_size, device)
     return {"acc": float((logits.argmax(1) == y.cpu()).float().mean()), "tie_rate": tie_rate(logits)}
+
+
+__all__ = ["accuracy", "accuracy_and_tie_rate", "as_float_images", "check_images", "predict", "predict_logits",
+           "tie_rate"]

@@ -13,6 +13,7 @@ ResNet-18 with the 3x3 CIFAR stem and no max-pool (as in most CIFAR robustness c
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -131,7 +132,7 @@ def _resnet(channels: int, num_classes: int, widths: Sequence[int], blocks: Sequ
 
 _BODIES = {
     "lenet5": lambda c, k, hw: _lenet5(c, k, hw),
-    "convnet": lambda c, k, hw: _convnet(c, k, hw),
+    "convnet": lambda c, k, hw, width=32: _convnet(c, k, hw, width=width),
     "resnet8": lambda c, k, hw: _resnet(c, k, (16, 32, 64), (1, 1, 1)),
     "resnet20": lambda c, k, hw: _resnet(c, k, (16, 32, 64), (3, 3, 3)),
     "resnet18": lambda c, k, hw: _resnet(c, k, (64, 128, 256, 512), (2, 2, 2, 2)),
@@ -145,9 +146,20 @@ def model_names() -> list[str]:
 
 
 def build_model(name: str, *, channels: int, num_classes: int, image_size: Sequence[int],
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> QNet:
-    """Build a registered model sized for the data (channels, classes, resolution)."""
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **kwargs) -> QNet:
+    """Build a registered model sized for the data (channels, classes, resolution).
+
+    ``kwargs`` are the architecture's own settings (``convnet``: ``width``, the first block's channels,
+    default 32); an unknown one is a ConfigError naming the valid ones."""
     body_fn = MODELS.get(name)
+    valid = [p for p in inspect.signature(body_fn).parameters][3:]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ConfigError(f"model '{name}' has no setting {', '.join(unknown)}; "
+                          + (f"its settings: {', '.join(valid)}" if valid else "it takes none"))
+    width = kwargs.get("width", 1)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ConfigError(f"model width must be a whole number >= 1, got {width!r}")
     if channels < 1 or num_classes < 2:
         raise ConfigError(f"a model needs channels >= 1 and num_classes >= 2, got {channels} and {num_classes}")
     hw = (int(image_size[0]), int(image_size[1]))
@@ -157,13 +169,13 @@ def build_model(name: str, *, channels: int, num_classes: int, image_size: Seque
     std = tuple(std) if std is not None else (0.25,) * channels
     if len(mean) != channels or len(std) != channels:
         raise ConfigError(f"mean/std need one value per channel ({channels}), got {len(mean)}/{len(std)}")
-    model = QNet(name, body_fn(channels, num_classes, hw), mean, std)
+    model = QNet(name, body_fn(channels, num_classes, hw, **kwargs), mean, std)
     model.input_shape = (channels, *hw)
     model.num_classes = num_classes
     return model
 
 
-def model_for_data(name: str, info) -> QNet:
-    """Build a model sized from a :class:`qrobust.data.DatasetInfo`."""
+def model_for_data(name: str, info, **kwargs) -> QNet:
+    """Build a model sized from a :class:`qrobust.data.DatasetInfo`; ``kwargs`` as :func:`build_model`'s."""
     return build_model(name, channels=info.channels, num_classes=info.num_classes,
-                       image_size=info.image_size, mean=info.mean, std=info.std)
+                       image_size=info.image_size, mean=info.mean, std=info.std, **kwargs)

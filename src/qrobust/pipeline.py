@@ -15,12 +15,12 @@ from torch import nn
 
 from qrobust import data as datasets
 from qrobust.config import RunConfig, config_from_dict, load_config
-from qrobust.errors import CheckpointError, ConfigError
+from qrobust.errors import CheckpointError, ConfigError, RunFolderError
 from qrobust.metrics import accuracy, predict_logits, tie_rate
 from qrobust.models import QNet, model_for_data
 from qrobust.quant import QuantConfig, quantize
-from qrobust.runs import RunDir, atomic_write_bytes, environment, safe_load
-from qrobust.train.loop import fit, resolve_device
+from qrobust.runs import DATA_LOCATION_KEYS, RunDir, atomic_write_bytes, environment, safe_load
+from qrobust.train.loop import check_loader, fit, resolve_device
 from qrobust.train.objectives import CrossEntropy
 
 
@@ -61,16 +61,19 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
     return state
 
 
-def build_model(cfg: RunConfig, info: datasets.DatasetInfo) -> nn.Module:
-    """The float model, or its QAT twin (initialised from ``quant.init`` when given)."""
+def build_model(cfg: RunConfig, info: datasets.DatasetInfo, *, load_init: bool = True) -> nn.Module:
+    """The float model, or its QAT twin (initialised from ``quant.init`` when given and ``load_init``)."""
     model = model_for_data(cfg.model.arch, info)
     qcfg = quant_config(cfg)
     if qcfg is None:
         if cfg.quant.init:
             raise ConfigError("quant.init is for QAT runs; set quant.bits to 2..8 or drop quant.init")
         return model
-    if cfg.quant.init:
-        load_weights(model, cfg.quant.init)
+    if cfg.quant.init and load_init:
+        try:
+            load_weights(model, cfg.quant.init)
+        except CheckpointError as err:
+            raise CheckpointError(f"quant.init: {err}") from None
     return quantize(model, qcfg)
 
 
@@ -78,19 +81,28 @@ def run_extra_state(cfg: RunConfig) -> dict:
     return {"arch": cfg.model.arch, "quant": cfg.to_dict()["quant"], "data": cfg.data.name}
 
 
-def train(cfg: RunConfig, out: str | Path, *, progress: bool = True, stop_after_epoch: int | None = None) -> dict:
-    """Train (or resume) the run described by ``cfg`` into ``out``; returns ``results.json``'s content."""
+def train(cfg: RunConfig, out: str | Path, *, progress: bool = False, stop_after_epoch: int | None = None) -> dict:
+    """Train (or resume) the run described by ``cfg`` into ``out``; returns ``results.json``'s content.
+
+    Everything that can be checked before training (config, device, data set, architecture, the
+    ``quant.init`` checkpoint, batch size vs training set) is checked before the run folder is created,
+    so a failed start leaves nothing behind."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.train.device)
     ds = load_data(cfg)
-    run = RunDir(out, cfg.to_dict(), meta=environment(str(device)))
-    done = run.read_json("results.json")
-    if done is not None and done.get("complete"):
-        return done
-    model = build_model(cfg, ds.info)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"output folder {out} is a file, not a folder; choose another --out")
+    resuming = (out / "checkpoint.pt").is_file()  # the checkpoint replaces quant.init's weights anyway
+    model = build_model(cfg, ds.info, load_init=not resuming)
     loader = datasets.BatchLoader(ds.train_x, ds.train_y, cfg.train.batch_size, shuffle=True,
                                   augment=cfg.data.augment, info=ds.info, device=device, drop_last=True,
                                   seed=cfg.seed)
+    check_loader(loader, cfg.train)
+    run = RunDir(out, cfg.to_dict(), meta=environment(str(device)), ignore=DATA_LOCATION_KEYS)
+    done = run.read_json("results.json")
+    if done is not None and done.get("complete"):
+        return done
     objective = CrossEntropy(cfg.train.label_smoothing)
 
     def evaluate(m: nn.Module) -> dict:
@@ -129,7 +141,11 @@ def load_run(path: str | Path) -> tuple[RunConfig, nn.Module, datasets.DatasetIn
     if not cfg_file.is_file():
         raise ConfigError(f"{path} is not a qrobust run folder (no config.toml); give the folder that "
                           "`qrobust train --out` wrote")
-    values = tomllib.loads(cfg_file.read_text())
+    try:
+        values = tomllib.loads(cfg_file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{cfg_file} is corrupt (not valid UTF-8 TOML); the run folder {path} cannot be "
+                          "read, train it again") from None
     values.pop("meta", None)
     if "quant" in values and "edge_bits" not in values["quant"]:
         values["quant"]["edge_bits"] = 0  # written before edge_bits existed: its input and logits followed the body
@@ -183,7 +199,7 @@ def export(path: str | Path, backend: str | None = None, *, measure_speed: bool 
     if format == "onnx":
         return _export_onnx(path, cfg, twin, ds, backend, measure_speed)
     int8 = export_int8(twin, backend)
-    run = RunDir(path, cfg.to_dict())
+    run = RunDir(path, cfg.to_dict(), ignore=DATA_LOCATION_KEYS)
     buffer = io.BytesIO()
     torch.save(int8.state_dict(), buffer)
     atomic_write_bytes(Path(path) / f"int8-{backend}.pt", buffer.getvalue())
@@ -216,7 +232,7 @@ def _export_onnx(path, cfg: RunConfig, twin: nn.Module, ds, backend: str, measur
     from qrobust.quant.deploy import export_int8, twin_agreement
 
     proto = qonnx.export_onnx(twin, backend)
-    run = RunDir(path, cfg.to_dict())
+    run = RunDir(path, cfg.to_dict(), ignore=DATA_LOCATION_KEYS)
     size = qonnx.save_onnx(proto, Path(path) / "model-int8.onnx")
     ort_model = qonnx.OrtModel(proto)
     ops = qonnx.optimized_op_counts(proto)

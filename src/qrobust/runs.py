@@ -16,10 +16,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import pickletools
 import platform
+import re
 import subprocess
 import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +60,66 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code runs."""
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code runs.
+
+    A file torch cannot read is reported as corrupt or truncated; a readable pickle that holds other
+    Python objects is refused, naming them. Neither message suggests lifting the protection.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError with long texts
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError / EOFError / KeyError ...
+        refused = isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+        names = _pickle_globals(path) if refused else None
+        if names is None:  # torch could not read it, or its pickle does not even parse
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or truncated ({_unreadable_reason(path, err)}); delete it (a run "
+                "folder then restarts that run from scratch) or copy the file again"
+            ) from None
+        what = f"the Python object(s) {', '.join(names[:3])}" if names else "pickle instructions beyond plain data"
         raise CheckpointError(
-            f"refused to load {path}: it is not a plain weights file ({first[:200]}). qrobust only loads "
-            "tensors and plain containers (torch.load(weights_only=True)); never load untrusted pickles."
+            f"refused to load {path}: it holds {what}, not just tensors and plain containers, and unpickling it "
+            "could run code; qrobust loads weights only (re-save them with torch.save(model.state_dict(), path) "
+            "or use a checkpoint written by qrobust)"
         ) from None
+
+
+def _pickle_globals(path: Path) -> list[str] | None:
+    """The names a checkpoint's pickle imports (read with ``pickletools``, never executed), or None when
+    the file holds no complete pickle (a corrupt or truncated file)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(pkl) if pkl else b""
+        else:
+            data = path.read_bytes()
+        ops = list(pickletools.genops(data))
+    except Exception:  # zipfile / pickletools errors: the bytes are damaged
+        return None
+    names, strings = [], []
+    for op, arg, _ in ops:
+        if op.name in ("GLOBAL", "INST"):
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        if isinstance(arg, str):
+            strings.append(arg)
+    return [n for n in dict.fromkeys(names) if not n.startswith(("torch.", "collections.OrderedDict"))]
+
+
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    """A few words on why torch could not read ``path`` (never torch's own advice)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        return f"{size} bytes, a damaged or incomplete PyTorch zip archive"
+    return f"{size} bytes, not a PyTorch checkpoint ({type(err).__name__})"
 
 
 def git_commit() -> str:
@@ -90,40 +142,94 @@ def environment(device: str) -> dict:
     }
 
 
+# Settings that say where a run reads its data, not what it computes: stored in config.toml, not compared,
+# so `--data-dir` / `--download` on one call and not on the next resume the same run.
+DATA_LOCATION_KEYS = ("data.dir", "data.download")
+
+_STRAY_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what a killed atomic_write_bytes leaves behind
+
+
+def is_stray_tmp(path: Path) -> bool:
+    """True for a temporary file of :func:`atomic_write_bytes` whose write never finished."""
+    return path.is_file() and _STRAY_TMP.match(path.name) is not None
+
+
+def remove_stray_tmp(folder: Path) -> int:
+    """Delete the temporary files a killed atomic write left anywhere under ``folder``; returns how many."""
+    stray = [p for p in folder.rglob("*.tmp") if is_stray_tmp(p)]
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return len(stray)
+
+
+def holds_no_results(folder: Path) -> bool:
+    """True when nothing under ``folder`` would be lost by starting another run there: it holds only
+    folders, ``config.toml`` files (a start that failed before its first result) and stray temporary files."""
+    return all(p.is_dir() or p.name == "config.toml" or is_stray_tmp(p) for p in folder.rglob("*"))
+
+
 class RunDir:
     """One run's folder. ``RunDir(path, config_dict)`` creates it or checks that it holds the same run.
 
+    A folder that holds a different config but no results yet (only ``config.toml``: a start that failed
+    before its first checkpoint or result) is taken over by the new config, so the corrected command runs;
+    an empty folder, or one holding only the temporary files of a killed write, counts as new. Stray
+    temporary files are removed whenever a folder is opened.
+
     ``defaults`` (same nesting as ``config``) makes folders written by an older qrobust resumable: a
     setting the stored config lacks counts as equal when the new config holds its default (the value
-    that reproduces the old behaviour). Any other difference refuses the folder.
+    that reproduces the old behaviour). ``ignore`` lists dotted keys that say how a run reads its inputs,
+    not what it computes (e.g. ``data.dir``): they are stored but not compared. Any other difference
+    refuses the folder.
     """
 
-    def __init__(self, path: str | Path, config: dict, meta: dict | None = None, defaults: dict | None = None):
+    def __init__(self, path: str | Path, config: dict, meta: dict | None = None, defaults: dict | None = None,
+                 ignore: tuple[str, ...] = ()):
         self.path = Path(path)
         self.config = config
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"output folder {self.path} is a file, not a folder; choose another --out")
         existing = self.path / "config.toml"
-        if existing.exists():
+        fresh = not self.path.exists() or holds_no_results(self.path)  # nothing here would be lost
+        previous = None
+        if existing.is_file():
             try:
-                previous = tomllib.loads(existing.read_text())
-            except tomllib.TOMLDecodeError:
-                raise RunFolderError(f"{existing} is corrupt; delete the folder {self.path} or choose another --out") from None
+                previous = tomllib.loads(existing.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                if not fresh:
+                    raise RunFolderError(f"{existing} is corrupt; delete the folder {self.path} or choose another "
+                                         "--out") from None
+        if previous is not None:
             previous.pop("meta", None)
             if defaults is not None:
-                previous = _with_missing_defaults(previous, json.loads(json.dumps(config)), json.loads(json.dumps(defaults)))
-            if previous != json.loads(json.dumps(config)):
-                diff = _diff(previous, config)
+                previous = _with_missing_defaults(previous, json.loads(json.dumps(config)),
+                                                  json.loads(json.dumps(defaults)))
+            previous, compared = without_keys(previous, ignore), without_keys(config, ignore)
+            if previous != compared and not fresh:
                 raise RunFolderError(
-                    f"output folder {self.path} already holds a different run (differs in: {diff}); "
-                    "choose another --out, or delete the folder to start over"
+                    f"output folder {self.path} already holds a different run (differs in: "
+                    f"{_diff(previous, compared)}); choose another --out, or delete the folder to start over"
                 )
-        elif self.path.exists() and any(self.path.iterdir()):
+            if previous != compared:
+                self._write_config(meta)  # another config's start failed before any result: nothing to lose
+        elif fresh:
+            self._write_config(meta)
+        else:
             raise RunFolderError(
                 f"output folder {self.path} is not empty and holds no qrobust run; choose another --out"
             )
-        else:
-            body = dict(config)
-            body["meta"] = meta or {}
-            atomic_write_text(existing, to_toml(body))
+        remove_stray_tmp(self.path)
+
+    def _write_config(self, meta: dict | None) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunFolderError(f"cannot create the output folder {self.path} ({err.strerror or err}); "
+                                 "choose another --out") from None
+        remove_stray_tmp(self.path)
+        body = dict(self.config)
+        body["meta"] = meta or {}
+        atomic_write_text(self.path / "config.toml", to_toml(body))
 
     @property
     def checkpoint_path(self) -> Path:
@@ -162,6 +268,19 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self.path / name, text)
+
+
+def without_keys(values: dict, dotted_keys: tuple[str, ...]) -> dict:
+    """A copy of nested ``values`` without the ``section.key`` entries named in ``dotted_keys``."""
+    out = json.loads(json.dumps(values))
+    for dotted in dotted_keys:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
 
 
 def _with_missing_defaults(stored: dict, config: dict, defaults: dict) -> dict:

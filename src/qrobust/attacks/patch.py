@@ -356,7 +356,7 @@ def train_patch(
     init: str | Tensor = "random",
     generator: torch.Generator | None = None,
     model_sampler: Callable[[], nn.Module] | None = None,
-    progress: bool = True,
+    progress: bool = False,
 ) -> Tensor:
     """Optimise a universal patch (Brown et al. 2017) on ``model`` over images ``x`` with labels ``y``.
 
@@ -379,7 +379,7 @@ def train_patch(
         model_sampler: called with no arguments at every step; returns the model for that step (e.g.
             one network switched to a random bit width, for A-QAPA or an adaptive attack over
             widths). ``None`` = always ``model``. ``model`` still gives the number of classes.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (default off).
 
     Returns:
         The patch, ``[C, s, s]`` in [0, 1], detached, on ``x``'s device.

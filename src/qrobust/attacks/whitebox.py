@@ -53,7 +53,6 @@ __all__ = [
     "apgd_ce",
     "apgd_checkpoints",
     "check_attack_setup",
-    "accuracy",
     "robust_accuracy",
 ]
 
@@ -593,7 +592,7 @@ def check_attack_setup(
 
 
 # --------------------------------------------------------------------------------------------------
-# Accuracy and robust accuracy
+# Robust accuracy (clean accuracy: qrobust.metrics.accuracy, with the same ``draws`` rule)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -607,17 +606,6 @@ def _correct_on_all_draws(model: nn.Module, x: Tensor, y: Tensor, draws: int) ->
 
 def _batches(n: int, batch_size: int) -> list[slice]:
     return [slice(start, start + batch_size) for start in range(0, n, batch_size)]
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, draws: int = 1, batch_size: int = 256) -> float:
-    """Share of inputs classified correctly on every one of ``draws`` independent forward passes."""
-    draws = _check_int("draws", draws, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    _check_inputs(x, y)
-    correct = sum(
-        int(_correct_on_all_draws(model, x[b], y[b], draws).sum()) for b in _batches(len(y), batch_size)
-    )
-    return correct / len(y)
 
 
 def robust_accuracy(

@@ -8,6 +8,8 @@ are not mirror-symmetric, so ``flip`` is False.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +63,21 @@ def _draw(
         n, templates.shape[1], size, size, generator=gen
     )
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+@DATASETS.register("synthetic-cifar10")
+def load_synthetic_cifar10(where: Where, *, num_train: int = 512, num_test: int = 256, seed: int = 0) -> ImageData:
+    """Synthetic images of CIFAR-10's shape (3x32x32, 10 classes): the paper presets' first steps on a CPU."""
+    return _renamed(load_synthetic(where, num_train=num_train, num_test=num_test, num_classes=10, channels=3,
+                                   size=32, seed=seed), "synthetic-cifar10")
+
+
+@DATASETS.register("synthetic-cifar100")
+def load_synthetic_cifar100(where: Where, *, num_train: int = 512, num_test: int = 256, seed: int = 1) -> ImageData:
+    """Synthetic images of CIFAR-100's shape (3x32x32, 100 classes), e.g. a transfer set for CIFAR-10 runs."""
+    return _renamed(load_synthetic(where, num_train=num_train, num_test=num_test, num_classes=100, channels=3,
+                                   size=32, seed=seed), "synthetic-cifar100")
+
+
+def _renamed(data: ImageData, name: str) -> ImageData:
+    return ImageData(dataclasses.replace(data.info, name=name), data.train_x, data.train_y, data.test_x, data.test_y)

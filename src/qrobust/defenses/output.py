@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,6 +279,21 @@ def mean_l1(p_clean: Tensor, p_def: Tensor) -> float:
     return (p_clean - p_def).abs().sum(dim=1).mean().item()
 
 
+class DefenseAccuracyWarning(UserWarning):
+    """A calibrated output defense costs the defender most of its accuracy."""
+
+
+def defense_accuracy_warning(defense: Any, clean_acc: float, defended_acc: float, ratio: float = 0.5) -> str | None:
+    """The warning for a defense that leaves the defender's top-1 accuracy below ``ratio`` times the undefended
+    victim's (at 0% for a weak victim: its low-confidence answers let the l1 budget allow a strength that
+    flips the argmax, e.g. reverse sigmoid with beta * gamma > 1); None when the accuracy holds up."""
+    if not defended_acc < ratio * clean_acc:
+        return None
+    return (f"output defense {defense} leaves the defender {100 * defended_acc:.1f}% accurate against "
+            f"{100 * clean_acc:.1f}% undefended: calibrated on this weak, low-confidence victim it flips the "
+            "answers; train the victim longer, lower the l1 budget or fix the defense's strength")
+
+
 # param -> (stronger when larger?, continuous?)
 _STRENGTH = {"beta": (True, True), "threshold": (True, True), "decimals": (False, False), "k": (False, False)}
 _DEFAULT_PARAM = {"rs": "beta", "dcp": "beta", "round": "decimals", "topk": "k"}
@@ -297,6 +313,7 @@ def calibrate_defense(
     fixed: dict[str, Any] | None = None,
     tol: float = 1e-3,
     max_bisections: int = 30,
+    labels: Tensor | None = None,
 ) -> tuple[dict[str, Any], float]:
     """Find the strongest value of ``param`` whose mean l1 on ``probs_val`` is ``<= l1_budget``.
 
@@ -308,7 +325,10 @@ def calibrate_defense(
     the budget) is bisected until it is narrower than ``tol`` (relative); bisection assumes the l1 is
     monotone inside that one interval, and only values measured within budget are ever returned.
     ``fixed`` holds the other parameters (e.g. ``{"gamma": 0.2}``). No grid value within budget ->
-    :class:`ConfigError`.
+    :class:`ConfigError`. With ``labels`` (the true classes of the validation rows) a
+    :class:`DefenseAccuracyWarning` is issued when the calibrated defense leaves the defender's accuracy
+    below half the undefended one (:func:`defense_accuracy_warning`): the l1 budget alone does not stop a
+    strength that flips the answers of a low-confidence victim.
     """
     if name not in _DEFAULT_PARAM:
         raise ConfigError(
@@ -352,5 +372,12 @@ def calibrate_defense(
                 lo, value, l1 = mid, mid, mid_l1
             else:
                 hi = mid
-    params = make_defense(name, **fixed, **{param: value}).params
-    return params, l1
+    defense = make_defense(name, **fixed, **{param: value})
+    if labels is not None:
+        labels = labels.to(probs_val.device)
+        clean_acc = (probs_val.argmax(dim=1) == labels).float().mean().item()
+        defended_acc = (defense(probs_val).argmax(dim=1) == labels).float().mean().item()
+        message = defense_accuracy_warning(defense, clean_acc, defended_acc)
+        if message:
+            warnings.warn(message, DefenseAccuracyWarning, stacklevel=2)
+    return defense.params, l1

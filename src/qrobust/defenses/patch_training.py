@@ -85,6 +85,7 @@ from qrobust.quant.fake import (
 )
 from qrobust.registry import OBJECTIVES
 from qrobust.train.objectives import Objective
+from qrobust.utils import eval_mode
 
 __all__ = [
     "DWQ",
@@ -354,7 +355,7 @@ def patch_asr(
     locations = [spec.locations(n, image_hw, generator).to(x.device) for _ in range(draws)]
     patch = patch.to(device=x.device, dtype=x.dtype)
     y = y.to(x.device)
-    with _eval(model):
+    with eval_mode(model):
         eligible = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)]) == y
         hits = 0
         for locs in locations:
@@ -368,17 +369,6 @@ def patch_asr(
         "num_eligible": num,
         "clean_acc": float(eligible.float().mean()),
     }
-
-
-@contextmanager
-def _eval(model: nn.Module):
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.train(flag)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +425,7 @@ def gir_penalty(
 
 def input_gradient_cosine(model: nn.Module, x: Tensor, y: Tensor, bits: int, other_bits: int) -> float:
     """Mean per-image cosine similarity of input gradients at two widths (eval mode, no graph)."""
-    with _eval(model):
+    with eval_mode(model):
         set_bit_width(model, bits)
         ga = _input_grad(model, x.detach().requires_grad_(True), y, create_graph=False)[1]
         set_bit_width(model, other_bits)

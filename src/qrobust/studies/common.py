@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from qrobust.config import load_dataclass_config, preset_path
-from qrobust.runs import RunDir, atomic_write_bytes, environment
+from qrobust.registry import DATASETS, MODELS
+from qrobust.runs import DATA_LOCATION_KEYS, RunDir, atomic_write_bytes, environment
 from qrobust.train.loop import fit, resolve_device
 
 PRESETS = ("quick", "full", "paper")
@@ -81,8 +82,21 @@ def act_range_tag(act_range: str) -> dict:
     return {} if act_range == "ema" else {"act_range": act_range}
 
 
+def check_names(cfg: Any) -> None:
+    """ConfigError for an unknown data set, architecture or device in a study config, before any folder
+    is made (the study itself checks the rest when it loads its data)."""
+    data, model = getattr(cfg, "data", None), getattr(cfg, "model", None)
+    if data is not None and hasattr(data, "name"):
+        DATASETS.get(str(data.name).strip().lower().replace("_", "-"))
+    for key in ("arch", "clone_arch"):
+        if model is not None and getattr(model, key, ""):
+            MODELS.get(getattr(model, key))
+    resolve_device(cfg.device)
+
+
 def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
     """Apply ``threads`` and open (or resume) the study's top-level run folder ``out_root/name``."""
+    check_names(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out_root) / cfg.name
@@ -90,7 +104,8 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
     # ... but not across a change of what the quantized models are: a folder without this key holds models
     # whose input and logits followed the body's width, and its stage files would be reused.
     config = study_toml(cfg) | {"quant_edges": QAT_EDGES["edge_bits"]}
-    return root, RunDir(root, config, meta=environment(cfg.device), defaults=defaults)
+    where = ("name", "out_root", *DATA_LOCATION_KEYS)  # where the study and its data are, not what it computes
+    return root, RunDir(root, config, meta=environment(cfg.device), defaults=defaults, ignore=where)
 
 
 _LOOP_KEYS = ("epoch", "train_loss", "train_acc", "lr", "epoch_seconds")  # what fit's rows hold besides evaluate's
@@ -150,7 +165,7 @@ class SeedStudy:
             "stage": name, "seed": self.seed, "model": flat_section(dataclasses.asdict(self.cfg.model)),
             "data": flat_section(dataclasses.asdict(self.cfg.data)), "train": flat_section(dataclasses.asdict(train)),
             "objective": flat_section(objective.config() | describe),
-        }, meta=environment(str(self.device)))
+        }, meta=environment(str(self.device)), ignore=DATA_LOCATION_KEYS)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ Per seed (``runs/<name>/seed-<s>/``):
    victims for each backend ('server' = x86, 'mobile' = ARM); DivQAT victims over the alpha sweep,
    all fine-tuned from the float model. For each quantized victim: test accuracy and the mean
    ``KL(f_q || f_fp)`` on test images (the mechanism). A DivQAT victim that lost more than
-   ``divqat.max_acc_drop`` accuracy vs plain QAT stops the study with a clear error (its folder is kept).
+   ``divqat.max_acc_drop`` accuracy vs plain QAT stops the study with a clear error (its folder is kept);
+   the objective's own guard stops it earlier, during training, at the same threshold vs the teacher.
 3. **Defenses**: none, RS and DCP, each calibrated per victim to the strongest parameter with mean
    l1 <= ``defense.l1_budget`` (0.6) on the validation probabilities (``calibrate_defense``).
 4. **Attacks** per victim x defense: KnockoffNets (soft labels, transfer set = the attacker split or a
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +53,12 @@ from qrobust.attacks.extraction.maze import MAZE
 from qrobust.attacks.extraction.metrics import agreement, clone_accuracy
 from qrobust.attacks.extraction.victim import Victim
 from qrobust.config import TrainSection
-from qrobust.defenses.output import calibrate_defense, make_defense
+from qrobust.defenses.output import (
+    DefenseAccuracyWarning,
+    calibrate_defense,
+    defense_accuracy_warning,
+    make_defense,
+)
 from qrobust.errors import ConfigError
 from qrobust.metrics import accuracy, accuracy_and_tie_rate, as_float_images, predict_logits
 from qrobust.models import QNet, _convnet, model_for_data
@@ -381,7 +388,8 @@ class DivQATStudy(SeedStudy):
             torch.manual_seed(self.seed)
             q = quantize(fp, QuantConfig(cfg.qat.bits, cfg.qat.bits, backend=d.backend))
             name = f"divqat-{alpha_tag(alpha)}-{d.backend}"
-            objective = DivQATLoss(fp, alpha, teacher_floor=d.teacher_floor)
+            # the same collapse check and threshold in training (vs the teacher) and after it (vs QAT)
+            objective = DivQATLoss(fp, alpha, teacher_floor=d.teacher_floor, max_acc_drop=d.max_acc_drop)
             self.models[name] = self._fit(name, q, objective, div_train, {"backend": d.backend, **QAT_EDGES}, teacher=fp)
             info[name] = {"kind": "divqat", "backend": d.backend, "alpha": alpha}
         for name, meta in info.items():
@@ -418,6 +426,10 @@ class DivQATStudy(SeedStudy):
                 out[name][defense] = {"params": params, "l1_val": l1,
                                       "l1_test": victim.mean_l1(self.data.test_x),
                                       "defender_acc": victim.accuracy(self.data.test_x, self.data.test_y)}
+                message = defense_accuracy_warning(f"{defense} on victim {name}", out[name]["none"]["defender_acc"],
+                                                   out[name][defense]["defender_acc"])
+                if message:  # also listed in results.md (defense_warnings)
+                    warnings.warn(message, DefenseAccuracyWarning, stacklevel=2)
         self._write_json("defenses.json", out)
         return out
 
@@ -568,6 +580,20 @@ def error_gains(cfg: StudyConfig, agg: dict) -> dict:
     return out
 
 
+def defense_warnings(cfg: StudyConfig, defenses: dict) -> list[str]:
+    """One line per (victim, defense) whose mean test defender accuracy is below half the undefended
+    victim's (:func:`defense_accuracy_warning`), from the seed-aggregated ``defenses`` table."""
+    out = []
+    for name in victim_names(cfg):
+        for defense in cfg.defense.names:
+            message = defense_accuracy_warning(f"{defense} on victim {name}",
+                                               defenses[name]["none"]["defender_acc"]["mean"],
+                                               defenses[name][defense]["defender_acc"]["mean"])
+            if message:
+                out.append(message)
+    return out
+
+
 def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, seconds: float, splits: dict,
                      transfer: str) -> str:
     v_info, defenses, cells = agg["victims"], agg["defenses"], agg["cells"]
@@ -627,6 +653,9 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
                 parts.append(text)
             lines.append(f"| {_label(name, v_info)} | {defense} | {_pct(dmeta['defender_acc'], seeds)} | "
                          f"{dmeta['l1_test']['mean']:.3f} | " + " | ".join(parts) + " |")
+    warned = defense_warnings(cfg, defenses)
+    if warned:
+        lines += ["", "**Warning**: " + " ".join(f"{w}." for w in warned)]
     ledger_ok = all(c["ledger_matches_queries"] for per_d in cells.values() for per_a in per_d.values()
                     for c in per_a.values())
     mean_gain = {a: [g[a] for per_d in gains.values() for g in per_d.values() if a in g] for a in attacks}
@@ -696,8 +725,10 @@ def _plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
     FigureCanvasAgg(fig).print_png(str(root / "clone_vs_queries.png"))
 
 
-def run_study(cfg: StudyConfig) -> dict:
+def run_study(cfg: StudyConfig, executor=None) -> dict:
     """Run (or resume) every seed of the study; write ``results.json``, ``results.md`` and plots."""
+    if executor is not None and executor.name != "local":
+        raise ConfigError("this study does not run on the study engine yet: use --executor local")
     root, run = open_study(cfg)
     t0 = time.perf_counter()
     per_seed, transfer = [], ""

@@ -60,7 +60,7 @@ from qrobust.errors import ConfigError
 from qrobust.metrics import accuracy, accuracy_and_tie_rate, as_float_images
 from qrobust.models import QNet, _convnet, model_for_data
 from qrobust.quant import QuantConfig, quantize, set_bit_width
-from qrobust.runs import atomic_write_bytes, environment
+from qrobust.runs import atomic_write_bytes, environment, safe_load
 from qrobust.studies.common import (
     PRESETS,
     QAT_EDGES,
@@ -452,7 +452,7 @@ class QADTRStudy(SeedStudy):
     def float_patches(self) -> dict[str, Tensor]:
         path = self.root / "float_patches.pt"
         if path.exists():
-            return {k: v.to(self.device) for k, v in torch.load(path, weights_only=True).items()}
+            return {k: v.to(self.device) for k, v in safe_load(path).items()}
         a = self.cfg.attack
         patches = {}
         for spec in tqdm(self.cfg.seen_specs() + self.cfg.unseen_specs(), desc="float patches",
@@ -835,8 +835,10 @@ def _plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
     FigureCanvasAgg(fig).print_png(str(root / "table2_asr.png"))
 
 
-def run_study(cfg: StudyConfig) -> dict:
+def run_study(cfg: StudyConfig, executor=None) -> dict:
     """Run (or resume) every seed of the study; write ``results.json``, ``results.md`` and plots."""
+    if executor is not None and executor.name != "local":
+        raise ConfigError("this study does not run on the study engine yet: use --executor local")
     root, run = open_study(cfg)
     t0 = time.perf_counter()
     per_seed = []

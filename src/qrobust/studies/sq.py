@@ -1192,8 +1192,10 @@ def _plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
     FigureCanvasAgg(fig).print_png(str(root / "aip.png"))
 
 
-def run_study(cfg: StudyConfig) -> dict:
+def run_study(cfg: StudyConfig, executor=None) -> dict:
     """Run (or resume) every seed of the study; write ``results.json``, ``results.md`` and the plots."""
+    if executor is not None and executor.name != "local":
+        raise ConfigError("this study does not run on the study engine yet: use --executor local")
     root, run = open_study(cfg)
     t0 = time.perf_counter()
     per_seed = [

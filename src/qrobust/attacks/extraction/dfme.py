@@ -50,6 +50,7 @@ from qrobust.attacks.extraction.metrics import ExtractionResult, _device, clone_
 from qrobust.attacks.extraction.victim import QueryBudgetExhausted, Victim
 from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
+from qrobust.utils import eval_mode
 
 _LOG_FLOOR = 1e-6  # victim probabilities are clamped here before the log (defenses can output exact 0)
 
@@ -207,10 +208,8 @@ class ZerothOrderExtraction:
             points = torch.cat([h.detach().unsqueeze(1) + self.eps * u, h.detach().unsqueeze(1)], dim=1)
             x = to_image(points.flatten(0, 1))  # per sample: m probes, then the unperturbed point
             answers = self.victim.query(x, phase=self.phase_generator)
-            was_training = self.clone.training
-            self.clone.eval()
-            logits = torch.cat([self.clone(chunk) for chunk in x.split(self.victim.batch_size)])
-            self.clone.train(was_training)
+            with eval_mode(self.clone):
+                logits = torch.cat([self.clone(chunk) for chunk in x.split(self.victim.batch_size)])
             loss = self.disagreement(logits, answers.to(logits.device)).view(b, m + 1)
             slopes = (loss[:, :m] - loss[:, m:]) / self.eps  # [B, m] directional derivatives
             grad = (d / m) * torch.einsum("bm,bm...->b...", slopes, u) / b
@@ -387,7 +386,7 @@ class DFME(ZerothOrderExtraction):
         lr_clone: SGD learning rate of the clone (DFME: 0.1). lr_generator: Adam lr (DFME: 5e-4).
         momentum, weight_decay: SGD settings (0.9, 5e-4).
         schedule: "multistep" (DFME), "cosine" or "none".
-        progress: tqdm bar. seed: seed of the attack's own draws (z, directions).
+        progress: tqdm bar (default off). seed: seed of the attack's own draws (z, directions).
     """
 
     name = "dfme"
@@ -410,7 +409,7 @@ class DFME(ZerothOrderExtraction):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         schedule: str = "multistep",
-        progress: bool = True,
+        progress: bool = False,
         seed: int | None = None,
     ):
         super().__init__(

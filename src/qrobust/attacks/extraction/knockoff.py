@@ -48,6 +48,7 @@ from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
 from qrobust.train.loop import fit
 from qrobust.train.objectives import SoftTargetCrossEntropy
+from qrobust.utils import eval_mode
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, RGB -> gray
 
@@ -204,7 +205,7 @@ class KnockoffNets:
         optimizer, lr, momentum, weight_decay: the clone's optimizer ("sgd" or "adam").
         num_groups: k-means groups for adaptive sampling when no ``transfer_groups`` are given.
         bandit_lr: step size of the gradient bandit.
-        progress: show tqdm progress bars.
+        progress: show tqdm progress bars (default off).
         seed: seed of the attack's own random draws (sampling order, k-means init, shuffling).
     """
 
@@ -225,7 +226,7 @@ class KnockoffNets:
         weight_decay: float = 5e-4,
         num_groups: int = 10,
         bandit_lr: float = 0.1,
-        progress: bool = True,
+        progress: bool = False,
         seed: int | None = None,
     ):
         if sampling not in ("random", "adaptive"):
@@ -411,11 +412,8 @@ class KnockoffNets:
                 if y is None:
                     break
                 # rewards use the clone's prediction before it trains on this round
-                with torch.no_grad():
-                    was_training = self.clone.training
-                    self.clone.eval()
+                with torch.no_grad(), eval_mode(self.clone):
                     logits = self.clone(x.to(device)).cpu()
-                    self.clone.train(was_training)
                 y_cpu = y.detach().cpu()
                 if answer_mean is None:
                     answer_mean = torch.full_like(y_cpu[0], 1.0 / y_cpu.shape[1])
@@ -504,7 +502,7 @@ class RandomNoise(KnockoffNets):
         lr: float = 0.01,
         momentum: float = 0.5,
         weight_decay: float = 5e-4,
-        progress: bool = True,
+        progress: bool = False,
         seed: int | None = None,
     ):
         super().__init__(

@@ -53,7 +53,7 @@ class MAZE(ZerothOrderExtraction):
         lr_clone: SGD lr of the clone (0.1). lr_generator: SGD lr of the generator (1e-4).
         momentum, weight_decay: SGD settings (0.9, 5e-4).
         schedule: "cosine" (MAZE), "multistep" or "none".
-        progress: tqdm bar. seed: seed of the attack's own draws.
+        progress: tqdm bar (default off). seed: seed of the attack's own draws.
     """
 
     name = "maze"
@@ -78,7 +78,7 @@ class MAZE(ZerothOrderExtraction):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         schedule: str = "cosine",
-        progress: bool = True,
+        progress: bool = False,
         seed: int | None = None,
     ):
         super().__init__(

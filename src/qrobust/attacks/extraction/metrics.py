@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from qrobust.attacks.extraction.victim import Victim
+from qrobust.utils import eval_mode
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -23,15 +24,10 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def predict_labels(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    """Argmax labels of ``model`` on ``x`` in eval mode, without gradients; the mode is restored."""
-    was_training = model.training
-    model.eval()
+    """Argmax labels of ``model`` on ``x`` in eval mode, without gradients; every flag is restored."""
     device = _device(model)
-    try:
-        with torch.no_grad():
-            labels = [model(chunk.to(device)).argmax(dim=1) for chunk in x.split(batch_size)]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        labels = [model(chunk.to(device)).argmax(dim=1) for chunk in x.split(batch_size)]
     return torch.cat(labels).to(x.device)
 
 

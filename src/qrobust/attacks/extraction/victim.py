@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from qrobust.defenses.output import make_defense, mean_l1, top_k
 from qrobust.errors import ConfigError, QrobustError
+from qrobust.utils import eval_mode, module_device
 
 OUTPUT_MODES = ("probs", "top1", "topk")
 
@@ -56,7 +57,9 @@ class Victim:
 
     Args:
         model: classifier returning logits for images in [0, 1] (normalisation inside ``forward``).
-            It is put in eval mode; queries run without gradients.
+            Every answer is computed in eval mode without gradients; the model's own train/eval flags
+            are switched only for those forwards and restored after each (the caller's model is left
+            as it was found; the victim does not move it or change its weights).
         defense: ``None`` (clean probabilities), a defense name without parameters ("none", "label"),
             or a callable on a probability batch, e.g. ``make_defense("rs", beta=0.5, gamma=0.2)``.
         output: "probs" (K probabilities), "top1" (one-hot label), "topk" (top-``k`` renormalised).
@@ -90,7 +93,7 @@ class Victim:
             defense = make_defense(defense)
         if defense is not None and not callable(defense):
             raise ConfigError(f"defense must be None, a name or a callable, got {type(defense).__name__}")
-        self.model = model.eval()
+        self.model = model
         self.defense = defense
         self.output = output
         self.k = k
@@ -124,8 +127,7 @@ class Victim:
 
     @property
     def device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+        return module_device(self.model)
 
     # ------------------------------------------------------------------ answers
 
@@ -143,9 +145,8 @@ class Victim:
         return answers
 
     def _clean_probs(self, x: Tensor) -> Tensor:
-        self.model.eval()  # someone may have switched it back to train mode
         device = self.device
-        with torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():  # eval for our forwards only: flags restored
             logits = torch.cat([self.model(chunk.to(device)) for chunk in x.split(self.batch_size)])
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # probabilities of half-precision models in float32

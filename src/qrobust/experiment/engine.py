@@ -1,0 +1,102 @@
+"""The study engine: one implementation of caching, resume, scheduling, timings, progress, seed
+aggregation and atomic writes for every study (the specifications are in ``qrobust.studies``).
+
+``run_study(spec, cfg, executor)``:
+
+1. opens (or resumes) the study folder ``out_root/name`` after validating everything;
+2. runs every seed's ``prepare`` (data + trained models; finished stages are loaded, not retrained);
+3. runs every cell of every seed that has no complete stored record, in any order the executor likes,
+   writing each record into the seed's ``cells.json`` as it arrives (a crash loses only running cells);
+4. writes each seed's ``results.json``, then the study's ``results.json`` (mean +- std over seeds),
+   ``results.md`` and figures.
+
+Cell records do not hold timings (they differ between runs and executors); seconds per cell and per
+stage go to each seed's ``timings.json`` and into the study's ``results.json`` under ``seconds``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from qrobust.experiment.executors import LocalExecutor
+from qrobust.experiment.settings import open_study
+from qrobust.experiment.spec import Cell, StudySpec
+from qrobust.experiment.stages import CellStore, Stages
+from qrobust.runs import environment
+
+
+def seed_stages(spec: StudySpec, cfg: Any, root: Path, seed: int) -> Stages:
+    """The :class:`Stages` of one seed (``root/seed-<s>``)."""
+    return Stages(Path(root) / f"seed-{seed}", seed, device=cfg.device, progress=cfg.progress,
+                  describe=spec.describe(cfg))
+
+
+def _prepare(spec: StudySpec, cfg: Any, root: Path, seed: int) -> tuple[dict, Any]:
+    """One seed's context; ``info`` = the spec's summary (JSON) and the stage seconds of this call."""
+    stages = seed_stages(spec, cfg, root, seed)
+    summary, ctx = stages.timed("prepare", lambda: spec.prepare(cfg, seed, stages))
+    return {"summary": summary, "seconds": dict(stages.timings)}, ctx
+
+
+def _run_cell(spec: StudySpec, cfg: Any, ctx: Any, cell: Cell) -> dict:
+    t0 = time.perf_counter()
+    record = spec.run_cell(cfg, ctx, cell)
+    return {"record": record, "seconds": time.perf_counter() - t0}
+
+
+class _Bound:
+    """``fn(*args, x...)`` with the leading arguments bound; pickles for Ray (unlike a lambda)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __call__(self, *rest):
+        return self.fn(*self.args, *rest)
+
+
+def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
+    """Run (or resume) every seed of study ``spec`` configured by ``cfg``; returns ``results.json``."""
+    executor = executor or LocalExecutor()
+    root, run = open_study(cfg)
+    t0 = time.perf_counter()
+    prepared = executor.prepare(_Bound(_prepare, spec, cfg, root), list(cfg.seeds))
+    stages = {seed: seed_stages(spec, cfg, root, seed) for seed in cfg.seeds}
+    stores = {seed: CellStore(stages[seed]) for seed in cfg.seeds}
+    grids = {seed: spec.cells(cfg, seed) for seed in cfg.seeds}
+    for grid in grids.values():
+        keys = [c.key for c in grid]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"study '{spec.name}' declares a cell key twice: {sorted(k for k in keys if keys.count(k) > 1)}")
+    work = [(seed, prepared[seed][1], cell) for seed, grid in grids.items() for cell in grid
+            if not _done(spec, cfg, stores[seed], cell)]
+    bar = tqdm(total=len(work), desc=f"{spec.name}: cells", disable=not cfg.progress or not work, unit="cell")
+    try:
+        for seed, cell, out in executor.run_cells(_Bound(_run_cell, spec, cfg), work):
+            stores[seed].put(cell.key, out["record"])
+            stages[seed].add_seconds(f"cell {cell.key}", out["seconds"])
+            bar.update(1)
+            bar.set_postfix_str(f"seed {seed}: {cell.key}"[:60])
+    finally:
+        bar.close()
+    per_seed = []
+    for seed in cfg.seeds:
+        records = {c.key: stores[seed].get(c.key) for c in grids[seed]}
+        result = spec.seed_result(cfg, seed, prepared[seed][0]["summary"], records)
+        stages[seed].write_json("results.json", result)
+        per_seed.append(result)
+    results = {"complete": True, "name": cfg.name, "seeds": list(cfg.seeds), **spec.aggregate(cfg, per_seed),
+               "seconds": {str(seed): stages[seed].read_json("timings.json") or {} for seed in cfg.seeds},
+               "executor": executor.name, "wall_seconds_this_call": time.perf_counter() - t0,
+               "environment": environment(str(cfg.device))}
+    run.write_json("results.json", results)
+    run.write_text("results.md", spec.report(cfg, results, root))
+    return results
+
+
+def _done(spec: StudySpec, cfg: Any, store: CellStore, cell: Cell) -> bool:
+    record = store.get(cell.key)
+    return record is not None and spec.cell_complete(cfg, cell, record)

@@ -1,0 +1,133 @@
+"""The study engine on a toy study: caching and resume, incomplete records, the same results on the local
+and the Ray executor, errors that keep finished cells."""
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from qrobust.config import TrainSection
+from qrobust.data import BatchLoader, load_dataset
+from qrobust.errors import ConfigError
+from qrobust.experiment import Cell, StudyBase, StudySpec, cell_seed, make_executor, run_study
+from qrobust.metrics import accuracy
+from qrobust.models import model_for_data
+from qrobust.train.objectives import CrossEntropy
+
+CALLS: list[str] = []  # what ran in this process (local executor)
+
+
+@dataclass
+class ToyConfig(StudyBase):
+    name: str = "toy"
+    epochs: int = 1
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.5])
+
+    def validate(self):
+        return self
+
+
+class Toy(StudySpec):
+    name = "toy"
+    config_cls = ToyConfig
+
+    def __init__(self, fail_on: str = ""):
+        self.fail_on = fail_on
+
+    def describe(self, cfg):
+        return {"toy": {"epochs": cfg.epochs}}
+
+    def prepare(self, cfg, seed, stages):
+        CALLS.append(f"prepare {seed}")
+        data = load_dataset("synthetic")
+        torch.manual_seed(seed)
+        model = model_for_data("lenet5", data.info)
+        train = TrainSection(epochs=cfg.epochs, batch_size=64, lr=0.05)
+        x, y = data.test_x[:200], data.test_y[:200]
+        model, res = stages.fit("fp32", model, CrossEntropy(), train, {}, lambda: BatchLoader(
+            data.train_x, data.train_y, 64, shuffle=True, seed=seed, drop_last=True),
+            lambda m: {"test_acc": accuracy(m, x, y)})
+        return {"clean": res["test_acc"]}, {"model": model, "x": x.float() / 255, "y": y}
+
+    def cells(self, cfg, seed):
+        return [Cell(f"noise-{n:g}", {"noise": n}) for n in cfg.noise]
+
+    def run_cell(self, cfg, ctx, cell):
+        CALLS.append(cell.key)
+        if cell.key == self.fail_on:
+            raise ConfigError(f"cell {cell.key} failed on purpose")
+        g = torch.Generator().manual_seed(cell_seed(0, cell.key))
+        x = (ctx["x"] + cell.params["noise"] * torch.randn(ctx["x"].shape, generator=g)).clamp(0, 1)
+        return {"acc": accuracy(ctx["model"], x, ctx["y"]), "noise": cell.params["noise"]}
+
+    def cell_complete(self, cfg, cell, record):
+        return "noise" in record
+
+    def report(self, cfg, results, root):
+        rows = [f"| {k} | {v['acc']['mean']:.3f} |" for k, v in results["cells"].items()]
+        return "| cell | acc |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def _cfg(tmp_path, **kw):
+    return ToyConfig(out_root=str(tmp_path), seeds=[0, 1], progress=False, **kw)
+
+
+def test_local_run_writes_results_and_resumes_without_recomputing(tmp_path):
+    CALLS.clear()
+    res = run_study(Toy(), _cfg(tmp_path))
+    assert CALLS == ["prepare 0", "prepare 1"] + ["noise-0", "noise-0.2", "noise-0.5"] * 2
+    assert res["complete"] and set(res["cells"]) == {"noise-0", "noise-0.2", "noise-0.5"}
+    assert res["cells"]["noise-0"]["acc"]["n"] == 2
+    clean = [json.loads((tmp_path / "toy" / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert all(c["clean"] == c["cells"]["noise-0"]["acc"] for c in clean)  # the same 200 test images
+    assert (tmp_path / "toy" / "results.md").read_text().startswith("| cell | acc |")
+    timings = res["seconds"]["0"]
+    assert "prepare" in timings and "cell noise-0.5" in timings
+    CALLS.clear()
+    again = run_study(Toy(), _cfg(tmp_path))
+    assert CALLS == ["prepare 0", "prepare 1"]  # models loaded from their run folders, no cell recomputed
+    assert again["cells"] == res["cells"]
+
+
+def test_an_incomplete_or_missing_record_is_recomputed_and_only_that(tmp_path):
+    run_study(Toy(), _cfg(tmp_path))
+    path = tmp_path / "toy" / "seed-1" / "cells.json"
+    cells = json.loads(path.read_text())
+    del cells["noise-0.2"]["noise"]  # as written before the study asked for this key
+    del cells["noise-0.5"]
+    path.write_text(json.dumps(cells))
+    CALLS.clear()
+    run_study(Toy(), _cfg(tmp_path))
+    assert CALLS == ["prepare 0", "prepare 1", "noise-0.2", "noise-0.5"]
+
+
+def test_a_failing_cell_keeps_the_records_before_it(tmp_path):
+    with pytest.raises(ConfigError, match="on purpose"):
+        run_study(Toy(fail_on="noise-0.5"), _cfg(tmp_path))
+    cells = json.loads((tmp_path / "toy" / "seed-0" / "cells.json").read_text())
+    assert set(cells) == {"noise-0", "noise-0.2"}
+    CALLS.clear()
+    run_study(Toy(), _cfg(tmp_path))
+    assert CALLS == ["prepare 0", "prepare 1", "noise-0.5", "noise-0", "noise-0.2", "noise-0.5"]  # seed 1 never ran
+
+
+def test_unknown_executor_is_a_clear_error():
+    with pytest.raises(ConfigError, match="local, ray"):
+        make_executor("spark")
+
+
+def test_ray_gives_the_same_results_as_local(tmp_path, ray_executor):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
+    local = run_study(Toy(), _cfg(tmp_path / "local"))
+    remote = run_study(Toy(), _cfg(tmp_path / "ray"), ray_executor)
+    assert remote["executor"] == "ray" and local["executor"] == "local"
+    assert remote["cells"] == local["cells"]
+    for seed in (0, 1):
+        a, b = (json.loads((tmp_path / k / "toy" / f"seed-{seed}" / "results.json").read_text()) for k in ("local", "ray"))
+        assert a == b
+    with pytest.raises(ConfigError, match="on purpose"):  # a task's own error reaches the driver
+        run_study(Toy(fail_on="noise-0.2"), _cfg(tmp_path / "ray2"), ray_executor)
