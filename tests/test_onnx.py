@@ -214,6 +214,13 @@ def test_cli_export_format_onnx_end_to_end(tmp_path, capsys):
     onnx.checker.check_model(model)
     assert result["onnx_size_bytes"] == (tmp_path / "q8" / "model-int8.onnx").stat().st_size
     assert result["onnx_size_bytes"] < result["twin_size_bytes"] / 2
+    # a float-logits run exports to ONNX only: torch's int8 path is skipped with its reason
+    assert main(["train", *FAST, "quant.bits=8", "quant.float_logits=true", "train.lr=0.01",
+                 f"quant.init={tmp_path / 'fp'}", "--out", str(tmp_path / "q8f")]) == 0
+    assert main(["export", str(tmp_path / "q8f"), "--format", "onnx"]) == 0
+    result = json.loads((tmp_path / "q8f" / "export-onnx.json").read_text())
+    assert result["logits"] == "float" and result["twin_onnx_agreement"] >= 0.99
+    assert "float logits" in result["torch_int8_skipped"] and "torch_int8_images_per_s" not in result
     # the torch path still works next to it, and a float run is refused with one clear line
     assert main(["export", str(tmp_path / "q8"), "--no-speed"]) == 0
     assert (tmp_path / "q8" / "export-server.json").is_file()
