@@ -63,7 +63,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from qrobust import pipeline
 
-    result = pipeline.export(args.run, args.backend, measure_speed=not args.no_speed)
+    result = pipeline.export(args.run, args.backend, measure_speed=not args.no_speed, format=args.format)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export an 8-bit QAT run to a real int8 model and check it")
     p.add_argument("run", help="run folder of an 8-bit QAT run")
+    p.add_argument("--format", choices=["torch", "onnx"], default="torch",
+                   help="torch: torch.ao int8 modules (int8-<backend>.pt); onnx: QDQ ONNX graph for ONNX Runtime "
+                        "(model-int8.onnx, export-onnx.json)")
     p.add_argument("--backend", choices=["server", "mobile"], help="int8 target (default: the run's)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
     p.set_defaults(func=cmd_export)
