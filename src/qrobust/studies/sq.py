@@ -71,6 +71,7 @@ from qrobust.attacks.whitebox import GradientMaskingWarning, apgd_ce, fgsm, pars
 from qrobust.config import TrainSection, check_act_range
 from qrobust.defenses.detection import MIDetector, auroc, information_plane
 from qrobust.errors import ConfigError
+from qrobust.experiment import cell_seed
 from qrobust.metrics import as_float_images, predict_logits, tie_rate
 from qrobust.models import model_for_data
 from qrobust.quant import QuantConfig, is_quantized, quantize, set_quantization_enabled
@@ -712,9 +713,10 @@ class SQStudy(SeedStudy):
             key = f"{eps!r}"
             if key not in self._transfer:  # the same float-model examples for every target
                 fp = self.models["fp32"].net
-                self._transfer[key] = _batched_attack(
-                    lambda xb, yb, **k: pgd(fp, xb, yb, eps, norm=a.norm, **k), x, y, a.batch_size, **kwargs
-                )
+                with torch.random.fork_rng(devices=[]):  # leaves the global RNG (SQ noise) as it was
+                    self._transfer[key] = _batched_attack(
+                        lambda xb, yb, **k: pgd(fp, xb, yb, eps, norm=a.norm, **k), x, y, a.batch_size, **kwargs
+                    )
             return self._transfer[key]
         draws = (eot or a.eot) if attack == "eot-pgd" else 1
         with warnings.catch_warnings():
@@ -735,7 +737,9 @@ class SQStudy(SeedStudy):
             return tie_rate(predict_logits(model.net, self.data.test_x, self.cfg.attack.batch_size))
 
     def evaluate_model(self, name: str) -> dict:
-        """Clean and robust accuracy per attack and eps; for SQ models the AIP rows and detector metrics."""
+        """Clean and robust accuracy per attack and eps; for SQ models the AIP rows and detector metrics.
+        Seeds the global RNG (the SQ noise) itself, so its numbers do not depend on what ran before."""
+        torch.manual_seed(cell_seed(self.seed, "eval", name))
         a = self.cfg.attack
         model = self.models[name]
         x, y = self.data.test_x, self.data.test_y
@@ -825,7 +829,9 @@ class SQStudy(SeedStudy):
         return out
 
     def adaptive(self) -> dict:
-        """Adaptive EOT-PGD on the sq-mi model and its detector, vs the non-adaptive EOT-PGD, at one eps."""
+        """Adaptive EOT-PGD on the sq-mi model and its detector, vs the non-adaptive EOT-PGD, at one eps.
+        Seeds the global RNG (the SQ noise) itself."""
+        torch.manual_seed(cell_seed(self.seed, "adaptive"))
         a = self.cfg.attack
         model = self.models["sq-mi"]
         spec = self.cfg.middle_eps(a.adaptive_eps, "attack.adaptive_eps")
@@ -873,13 +879,14 @@ class SQStudy(SeedStudy):
 
     def ablation(self) -> dict:
         """Clean accuracy, MI and robust accuracy (PGD, EOT-PGD and the checks APGD-CE / BPDA / Square) of
-        every ablation variant at one eps."""
+        every ablation variant at one eps. Each variant's row seeds the global RNG (the SQ noise) itself."""
         a = self.cfg.attack
         spec = self.cfg.middle_eps(self.cfg.ablation.eps, "ablation.eps")
         eps = _eps(spec, a.norm, "ablation.eps")
         x, y = self.data.test_x, self.data.test_y
         rows = {}
         for name, _ in [("sq-mi", None)] + self.cfg.ablation_variants():
+            torch.manual_seed(cell_seed(self.seed, "ablation", name))
             model = self.models[name]
             ok, mi = ensemble_stats(model.raw, x, y, model.net.n_draws, a.batch_size)
             clean = correct_on_all_draws(model.net, x, y, a.draws, a.batch_size)
