@@ -85,12 +85,9 @@ class _Trainer:
 
     def fit(self, name: str, model: nn.Module, objective: Any, train: TrainSection, describe: dict,
             evaluate_fn: Callable[[nn.Module], dict]) -> tuple[nn.Module, dict]:
-        """``stages.fit``, the model then in the memory format training used (``train.channels_last``)
-        whether it was trained now or loaded: ``fit`` leaves a trained model channels-last, a loaded one
-        would stay contiguous, and the two layouts run different kernels (other rounding, other argmax
-        on near ties, other SQ draws), so a resumed study would not give the records of a fresh one."""
-        model, result = self.stages.fit(name, model, objective, train, describe, self.loader(train), evaluate_fn)
-        return model.to(memory_format=torch.channels_last if train.channels_last else torch.contiguous_format), result
+        """``stages.fit`` on the seed's training images (a loaded model gets the memory format training
+        leaves, so a resumed study computes what a fresh one does: tested)."""
+        return self.stages.fit(name, model, objective, train, describe, self.loader(train), evaluate_fn)
 
     def eval_det(self, model: nn.Module) -> dict:
         with eval_mode(model):
