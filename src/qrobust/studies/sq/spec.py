@@ -27,8 +27,7 @@ from torch import nn
 from qrobust import data as datasets
 from qrobust.config import TrainSection
 from qrobust.errors import ConfigError
-from qrobust.experiment import Cell, StudySpec, aggregate_seeds, cell_seed
-from qrobust.experiment.settings import QAT_EDGES, act_range_tag
+from qrobust.experiment import QAT_EDGES, Cell, StudySpec, act_range_tag, aggregate_seeds, cell_seed
 from qrobust.metrics import as_float_images
 from qrobust.models import model_for_data
 from qrobust.quant import QuantConfig, quantize
