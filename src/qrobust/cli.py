@@ -135,7 +135,8 @@ def cmd_run(args) -> int:
     folder = Path(cfg.out_root) / cfg.name
     from qrobust.experiment import make_executor
 
-    executor = make_executor(args.executor, address=args.ray_address or "", num_cpus=args.ray_cpus)
+    executor = make_executor(args.executor, address=args.ray_address or "", num_cpus=args.ray_cpus,
+                             task_gpus=args.ray_gpus_per_task)
     print(f"study folder: {folder}" + (f" ({note})" if note else "")
           + (f"; executor: {args.executor}" if args.executor != "local" else ""), flush=True)
     try:
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://host:10001); default: start "
                                          "a local Ray on this machine")
     p.add_argument("--ray-cpus", type=int, default=0, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--ray-gpus-per-task", type=float, default=0.0,
+                   help="GPU share each Ray task reserves (e.g. 1, or 0.25 for four tasks per GPU); needed for "
+                        "device=cuda on Ray")
     p.set_defaults(func=cmd_run)
     return parser
 
