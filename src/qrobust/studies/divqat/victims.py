@@ -16,8 +16,7 @@ from qrobust.defenses.output import (
     defense_accuracy_warning,
     make_defense,
 )
-from qrobust.experiment import Stages
-from qrobust.experiment.settings import QAT_EDGES
+from qrobust.experiment import QAT_EDGES, Stages
 from qrobust.metrics import accuracy, accuracy_and_tie_rate, predict_logits
 from qrobust.quant import QuantConfig, quantize
 from qrobust.studies.divqat.config import StudyConfig, alpha_tag, victim_names
@@ -32,10 +31,8 @@ def train_section(cfg: StudyConfig, epochs: int, lr: float, warmup: float) -> Tr
 
 def fit_victim(stages: Stages, cfg: StudyConfig, data: SeedData, name: str, model: nn.Module, objective: Objective,
                train: TrainSection, describe: dict, teacher: nn.Module | None = None) -> nn.Module:
-    """Train ``model`` in its own run folder, or load it when that run is complete; eval mode.
-
-    A loaded model gets the memory format training leaves (channels-last when ``train.channels_last``),
-    so the kernels, and the numbers after it, are those of an uninterrupted run."""
+    """Train ``model`` in its own run folder, or load it when that run is complete (in the memory format
+    training leaves: ``Stages.fit``); eval mode."""
     device = stages.device
 
     def evaluate(m: nn.Module) -> dict:
@@ -46,11 +43,9 @@ def fit_victim(stages: Stages, cfg: StudyConfig, data: SeedData, name: str, mode
             row["test_kl_to_fp"] = mean_kl_to_float(m, teacher, data.test_x)
         return row
 
-    model, _ = stages.fit(name, model, objective, train, describe,
-                          lambda: data.loader(cfg, train.batch_size, stages.seed, device), evaluate,
-                          extra_state={"stage": name})
-    layout = torch.channels_last if train.channels_last else torch.contiguous_format
-    return model.to(memory_format=layout)
+    return stages.fit(name, model, objective, train, describe,
+                      lambda: data.loader(cfg, train.batch_size, stages.seed, device), evaluate,
+                      extra_state={"stage": name})[0]
 
 
 def train_victims(cfg: StudyConfig, stages: Stages, data: SeedData) -> tuple[dict[str, nn.Module], dict]:

@@ -16,8 +16,7 @@ from qrobust.attacks.whitebox import pgd
 from qrobust.config import TrainSection
 from qrobust.defenses.patch_training import make_switchable_bn
 from qrobust.errors import ConfigError
-from qrobust.experiment import Stages
-from qrobust.experiment.settings import QAT_EDGES, act_range_tag
+from qrobust.experiment import QAT_EDGES, Stages, act_range_tag
 from qrobust.metrics import as_float_images
 from qrobust.quant import set_bit_width
 from qrobust.runs import atomic_write_bytes, safe_load
