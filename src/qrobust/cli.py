@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_FOLDER",
                    help="a `qrobust train` run folder or a study's model stage (<study>/seed-<s>/models/<stage>, "
                         "@<bits> or @rand for a qadtr defense); two for a side-by-side card")
-    p.add_argument("--budget", choices=["quick", "standard"], default="quick",
-                   help="quick: ~2 min for a Fashion-MNIST convnet on 2 CPU cores; standard: ~10 min")
+    p.add_argument("--budget", default="quick", metavar="{quick,standard}",
+                   help="quick: ~2 min for a Fashion-MNIST convnet on 2 CPU cores; standard: ~10 min "
+                        "(docs/card.md lists every setting)")
     p.add_argument("--out", help="folder for the card (default: the run folder; for two, <first>/card-vs-<second>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_card)
