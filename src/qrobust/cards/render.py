@@ -42,7 +42,7 @@ def fmt(r: dict | None) -> str:
         strict = r.get("strict")
         return text + (f" (strict {100 * strict:.1f}%)" if strict is not None and abs(strict - v) > 1e-9 else "")
     if unit == "points":
-        return f"{100 * v:+.1f} pts"
+        return f"{100 * v:.1f} pts"
     if unit == "bytes":
         return f"{v / 1e6:.2f} MB" if v >= 1e6 else f"{v / 1e3:.1f} KB"
     if unit == "ms":
@@ -192,7 +192,9 @@ def figures(card: dict) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------- text
 def _header_lines(card: dict) -> list[tuple[str, str]]:
     b, env = card["budget"], card["environment"]
-    return [("budget", f"{b['name']} ({card['seconds_total']:.0f} s on {env['cpu']}, {env['threads']} thread(s))"),
+    compute = sum(sum(m["seconds"].values()) for m in card["models"])
+    return [("budget", f"{b['name']}: the battery ran {compute:.0f} s on {env['cpu']}, {env['threads']} CPU "
+                       f"thread(s) (docs/card.md lists the budget's settings)"),
             ("data", ", ".join(f"{m['name']}: {m['data']['name']} ({m['data']['eval']} test images evaluated, "
                                f"{m['data']['heldout']} held out, {m['data']['attacker']} attacker images)"
                                for m in card["models"])),
@@ -209,6 +211,9 @@ def markdown(card: dict, figure_files: dict[str, str]) -> str:
     out += [f"- **{m['name']}**: {m['kind']}; from {m['source']}" for m in models]
     warns = [(m["name"], w) for m in models for w in m["warnings"]]
     out += ["", "## Warnings", ""] + ([f"- **{n}**: {w}" for n, w in warns] or ["- none"])
+    out += ["", "## At a glance", "", "| | " + " | ".join(m["name"] for m in models) + " |",
+            "|---|" + "---|" * len(models)]
+    out += [f"| {label} | " + " | ".join(fmt(r) for r in rows) + " |" for label, rows in glance(models)]
     for section in ("deployment", "extraction", "patches", "whitebox"):
         out += ["", f"## {SECTION_TITLES[section]}", "", SECTION_INTROS[section], ""]
         out += [f"![{section}]({figure_files[section]})", ""]
@@ -230,12 +235,31 @@ h1{font-size:24px;margin:0 0 6px}h2{font-size:19px;margin:30px 0 6px;border-bott
 .intro{font-size:14px;color:#333;max-width:900px}
 .warn{background:#fff4e5;border-left:5px solid #d55e00;padding:8px 14px;margin:14px 0;font-size:14px}
 .ok{background:#eef7f1;border-left:5px solid #009e73;padding:8px 14px;margin:14px 0;font-size:14px}
-img{max-width:100%;height:auto;display:block;margin:10px auto}
+img{max-width:100%;height:auto;display:block;margin:10px 0}
 table{border-collapse:collapse;width:100%;font-size:13.5px;margin:8px 0}
 th,td{padding:5px 8px;border-bottom:1px solid #e6e8eb;text-align:left;vertical-align:top}
 th{background:#f0f2f5;font-weight:600}td.v{font-variant-numeric:tabular-nums;white-space:nowrap;font-weight:600}
 td.d{color:#666;font-size:12px}span.na{color:#888;font-weight:400;font-size:12px;white-space:normal}
 """
+
+
+GLANCE = (("deployment", "clean_acc"), ("deployment", "int8_agreement_onnx"), ("deployment", "int8_agreement_torch"),
+          ("extraction", "clone_acc_none"), ("extraction", "clone_acc_dcp"), ("extraction", "dcp_acc_drop"),
+          ("patches", "asr_adaptive_1"), ("patches", "asr_transfer_1"), ("whitebox", "worst_0"), ("whitebox", "worst_1"))
+
+
+def glance(models: list[dict]) -> list[tuple[str, list[dict | None]]]:
+    """The few numbers of the "at a glance" table (each defined in its section below)."""
+    out = []
+    for section, key in GLANCE:
+        rows = [next((r for r in m[section]["rows"] if r["key"] == key), None) for m in models]
+        if any(r is not None and not r.get("na") for r in rows):
+            out.append((next(r for r in rows if r is not None)["label"], rows))
+    return out
+
+
+def _png_width(png: bytes) -> int:
+    return int.from_bytes(png[16:20], "big")  # the IHDR chunk's width
 
 
 def _esc(text: str) -> str:
@@ -247,7 +271,8 @@ def page(card: dict, pngs: dict[str, bytes]) -> str:
 
     def img(name: str) -> str:
         data = base64.b64encode(pngs[name]).decode("ascii")
-        return f'<img alt="{_esc(name)} figure" src="data:image/png;base64,{data}">'
+        width = round(_png_width(pngs[name]) * 96 / plotstyle.DPI)  # shown at screen resolution, sharp on HiDPI
+        return f'<img alt="{_esc(name)} figure" width="{width}" src="data:image/png;base64,{data}">'
 
     parts = [f"<h1>Robustness card: {_esc(' vs '.join(m['name'] for m in models))}</h1>"]
     parts += [f'<p class="meta"><b>{_esc(k)}:</b> {_esc(v)}</p>' for k, v in _header_lines(card)]
@@ -260,6 +285,12 @@ def page(card: dict, pngs: dict[str, bytes]) -> str:
     else:
         parts.append('<div class="ok">No warnings: no attack beat APGD-CE by more than the margin and the '
                      'gradient set-up checks passed.</div>')
+    head = "".join(f"<th>{_esc(m['name'])}</th>" for m in models)
+    rows = "".join(f"<tr><td>{_esc(label)}</td>" + "".join(f'<td class="v">{_esc(fmt(r))}</td>' for r in rs) + "</tr>"
+                   for label, rs in glance(models))
+    parts += ["<h2>At a glance</h2>", '<p class="intro">A few of the numbers below, side by side; each is defined '
+              "with its attack, budget and counting rule in its section. There is no single score.</p>",
+              f"<table><tr><th></th>{head}</tr>{rows}</table>"]
     for section in ("deployment", "extraction", "patches", "whitebox"):
         parts += [f"<h2>{_esc(SECTION_TITLES[section])}</h2>", f'<p class="intro">{_esc(SECTION_INTROS[section])}</p>',
                   img(section)]
