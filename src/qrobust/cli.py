@@ -75,7 +75,8 @@ def cmd_card(args) -> int:
     for m in result["models"]:
         for warning in m["warnings"]:
             print(f"warning ({m['name']}): {warning}", file=sys.stderr)
-    print(f"card: {out / 'card.html'} (and card.md, card.json) in {result['seconds_total']:.0f} s")
+    print(f"card: {out / 'card.html'} (and card.md, card.json) in {result['seconds_total']:.0f} s "
+          f"({result['cpu_seconds_total']:.0f} s of CPU time)")
     return 0
 
 

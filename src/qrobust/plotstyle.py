@@ -2,7 +2,7 @@
 
 Legible at the size a report shows them (about 600-1000 px wide): 10-11 pt text at 150 dpi, a
 colour-blind-safe palette (Okabe & Ito 2008, "Color Universal Design"), light horizontal grid lines only,
-no top/right spines, value labels on bars, legends outside the data where they could cover it.
+no top/right spines, value labels on bars, legends under the axes in as many columns as fit.
 Matplotlib's object API (``Figure``, no ``pyplot``): no global state, safe in threads and workers.
 
     fig, axes = plotstyle.figure(1, 2, width=9, height=3.2, sharey=True)
@@ -111,6 +111,19 @@ def wrap_labels(labels: Sequence[str], width: int = 12) -> list[str]:
     return ["\n".join(textwrap.wrap(str(t), width)) or str(t) for t in labels]
 
 
+def legend_below(fig, handles: Sequence, labels: Sequence[str]) -> None:
+    """A figure legend under the axes, in as many columns as fit the figure's width (rows of entries
+    otherwise run off the edge: matplotlib does not wrap a legend)."""
+    if not labels:
+        return
+    fontsize = RC["legend.fontsize"]
+    # an entry: handle (2 em) + gap (0.8 em) + text (~0.6 em per character) + column gap (2 em), in inches
+    entry = max((2.8 + 0.6 * len(str(t)) + 2.0) * fontsize / 72 for t in labels)
+    ncol = max(1, min(len(labels), int(fig.get_figwidth() * 0.95 // entry)))
+    with style():
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol)
+
+
 def png_bytes(fig, dpi: int = DPI) -> bytes:
     """The figure as PNG bytes (drawn in this style)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -122,5 +135,5 @@ def png_bytes(fig, dpi: int = DPI) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["DPI", "MARKERS", "PALETTE", "RC", "colors", "figure", "label_bars", "percent_axis", "png_bytes",
-           "style", "wrap_labels"]
+__all__ = ["DPI", "MARKERS", "PALETTE", "RC", "colors", "figure", "label_bars", "legend_below", "percent_axis",
+           "png_bytes", "style", "wrap_labels"]

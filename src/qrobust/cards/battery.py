@@ -13,6 +13,7 @@ deterministic model gives equal expected and strict figures by construction of t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,12 @@ from . import adapters
 from .budget import Budget
 from .data import CardData
 from .sources import Subject
+
+Note = Callable[[str], None]  # shows what a section is doing (the progress bar's text)
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def row(key: str, label: str, value, unit: str = "share", *, attack: str = "", budget: str = "", rule: str = "",
@@ -127,7 +134,7 @@ def _speed(model: nn.Module, x: Tensor, b: Budget) -> tuple[float, float]:
         return _latency_ms(model, x, b.latency_repeats), images_per_second(model, x, 256, b.latency_seconds)
 
 
-def deployment(s: Subject, d: CardData, b: Budget, p: Profile, ok: Tensor) -> dict:
+def deployment(s: Subject, d: CardData, b: Budget, p: Profile, ok: Tensor, note: Note = _quiet) -> dict:
     from qrobust.pipeline import model_size_bytes
     from qrobust.quant.sq_model import float_twin
 
@@ -137,12 +144,15 @@ def deployment(s: Subject, d: CardData, b: Budget, p: Profile, ok: Tensor) -> di
         rows.append(row("tie_rate", "tie rate (top-1 logit tied)", tie_rate(predict_logits(s.model, d.eval_x)),
                         budget=f"{n} test images, one evaluation", rule="share of images whose largest logit is tied; "
                         "their prediction is decided by argmax picking the lowest class"))
-    variants = {"fp32": float_twin(s.model) if p.quantized else s.model, "twin": s.model if p.quantized else None}
+    # fp32 of a quantized model: a copy with quantizers off, in channels-last (as `qrobust export` measures it)
+    fp32 = float_twin(s.model).to(memory_format=torch.channels_last) if p.quantized else s.model
+    variants = {"fp32": fp32, "twin": s.model if p.quantized else None}
     na = {"fp32": None, "twin": None if p.quantized else "no qrobust quantizers: no fake-quant twin", "int8": p.int8_na}
     int8_info: dict = {}
     if p.int8_na is None:
         paths = {}
         for name, export in (("torch.ao", adapters.int8_torch), ("ONNX Runtime", adapters.int8_onnx)):
+            note(f"int8 via {name}")
             try:
                 m, size = export(s.model)
             except ConfigError as err:
@@ -188,7 +198,7 @@ def deployment(s: Subject, d: CardData, b: Budget, p: Profile, ok: Tensor) -> di
 
 
 # ------------------------------------------------------------------------------------------- extraction
-def extraction(s: Subject, d: CardData, b: Budget, p: Profile) -> dict:
+def extraction(s: Subject, d: CardData, b: Budget, p: Profile, note: Note = _quiet) -> dict:
     from qrobust.models import model_for_data
 
     q = min(b.knockoff_queries, len(d.pool_y))
@@ -208,6 +218,7 @@ def extraction(s: Subject, d: CardData, b: Budget, p: Profile) -> dict:
         if tag == "dcp" and dcp_na:
             out[tag] = {"na": dcp_na}
             continue
+        note(f"KnockoffNets, {'no defense' if defense is None else 'DCP'}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(b.seed + 12)
             clone = model_for_data("convnet", d.info, width=b.clone_width)
@@ -247,7 +258,7 @@ def extraction(s: Subject, d: CardData, b: Budget, p: Profile) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- patches
-def patches(s: Subject, d: CardData, b: Budget, p: Profile) -> dict:
+def patches(s: Subject, d: CardData, b: Budget, p: Profile, note: Note = _quiet) -> dict:
     n_img = min(b.patch_images, len(d.pool_y))
     x, y = d.pool_x[:n_img], d.pool_y[:n_img]
     made = f"untargeted square patch, random places, Adam {b.patch_steps} steps x {b.patch_batch} images"
@@ -260,6 +271,7 @@ def patches(s: Subject, d: CardData, b: Budget, p: Profile) -> dict:
         if s.float_model is not None:
             sources["transfer"] = (s.float_model, b.patch_steps)
         for kind, (source, steps) in sources.items():
+            note(f"{pct} patch, {kind}")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(b.seed + 21 + i)
                 patch, warns = adapters.train_patch(source, x, y, size, steps=steps, batch=b.patch_batch,
@@ -292,7 +304,7 @@ def _attack(name: str, model: nn.Module, p: Profile, b: Budget, x: Tensor, y: Te
     return adapters.bpda(model, p.stand_in, x, y, eps, **kw)
 
 
-def whitebox(s: Subject, d: CardData, b: Budget, p: Profile, clean_ok: Tensor) -> dict:
+def whitebox(s: Subject, d: CardData, b: Budget, p: Profile, clean_ok: Tensor, note: Note = _quiet) -> dict:
     x, y = d.eval_x, d.eval_y
     eot = b.eot if p.randomised else 1
     eot_note = f", EOT over {eot} draws per step" if eot > 1 else ""
@@ -311,13 +323,14 @@ def whitebox(s: Subject, d: CardData, b: Budget, p: Profile, clean_ok: Tensor) -
                  f"{b.square_queries} queries", "bpda": f"BPDA: APGD-CE with the gradient of the quantizer-free "
                  f"stand-in, {b.apgd_steps} steps{eot_note}"}
         for name in runs:
+            note(f"{names[name].split(',')[0].split(':')[0]}, eps {label}")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(b.seed + 91 + j)
                 x_adv = x.clone()
                 if len(attacked):
                     x_adv[attacked] = _attack(name, s.model, p, b, x[attacked], y[attacked], eps, b.seed + 61 + j)
                 oks[name] = clean_ok & correct_matrix(s.model, x_adv, y, b.evaluations)
-            rows.append(acc_row(f"{name}_{j}", f"robust accuracy, {names[name].split(',')[0]}, eps {label}",
+            rows.append(acc_row(f"{name}_{j}", f"robust accuracy, {names[name].split(',')[0].split(':')[0]}, eps {label}",
                                 oks[name], attack=names[name], budget=f"L-inf eps {label}, {len(y)} test images",
                                 rule=rule))
             if name == "apgd":

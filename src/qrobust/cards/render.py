@@ -75,7 +75,7 @@ def _short(name: str, width: int = 28) -> str:
 
 def fig_whitebox(models: list[dict]) -> bytes:
     labels = ["clean"] + list(models[0]["whitebox"]["curves"])
-    fig, axes = plotstyle.figure(1, len(models), width=4.6 * len(models) + 0.4, height=3.4, sharey=True)
+    fig, axes = plotstyle.figure(1, len(models), width=4.6 * len(models) + 0.4, height=3.6, sharey=True)
     attacks = [("apgd", "APGD-CE"), ("square", "Square (black-box)"), ("bpda", "BPDA"), ("worst", "worst case")]
     for ax, m in zip(axes[0], models, strict=True):
         w = m["whitebox"]
@@ -83,14 +83,20 @@ def fig_whitebox(models: list[dict]) -> bytes:
             ys = [w["clean"]["strict"]] + [w["curves"][lab].get(key, {}).get("strict", math.nan) for lab in labels[1:]]
             if all(math.isnan(v) for v in ys[1:]):
                 continue
-            ax.plot(range(len(labels)), ys, marker=plotstyle.MARKERS[k], color=plotstyle.PALETTE[k], label=name,
+            dodge = (k - 1.5) * 0.035  # equal curves (e.g. BPDA = APGD-CE) stay visible side by side
+            xs = [0.0] + [i + dodge for i in range(1, len(labels))]
+            ax.plot(xs, ys, marker=plotstyle.MARKERS[k], color=plotstyle.PALETTE[k], label=name,
                     linestyle="--" if key == "worst" else "-", zorder=3 if key == "worst" else 2)
+            if key == "worst":
+                for x, v in zip(xs[1:], ys[1:], strict=True):
+                    ax.annotate(f"{v:.0%}", (x, v), xytext=(0, -13), textcoords="offset points", ha="center",
+                                fontsize=8, color=plotstyle.PALETTE[k])
         ax.set_xticks(range(len(labels)), ["clean"] + [f"eps {lab}" for lab in labels[1:]])
+        ax.set_xlim(-0.25, len(labels) - 0.75)
         ax.set_title(_short(m["name"]))
         plotstyle.percent_axis(ax)
     axes[0][0].set_ylabel("robust accuracy (strict)")
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=len(names))
+    plotstyle.legend_below(fig, *axes[0][0].get_legend_handles_labels())
     return plotstyle.png_bytes(fig)
 
 
@@ -122,8 +128,7 @@ def fig_patches(models: list[dict]) -> bytes:
         ax.set_title(_short(m["name"]))
         plotstyle.percent_axis(ax)
     axes[0][0].set_ylabel("attack success rate")
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=len(names))
+    plotstyle.legend_below(fig, *axes[0][0].get_legend_handles_labels())
     return plotstyle.png_bytes(fig)
 
 
@@ -136,22 +141,22 @@ def fig_extraction(models: list[dict]) -> bytes:
     _grouped_bars(ax, [m["name"] for m in models], series, "{:.0%}")
     ax.set_ylabel("test accuracy")
     plotstyle.percent_axis(ax)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4)
+    plotstyle.legend_below(fig, *ax.get_legend_handles_labels())
     return plotstyle.png_bytes(fig)
 
 
 def fig_deployment(models: list[dict]) -> bytes:
-    fig, axes = plotstyle.figure(1, 2, width=9.6, height=3.4)
+    fig, axes = plotstyle.figure(1, 3, width=11.0, height=3.4)
     names = [m["name"] for m in models]
-    for ax, (what, unit, scale, fmt_) in zip(axes[0], (("size", "KB", 1e-3, "{:.0f}"),
-                                                       ("latency", "ms per image, batch 1", 1.0, "{:.2f}")),
-                                             strict=True):
+    panels = (("size", "size (KB)", 1e-3, "{:.0f}"), ("latency", "latency (ms, batch 1)", 1.0, "{:.2f}"),
+              ("throughput", "throughput (images/s, batch 256)", 1.0, "{:,.0f}"))
+    for ax, (what, ylabel, scale, fmt_) in zip(axes[0], panels, strict=True):
         series = [(v, [_value(m, "deployment", f"{what}_{v}") * scale for m in models]) for v in ("fp32", "twin", "int8")]
         _grouped_bars(ax, names, series, fmt_)
-        ax.set_ylabel(f"{what} ({unit})")
+        ax.set_ylabel(ylabel)
         top = max((v for _, vs in series for v in vs if not math.isnan(v)), default=1.0)
         ax.set_ylim(0, top * 1.2)
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=3)
+    plotstyle.legend_below(fig, *axes[0][0].get_legend_handles_labels())
     return plotstyle.png_bytes(fig)
 
 
@@ -193,8 +198,10 @@ def figures(card: dict) -> dict[str, bytes]:
 def _header_lines(card: dict) -> list[tuple[str, str]]:
     b, env = card["budget"], card["environment"]
     compute = sum(sum(m["seconds"].values()) for m in card["models"])
-    return [("budget", f"{b['name']}: the battery ran {compute:.0f} s on {env['cpu']}, {env['threads']} CPU "
-                       f"thread(s) (docs/card.md lists the budget's settings)"),
+    cpu = sum(sum(m.get("cpu_seconds", {}).values()) for m in card["models"])
+    cpu_text = f" ({cpu:.0f} s of CPU time)" if cpu == cpu and cpu > 0 else ""  # NaN: sections cached by an old card
+    return [("budget", f"{b['name']}: the battery ran {compute:.0f} s{cpu_text} on {env['cpu']}, {env['threads']} "
+                       f"CPU thread(s) (docs/card.md lists the budget's settings)"),
             ("data", ", ".join(f"{m['name']}: {m['data']['name']} ({m['data']['eval']} test images evaluated, "
                                f"{m['data']['heldout']} held out, {m['data']['attacker']} attacker images)"
                                for m in card["models"])),
