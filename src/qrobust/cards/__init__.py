@@ -108,6 +108,7 @@ def model_card(s: Subject, b: Budget, cache_root: Path | None, bar=None) -> dict
              "whitebox": lambda: battery.whitebox(s, d, b, p, clean_ok, note)}
     for name, compute in calls.items():
         if bar is not None:
+            bar.set_postfix_str("", refresh=False)
             bar.set_description(f"card {s.name}: {name}")
         cached = folder / f"{name}.json" if folder is not None else None
         if cached is not None and cached.is_file():

@@ -31,9 +31,10 @@ SECTION_INTROS = {
 
 # ------------------------------------------------------------------------------------------- values
 def fmt(r: dict | None) -> str:
-    """A row's value as text (n/a with its reason is handled by the caller)."""
+    """A row's value as text (n/a with its reason is handled by the caller; no row: n/a, e.g. the int8
+    agreement of a float model next to a QAT one)."""
     if r is None:
-        return ""
+        return "n/a"
     v, unit = r.get("value"), r.get("unit")
     if r.get("na") or v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -62,7 +63,8 @@ def table(models: list[dict], section: str) -> list[tuple[str, list[dict | None]
     out = []
     for key in keys:
         rows = [next((r for r in m[section]["rows"] if r["key"] == key), None) for m in models]
-        first = next(r for r in rows if r is not None)
+        first = next((r for r in rows if r is not None and not r.get("na")), None)  # an n/a row says less
+        first = first or next(r for r in rows if r is not None)
         details = "; ".join(p for p in (first.get("attack"), first.get("budget"), first.get("rule")) if p)
         out.append((first["label"], rows, details))
     return out
@@ -71,6 +73,17 @@ def table(models: list[dict], section: str) -> list[tuple[str, list[dict | None]
 # ------------------------------------------------------------------------------------------- figures
 def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _legend_entries(axes, order: list[str] | None = None) -> tuple[list, list[str]]:
+    """Handles and labels of all ``axes``, one per label, in ``order`` (default: first seen first): one
+    model may lack a curve the other has."""
+    entries: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    labels = sorted(entries, key=(order or list(entries)).index)
+    return [entries[k] for k in labels], labels
 
 
 def fig_whitebox(models: list[dict]) -> bytes:
@@ -96,7 +109,7 @@ def fig_whitebox(models: list[dict]) -> bytes:
         ax.set_title(_short(m["name"]))
         plotstyle.percent_axis(ax)
     axes[0][0].set_ylabel("robust accuracy (strict)")
-    plotstyle.legend_below(fig, *axes[0][0].get_legend_handles_labels())
+    plotstyle.legend_below(fig, *_legend_entries(axes[0], [name for _, name in attacks]))
     return plotstyle.png_bytes(fig)
 
 
@@ -128,7 +141,7 @@ def fig_patches(models: list[dict]) -> bytes:
         ax.set_title(_short(m["name"]))
         plotstyle.percent_axis(ax)
     axes[0][0].set_ylabel("attack success rate")
-    plotstyle.legend_below(fig, *axes[0][0].get_legend_handles_labels())
+    plotstyle.legend_below(fig, *_legend_entries(axes[0]))
     return plotstyle.png_bytes(fig)
 
 
@@ -195,6 +208,15 @@ def figures(card: dict) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------------------------------- text
+def _data_line(models: list[dict]) -> str:
+    def one(d: dict) -> str:
+        return f"{d['name']} ({d['eval']} test images evaluated, {d['heldout']} held out, {d['attacker']} attacker images)"
+
+    if all(m["data"] == models[0]["data"] for m in models):
+        return one(models[0]["data"])
+    return ", ".join(f"{m['name']}: {one(m['data'])}" for m in models)
+
+
 def _header_lines(card: dict) -> list[tuple[str, str]]:
     b, env = card["budget"], card["environment"]
     compute = sum(sum(m["seconds"].values()) for m in card["models"])
@@ -202,9 +224,7 @@ def _header_lines(card: dict) -> list[tuple[str, str]]:
     cpu_text = f" ({cpu:.0f} s of CPU time)" if cpu == cpu and cpu > 0 else ""  # NaN: sections cached by an old card
     return [("budget", f"{b['name']}: the battery ran {compute:.0f} s{cpu_text} on {env['cpu']}, {env['threads']} "
                        f"CPU thread(s) (docs/card.md lists the budget's settings)"),
-            ("data", ", ".join(f"{m['name']}: {m['data']['name']} ({m['data']['eval']} test images evaluated, "
-                               f"{m['data']['heldout']} held out, {m['data']['attacker']} attacker images)"
-                               for m in card["models"])),
+            ("data", _data_line(card["models"])),
             ("software", f"qrobust {env['qrobust']} ({env['git_commit']}), torch {env['torch']}"),
             ("counting rule", f"every accuracy over {b['evaluations']} evaluations per image: expected = mean, "
                               "strict = correct on all (equal for deterministic models); robust = correct clean and "
@@ -246,7 +266,7 @@ img{max-width:100%;height:auto;display:block;margin:10px 0}
 table{border-collapse:collapse;width:100%;font-size:13.5px;margin:8px 0}
 th,td{padding:5px 8px;border-bottom:1px solid #e6e8eb;text-align:left;vertical-align:top}
 th{background:#f0f2f5;font-weight:600}td.v{font-variant-numeric:tabular-nums;white-space:nowrap;font-weight:600}
-td.d{color:#666;font-size:12px}span.na{color:#888;font-weight:400;font-size:12px;white-space:normal}
+td:first-child{min-width:210px}td.d{color:#666;font-size:12px}span.na{color:#888;font-weight:400;font-size:12px;white-space:normal}
 """
 
 
