@@ -162,10 +162,20 @@ def png_bytes(fig, dpi: int = DPI) -> bytes:
 
 
 def save_png(fig, path) -> None:
-    """Write the figure as a PNG file at ``path`` (atomically: a reader never sees half a file)."""
-    from qrobust.runs import atomic_write_bytes
+    """Write the figure as a PNG file at ``path`` (through a temporary file and a rename, so a reader never
+    sees half a file; this module sits below ``qrobust.runs`` in the layers and does not import it)."""
+    import os
+    import tempfile
 
-    atomic_write_bytes(Path(path), png_bytes(fig))
+    path, data = Path(path), png_bytes(fig)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 __all__ = ["DPI", "MARKERS", "PALETTE", "RC", "colors", "figure", "label_bars", "legend_below", "legend_entries",
