@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from qrobust import plotstyle
 from qrobust.defenses.output import defense_accuracy_warning
 from qrobust.studies.divqat.attacks import ATTACK_LABELS
 from qrobust.studies.divqat.config import StudyConfig, victim_names
@@ -156,18 +157,19 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
     return "\n".join(lines)
 
 
+@plotstyle.styled
 def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
     """Defender vs clone accuracy per attack (one point per victim and defense); clone accuracy vs
-    queries per attack (undefended victims, the first seed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    queries per attack (undefended victims, the first seed). Style: :mod:`qrobust.plotstyle`."""
     from matplotlib.figure import Figure
 
     v_info, defenses, cells = agg["victims"], agg["defenses"], agg["cells"]
     attacks = [a for a in cfg.attack.names if a != "noise"]
     markers = {"none": "o", "rs": "s", "dcp": "^"}
-    fig = Figure(figsize=(3.6 * max(1, len(attacks)), 3.4))
-    for i, attack in enumerate(attacks):
-        ax = fig.add_subplot(1, max(1, len(attacks)), i + 1)
+    colors = dict(zip(cfg.defense.names, plotstyle.PALETTE, strict=False))
+    fig = Figure(figsize=(4.0 * max(1, len(attacks)), 3.9), layout="constrained")
+    axes = [fig.add_subplot(1, max(1, len(attacks)), i + 1) for i in range(len(attacks))]
+    for ax, attack in zip(axes, attacks, strict=True):
         for defense in cfg.defense.names:
             xs, ys, labels = [], [], []
             for name in victim_names(cfg):
@@ -178,29 +180,30 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
                 ys.append(100 * defenses[name][defense]["defender_acc"]["mean"])
                 labels.append(_short_label(v_info[name]))
             if xs:
-                ax.scatter(xs, ys, marker=markers.get(defense, "o"), label=defense)
+                ax.scatter(xs, ys, marker=markers.get(defense, "o"), color=colors[defense], label=f"defense: {defense}",
+                           s=36, zorder=3)
                 for x, y, text in zip(xs, ys, labels, strict=True):
-                    ax.annotate(text, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                    ax.annotate(text, (x, y), fontsize=7.5, xytext=(4, 3), textcoords="offset points", color="#333333")
         ax.set_xlabel("clone accuracy (%)")
         ax.set_ylabel("defender accuracy (%)")
-        ax.set_title(ATTACK_LABELS[attack], fontsize=9)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(root / "defender_vs_clone.png"))
+        ax.set_title(ATTACK_LABELS.get(attack, attack))
+        ax.margins(x=0.15, y=0.12)  # room for the point labels
+    plotstyle.legend_below(fig, *plotstyle.legend_entries(axes))
+    plotstyle.save_png(fig, root / "defender_vs_clone.png")
 
-    fig = Figure(figsize=(3.6 * max(1, len(attacks)), 3.4))
-    for i, attack in enumerate(attacks):
-        ax = fig.add_subplot(1, max(1, len(attacks)), i + 1)
-        for name in victim_names(cfg):
+    fig = Figure(figsize=(4.0 * max(1, len(attacks)), 3.9), layout="constrained")
+    axes = [fig.add_subplot(1, max(1, len(attacks)), i + 1) for i in range(len(attacks))]
+    for ax, attack in zip(axes, attacks, strict=True):
+        for k, name in enumerate(victim_names(cfg)):
             cell = cells.get(name, {}).get("none", {}).get(attack)
             if cell is None:
                 continue
             points = [(q, a) for q, a in cell["history"][0] if a is not None]
             if points:
-                ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", label=_label(name, v_info))
+                ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=plotstyle.MARKERS[k % 8],
+                        markersize=4, label=_label(name, v_info))
         ax.set_xlabel("queries")
         ax.set_ylabel("clone accuracy (%)")
-        ax.set_title(f"{ATTACK_LABELS[attack]} (no defense, seed {cfg.seeds[0]})", fontsize=9)
-        ax.legend(fontsize=5)
-    fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(root / "clone_vs_queries.png"))
+        ax.set_title(f"{ATTACK_LABELS.get(attack, attack)}\n(no defense, seed {cfg.seeds[0]})")
+    plotstyle.legend_below(fig, *plotstyle.legend_entries(axes))
+    plotstyle.save_png(fig, root / "clone_vs_queries.png")
