@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a `qrobust train` run folder or a study's model stage (<study>/seed-<s>/models/<stage>, "
                         "@<bits> or @rand for a qadtr defense); two for a side-by-side card")
     p.add_argument("--budget", default="quick", metavar="{quick,standard}",
-                   help="quick: ~2 min for a Fashion-MNIST convnet on 2 CPU cores; standard: ~10 min "
+                   help="quick: ~1.5 min of CPU time for a Fashion-MNIST convnet (one thread); standard: ~7 min "
                         "(docs/card.md lists every setting)")
     p.add_argument("--out", help="folder for the card (default: the run folder; for two, <first>/card-vs-<second>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

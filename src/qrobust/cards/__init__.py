@@ -176,8 +176,8 @@ def card(model, data, *, budget: str | Budget = "quick", float_model: nn.Module 
     ``data``: a qrobust :class:`~qrobust.data.ImageData` or ``(x_train, y_train, x_test, y_test)`` tensors
     (uint8 or float in [0, 1]). ``float_model``: the float model a quantized one came from (the patch-transfer
     source), or ``{name: module}``. ``bpda_model``: a differentiable stand-in for BPDA (default: for qrobust
-    models the same weights with quantizers off; none for other models). ``budget``: ``quick`` (~2 min for a
-    Fashion-MNIST convnet on 2 CPU cores) or ``standard`` (~10 min). The models are left as they were
+    models the same weights with quantizers off; none for other models). ``budget``: ``quick`` (~1.5 min of CPU
+    time for a Fashion-MNIST convnet) or ``standard`` (~7 min). The models are left as they were
     (mode, weights, global RNG). Returns ``card.json``'s content; ``out`` also writes the files there.
     """
     models = model if isinstance(model, dict) else {name: model}

@@ -1,6 +1,6 @@
 """The card's budgets: every size and count of the battery in one place (docs/card.md lists them).
 
-``quick`` (~2 min for a Fashion-MNIST convnet on a 2-core CPU) and ``standard`` (~10 min) are the
+``quick`` (~1.5 min of CPU time for a Fashion-MNIST convnet, measured) and ``standard`` (~7 min) are the
 user-facing budgets; ``test`` is for the test suite only (seconds, numbers without meaning).
 """
 
