@@ -15,7 +15,7 @@ from qrobust.quant import quantize, set_quantization_enabled
 from qrobust.quant.sq_model import build_sq_model, calibrate_ranges, float_twin, has_quantizers
 from qrobust.quant.stochastic import (
     StochasticQuantizer,
-    correct_on_all_draws,
+    correct_per_draw,
     ensemble_entropies,
     ensemble_forward,
     ensemble_log_probs,
@@ -23,7 +23,7 @@ from qrobust.quant.stochastic import (
     insert_stochastic_quantizers,
     stochastic_quantizers,
 )
-from qrobust.registry import ATTACKS
+from qrobust.registry import ATTACKS, EVASION
 from qrobust.train.sq_objective import MIEnsembleLoss, SQEnsembleObjective
 
 SETTINGS = {"num_bins": 4, "alpha": 4.0, "tau": 1.0, "learnable": True}
@@ -103,24 +103,26 @@ def test_ensemble_evaluation_per_input():
     x, y = torch.rand(10, 1, 28, 28), torch.randint(0, 10, (10,))
     plain = net(x).argmax(1) == y
     # a deterministic model: every draw is the same, the MI is 0, the ensemble is the model
-    assert torch.equal(correct_on_all_draws(net, x, y, 3, 4), plain)
-    ok, mi = ensemble_stats(net, x, y, 4, 3)
-    assert torch.equal(ok, plain) and torch.equal(mi, torch.zeros(10))
+    per_draw = correct_per_draw(net, x, y, 3, 4)
+    assert per_draw.shape == (3, 10) and all(torch.equal(row, plain) for row in per_draw)
+    ok, all_ok, mi = ensemble_stats(net, x, y, 4, 3)
+    assert torch.equal(ok, plain) and torch.equal(all_ok, plain) and torch.equal(mi, torch.zeros(10))
     # a randomised model: all draws correct implies the first draw correct (one batch: the first draw
     # comes first in the RNG stream either way)
     sq = _sq_classifier()
     xs, ys = torch.rand(200, 2, 4, 4), torch.randint(0, 5, (200,))
     torch.manual_seed(1)
-    first = correct_on_all_draws(sq, xs, ys, 1, 256)
+    first = correct_per_draw(sq, xs, ys, 1, 256).all(0)
     torch.manual_seed(1)
-    every = correct_on_all_draws(sq, xs, ys, 6, 256)
+    every = correct_per_draw(sq, xs, ys, 6, 256).all(0)
     assert every.sum() < first.sum() and not (every & ~first).any()
     torch.manual_seed(2)
-    ok, mi = ensemble_stats(sq, xs, ys, 4, 64)
+    ok, all_ok, mi = ensemble_stats(sq, xs, ys, 4, 64)
     torch.manual_seed(2)
     with torch.no_grad():  # the SQ samples by another path (same law, other stream) when a gradient is wanted
         logits = torch.cat([ensemble_forward(sq, xs[s : s + 64], 4) for s in range(0, 200, 64)], dim=1)
     assert torch.equal(ok, ensemble_log_probs(logits).argmax(1) == ys)
+    assert torch.equal(all_ok, (logits.argmax(-1) == ys).all(0)) and not (all_ok & ~ok).any()
     assert torch.equal(mi, ensemble_entropies(logits)[2].clamp_min(0.0)) and mi.max() > 0
 
 
@@ -149,7 +151,7 @@ def test_mi_adaptive_pgd_stays_in_the_ball_and_raises_its_objective(lam):
                             generator=torch.Generator().manual_seed(3))
     assert torch.equal(again, x_adv)
     assert torch.equal(mi_adaptive_pgd(model, x, y, 0.0, n_draws=4), x)
-    assert ATTACKS.get("mi-adaptive-pgd") is mi_adaptive_pgd
+    assert ATTACKS.get("mi-adaptive-pgd") is mi_adaptive_pgd and EVASION.get("mi-adaptive-pgd") is mi_adaptive_pgd
 
 
 def test_sq_ensemble_objective_is_the_mi_loss_with_a_correct_count():

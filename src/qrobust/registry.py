@@ -86,6 +86,7 @@ class Registry:
 
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
+EVASION = Registry("evasion attack")  # one call shape: qrobust.attacks.evasion
 ATTACKS = Registry("attack")
 DEFENSES = Registry("defense")
 OBJECTIVES = Registry("objective")

@@ -41,6 +41,7 @@ from torch import nn
 
 from qrobust.config import check_act_range
 from qrobust.errors import ConfigError
+from qrobust.utils import eval_mode
 
 MIN_BITS, MAX_BITS = 2, 8
 _EPS = 1e-8
@@ -450,17 +451,15 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 256, *, reset
     if len(x) == 0:
         raise ConfigError("calibrate needs at least one image")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
     try:
         for act in acts:
             if reset:
                 act.initialized.fill_(False)
             act.calibrating = True
-        for start in range(0, len(x), batch_size):
-            model(as_float_images(x[start:start + batch_size].to(device)))
+        with eval_mode(model):
+            for start in range(0, len(x), batch_size):
+                model(as_float_images(x[start:start + batch_size].to(device)))
     finally:
         for act in acts:
             act.calibrating = False
-        model.train(was_training)
     return model

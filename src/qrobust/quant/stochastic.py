@@ -34,7 +34,7 @@ with its SQs is an ensemble of quantized networks, one member per draw). ``deter
 ``N`` times), :func:`ensemble_predict` averages the draws' probabilities, :class:`EnsembleSQ` wraps a
 model so that ``forward`` returns the log of that average (a logits-like output for losses and attacks),
 :func:`ensemble_entropies` gives ``H(T)``, ``H(T|X)`` and their difference, the mutual information;
-:func:`ensemble_stats` and :func:`correct_on_all_draws` evaluate an ensemble per input.
+:func:`ensemble_stats` and :func:`correct_per_draw` evaluate a model per input.
 
 **Memory.** The SQ materialises ``[..., K]`` tensors per quantized element (logits, noise, relaxed
 sample; autograd keeps about three of them): roughly ``3 * K * 4`` bytes per element on top of the
@@ -49,6 +49,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +69,9 @@ __all__ = [
     "ensemble_log_probs",
     "ensemble_predict",
     "ensemble_entropies",
+    "EnsembleStats",
     "ensemble_stats",
-    "correct_on_all_draws",
+    "correct_per_draw",
     "EnsembleSQ",
 ]
 
@@ -450,35 +452,60 @@ def ensemble_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return h_mean, h_cond, h_mean - h_cond
 
 
+class EnsembleStats(NamedTuple):
+    """Per-input statistics of one ``N``-draw ensemble evaluation (:func:`ensemble_stats`), each ``[B]``.
+
+    ``correct``: the ensemble's prediction (argmax of ``log mean_n softmax(f_n(x))``, what
+    :class:`EnsembleSQ` outputs) is the label; ``all_draws_correct``: every one of the ``N`` draws
+    classifies the input correctly (both None without labels); ``mi``: the draws' mutual information
+    ``I(x) = H(T) - H(T|X)`` (nats, clamped at 0 against round-off; :func:`ensemble_entropies`).
+    """
+
+    correct: torch.Tensor | None
+    all_draws_correct: torch.Tensor | None
+    mi: torch.Tensor
+
+
 @torch.no_grad()
 def ensemble_stats(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_draws: int, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per input: ensemble correctness (the argmax of one ``n_draws``-draw ensemble's averaged
-    probabilities, bool ``[B]``) and its MI ``I(x)`` (nats, ``[B]``, clamped at 0 against round-off),
-    in batches of ``batch_size`` inputs. Runs in the model's current mode; draws from the global RNG."""
-    correct, mi = [], []
-    for s in range(0, len(y), batch_size):
-        logits = ensemble_forward(model, x[s : s + batch_size], n_draws)
-        correct.append(ensemble_log_probs(logits).argmax(1) == y[s : s + batch_size])
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, n_draws: int, batch_size: int | None = None
+) -> EnsembleStats:
+    """:class:`EnsembleStats` of one ``n_draws``-draw ensemble of ``model`` per input, in batches of
+    ``batch_size`` inputs (None: one batch); ``y`` may be None (MI only). Runs in the model's current
+    mode; draws from the global RNG."""
+    check_num_draws(n_draws)
+    step = len(x) if batch_size is None else batch_size
+    if step < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+    correct, all_correct, mi = [], [], []
+    for s in range(0, len(x), step):
+        logits = ensemble_forward(model, x[s : s + step], n_draws)  # [N, b, C]
         mi.append(ensemble_entropies(logits)[2].clamp_min(0.0))
-    return torch.cat(correct), torch.cat(mi)
+        if y is not None:
+            correct.append(ensemble_log_probs(logits).argmax(1) == y[s : s + step])
+            all_correct.append((logits.argmax(-1) == y[s : s + step]).all(0))
+    if y is None:
+        return EnsembleStats(None, None, torch.cat(mi))
+    return EnsembleStats(torch.cat(correct), torch.cat(all_correct), torch.cat(mi))
 
 
 @torch.no_grad()
-def correct_on_all_draws(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, batch_size: int
+def correct_per_draw(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, batch_size: int | None = None
 ) -> torch.Tensor:
-    """Per input: classified correctly on every one of ``draws`` forward passes of ``model`` (bool
-    ``[B]``), in batches of ``batch_size``; a randomised model gets no credit for lucky draws (the rule
-    of :func:`qrobust.attacks.whitebox.robust_accuracy`). Runs in the model's current mode."""
+    """Whether each of ``draws`` independent forward passes of ``model`` classifies each input correctly:
+    bool ``[draws, B]``, in batches of ``batch_size`` inputs (None: one batch), all draws of a batch
+    before the next batch. The one correctness-over-evaluations function: ``.all(0)`` is the strict
+    count (correct on every evaluation; a randomised model gets no credit for lucky draws, the rule of
+    :func:`qrobust.attacks.whitebox.robust_accuracy`), ``.float().mean(0)`` the expected one. Runs in the
+    model's current mode, on the inputs as given."""
+    check_num_draws(draws)
+    step = len(y) if batch_size is None else batch_size
     out = []
-    for s in range(0, len(y), batch_size):
-        ok = torch.ones_like(y[s : s + batch_size], dtype=torch.bool)
-        for _ in range(draws):
-            ok &= model(x[s : s + batch_size]).argmax(1) == y[s : s + batch_size]
-        out.append(ok)
-    return torch.cat(out)
+    for s in range(0, len(y), step):
+        xb, yb = x[s : s + step], y[s : s + step]
+        out.append(torch.stack([model(xb).argmax(1) == yb for _ in range(draws)]))
+    return torch.cat(out, dim=1)
 
 
 class EnsembleSQ(nn.Module):

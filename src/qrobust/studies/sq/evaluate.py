@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qrobust.attacks.adaptive import mi_adaptive_pgd
+from qrobust.attacks.evasion import make_evasion_attack
 from qrobust.defenses.detection import MIDetector, auroc, information_plane
 from qrobust.metrics import predict_logits, tie_rate
 from qrobust.quant.sq_model import has_quantizers
-from qrobust.quant.stochastic import correct_on_all_draws, ensemble_stats
+from qrobust.quant.stochastic import correct_per_draw, ensemble_stats
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACKS, Deployed, Target, run_attack
 from qrobust.studies.sq.config import StudyConfig, budget
 
@@ -43,7 +43,7 @@ def _tie_rate(model: Deployed, x: Tensor, batch_size: int) -> float:
 def _detector(cfg: StudyConfig, ctx: dict, model: Deployed) -> tuple[MIDetector, Tensor]:
     """The MI detector of an SQ model, its threshold set on the clean validation images, and their MI."""
     a, n = cfg.attack, model.net.n_draws
-    val_mi = ensemble_stats(model.raw, ctx["val_x"], ctx["val_y"], n, a.batch_size)[1]
+    val_mi = ensemble_stats(model.raw, ctx["val_x"], None, n, a.batch_size).mi
     return MIDetector(fpr=a.detector_fpr, n_draws=n, direction=a.detector_direction).fit_scores(val_mi), val_mi
 
 
@@ -53,7 +53,7 @@ def evaluate_model(cfg: StudyConfig, ctx: dict, name: str) -> dict:
     t = target(cfg, ctx, name)
     model, x, y = t.model, t.x, t.y
     draws = a.draws if model.randomised else 1
-    clean_ok = correct_on_all_draws(model.net, x, y, draws, a.batch_size)
+    clean_ok = correct_per_draw(model.net, x, y, draws, a.batch_size).all(0)
     out: dict[str, Any] = {"clean_acc_all_draws": clean_ok.float().mean().item(),
                            "tie_rate": _tie_rate(model, x, a.batch_size), "robust": {}, "adv_acc": {}}
     has_twin = has_quantizers(model.raw if model.randomised else model.net)
@@ -62,7 +62,7 @@ def evaluate_model(cfg: StudyConfig, ctx: dict, name: str) -> dict:
     cache: dict[str, dict[float, Tensor]] = {k: {} for k in attacks}
     if model.randomised:
         n_draws = model.net.n_draws
-        ens_ok, clean_mi = ensemble_stats(model.raw, x, y, n_draws, a.batch_size)
+        ens_ok, _, clean_mi = ensemble_stats(model.raw, x, y, n_draws, a.batch_size)
         det, val_mi = _detector(cfg, ctx, model)
         out["clean_acc"] = ens_ok.float().mean().item()
         out["detector"] = {
@@ -76,10 +76,10 @@ def evaluate_model(cfg: StudyConfig, ctx: dict, name: str) -> dict:
         for spec in a.eps:
             eps = budget(spec, a.norm, "attack.eps")
             x_adv = cache[attack][eps] = run_attack(attack, t, eps)
-            robust = clean_ok & correct_on_all_draws(model.net, x_adv, y, draws, a.batch_size)
+            robust = clean_ok & correct_per_draw(model.net, x_adv, y, draws, a.batch_size).all(0)
             out["robust"].setdefault(attack, {})[spec] = robust.float().mean().item()
             if model.randomised:
-                ok, mi = ensemble_stats(model.raw, x_adv, y, n_draws, a.batch_size)
+                ok, _, mi = ensemble_stats(model.raw, x_adv, y, n_draws, a.batch_size)
                 out["adv_acc"].setdefault(attack, {})[spec] = ok.float().mean().item()
                 d = out["detector"]
                 d["auroc"].setdefault(attack, {})[spec] = detector_auroc(clean_mi, mi, a.detector_direction)
@@ -118,20 +118,18 @@ def adaptive(cfg: StudyConfig, ctx: dict) -> dict:
     spec, eps = cfg.adaptive_eps()
     x, y, n = ctx["test_x"], ctx["test_y"], model.net.n_draws
     det = _detector(cfg, ctx, model)[0]
-    clean_ok, clean_mi = ensemble_stats(model.raw, x, y, n, a.batch_size)
+    clean_ok, _, clean_mi = ensemble_stats(model.raw, x, y, n, a.batch_size)
     gen = torch.Generator(device=x.device).manual_seed(ctx["seed"] * 1000 + 29)
     sign = 1.0 if a.detector_direction == "above" else -1.0
     out = {"eps": spec, "lambda": a.adaptive_lambda, "threshold": det.threshold}
     for label, lam in (("eot-pgd", 0.0), ("adaptive", a.adaptive_lambda)):
-        x_adv = torch.cat([
-            mi_adaptive_pgd(model.raw, x[s : s + a.batch_size], y[s : s + a.batch_size], eps, n_draws=n,
-                            steps=a.steps, eot=a.eot, lam=lam, sign=sign, generator=gen)
-            for s in range(0, len(y), a.batch_size)
-        ])
-        ok, mi = ensemble_stats(model.raw, x_adv, y, n, a.batch_size)
+        attack = make_evasion_attack("mi-adaptive-pgd", n_draws=n, steps=a.steps, eot=a.eot, lam=lam, sign=sign)
+        x_adv = torch.cat([attack(model.raw, x[s : s + a.batch_size], y[s : s + a.batch_size], eps=eps, generator=gen)
+                           for s in range(0, len(y), a.batch_size)])
+        ok, _, mi = ensemble_stats(model.raw, x_adv, y, n, a.batch_size)
         flagged = det.flag(mi)
-        robust = (correct_on_all_draws(model.net, x, y, a.draws, a.batch_size)
-                  & correct_on_all_draws(model.net, x_adv, y, a.draws, a.batch_size))
+        robust = (correct_per_draw(model.net, x, y, a.draws, a.batch_size).all(0)
+                  & correct_per_draw(model.net, x_adv, y, a.draws, a.batch_size).all(0))
         out[label] = {
             "robust_acc": robust.float().mean().item(),
             "adv_acc": ok.float().mean().item(),
@@ -151,10 +149,10 @@ def ablation_row(cfg: StudyConfig, ctx: dict, name: str) -> dict:
     eps = cfg.ablation_eps()[1]
     t = target(cfg, ctx, name)
     model, x, y = t.model, t.x, t.y
-    ok, mi = ensemble_stats(model.raw, x, y, model.net.n_draws, a.batch_size)
-    clean = correct_on_all_draws(model.net, x, y, a.draws, a.batch_size)
+    ok, _, mi = ensemble_stats(model.raw, x, y, model.net.n_draws, a.batch_size)
+    clean = correct_per_draw(model.net, x, y, a.draws, a.batch_size).all(0)
     row = {"clean_acc": ok.float().mean().item(), "clean_mi": mi.mean().item()}
     for attack in [k for k in ABLATION_ATTACKS if a.runs(k)]:
         x_adv = run_attack(attack, t, eps)
-        row[attack] = (clean & correct_on_all_draws(model.net, x_adv, y, a.draws, a.batch_size)).float().mean().item()
+        row[attack] = (clean & correct_per_draw(model.net, x_adv, y, a.draws, a.batch_size).all(0)).float().mean().item()
     return row

@@ -32,7 +32,7 @@ from qrobust.metrics import as_float_images
 from qrobust.models import model_for_data
 from qrobust.quant import QuantConfig, quantize
 from qrobust.quant.sq_model import build_sq_model, calibrate_ranges
-from qrobust.quant.stochastic import EnsembleSQ, correct_on_all_draws, ensemble_stats
+from qrobust.quant.stochastic import EnsembleSQ, correct_per_draw, ensemble_stats
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACKS, Deployed
 from qrobust.studies.sq.config import StudyConfig, model_names
 from qrobust.studies.sq.evaluate import ablation_row, adaptive, evaluate_model
@@ -90,13 +90,13 @@ class _Trainer:
 
     def eval_det(self, model: nn.Module) -> dict:
         with eval_mode(model):
-            ok = correct_on_all_draws(model, self.data.test_x, self.data.test_y, 1, 512)
+            ok = correct_per_draw(model, self.data.test_x, self.data.test_y, 1, 512).all(0)
         return {"test_acc": ok.float().mean().item()}
 
     def eval_sq(self, n_draws: int) -> Callable[[nn.Module], dict]:
         def evaluate_fn(model: nn.Module) -> dict:
             with eval_mode(model):
-                correct, mi = ensemble_stats(model, self.data.test_x, self.data.test_y, n_draws, 256)
+                correct, _, mi = ensemble_stats(model, self.data.test_x, self.data.test_y, n_draws, 256)
             return {"test_acc": correct.float().mean().item(), "test_mi": mi.mean().item()}
 
         return evaluate_fn
