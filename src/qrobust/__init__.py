@@ -59,6 +59,8 @@ _API: dict[str, str] = {
     "make_defense": "qrobust.defenses.output", "calibrate_defense": "qrobust.defenses.output",
     "reverse_sigmoid": "qrobust.defenses.output", "dcp": "qrobust.defenses.output",
     "MIDetector": "qrobust.defenses.detection", "mutual_information": "qrobust.defenses.detection",
+    # the robustness card
+    "card": "qrobust.cards",
     # studies
     "run_study": "qrobust.experiment", "StudySpec": "qrobust.experiment", "Cell": "qrobust.experiment",
     # errors
