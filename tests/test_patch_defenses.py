@@ -10,20 +10,25 @@ from qrobust.defenses.patch_training import (
     DWQ,
     PBAT,
     QADTR,
-    BitWidthSchedule,
     PatchSpec,
-    RandomPrecision,
-    SwitchableBatchNorm2d,
-    check_bit_width,
     gir_penalty,
     input_gradient_cosine,
-    make_switchable_bn,
     patch_asr,
 )
 from qrobust.errors import ConfigError
 from qrobust.metrics import accuracy
 from qrobust.models import QNet, _convnet
-from qrobust.quant import ActQuant, get_bit_width, quantize, set_bit_width
+from qrobust.quant import (
+    ActQuant,
+    BitWidthSchedule,
+    RandomPrecision,
+    SwitchableBatchNorm2d,
+    check_bit_width,
+    get_bit_width,
+    make_switchable_bn,
+    quantize,
+    set_bit_width,
+)
 from qrobust.runs import RunDir, safe_load
 from qrobust.train.loop import fit
 

@@ -34,8 +34,8 @@ _API: dict[str, str] = {
     "SQConfig": "qrobust.quant.stochastic", "StochasticQuantizer": "qrobust.quant.stochastic",
     "insert_stochastic_quantizers": "qrobust.quant.stochastic", "EnsembleSQ": "qrobust.quant.stochastic",
     "ensemble_predict": "qrobust.quant.stochastic", "ensemble_entropies": "qrobust.quant.stochastic",
-    "SwitchableBatchNorm2d": "qrobust.defenses.patch_training", "RandomPrecision": "qrobust.defenses.patch_training",
-    "make_switchable_bn": "qrobust.defenses.patch_training",
+    "SwitchableBatchNorm2d": "qrobust.quant", "RandomPrecision": "qrobust.quant",
+    "make_switchable_bn": "qrobust.quant", "BitWidthSchedule": "qrobust.quant",
     # training
     "fit": "qrobust.train.loop", "TrainSection": "qrobust.config", "CrossEntropy": "qrobust.train.objectives",
     "DivQATLoss": "qrobust.train.divqat", "MIEnsembleLoss": "qrobust.train.sq_objective",

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from qrobust.attacks.patch import PatchConfig, attack_success_rate, train_patch
 from qrobust.attacks.whitebox import input_gradient
-from qrobust.defenses.patch_training import PatchSpec, RandomPrecision, patch_asr
+from qrobust.defenses.patch_training import PatchSpec, patch_asr
 from qrobust.metrics import accuracy, accuracy_and_tie_rate
-from qrobust.quant import set_bit_width
+from qrobust.quant import RandomPrecision, set_bit_width
 from qrobust.studies.qadtr.config import StudyConfig
 from qrobust.studies.qadtr.defenses import evaluated_widths, view, widths_kept
 from qrobust.utils import eval_mode

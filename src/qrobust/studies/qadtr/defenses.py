@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from qrobust import data as datasets
-from qrobust.defenses.patch_training import DWQ, PBAT, QADTR, RandomPrecision
+from qrobust.defenses.patch_training import DWQ, PBAT, QADTR
 from qrobust.errors import ConfigError
 from qrobust.models import QNet, _convnet, model_for_data
-from qrobust.quant import QuantConfig, get_bit_width, quantize, set_bit_width
+from qrobust.quant import QuantConfig, RandomPrecision, get_bit_width, quantize, set_bit_width
 from qrobust.studies.qadtr.config import StudyConfig, region_of
 from qrobust.train.objectives import Objective
 

@@ -14,11 +14,10 @@ from qrobust import data as datasets
 from qrobust.attacks.patch import apply_patch, train_patch
 from qrobust.attacks.whitebox import pgd
 from qrobust.config import TrainSection
-from qrobust.defenses.patch_training import make_switchable_bn
 from qrobust.errors import ConfigError
 from qrobust.experiment import QAT_EDGES, Stages, act_range_tag
 from qrobust.metrics import as_float_images
-from qrobust.quant import set_bit_width
+from qrobust.quant import make_switchable_bn, set_bit_width
 from qrobust.runs import atomic_write_bytes, safe_load
 from qrobust.studies.qadtr.cells import clean_accuracy
 from qrobust.studies.qadtr.config import StudyConfig
