@@ -5,9 +5,10 @@ Papers: T. B. Brown, D. Mane, A. Roy, M. Abadi, J. Gilmer, "Adversarial Patch", 
 Quantization-Aware Defenses: QADT-R for Robustness Against Patch-Based Adversarial Attacks in QNNs",
 arXiv:2503.07058 (2025).
 
-Threat model: the attacker prints one image-independent patch and pastes it anywhere (``placement =
-"random"``) or at one place (``"fixed"``) on any input; pixels outside the patch are untouched and
-there is no norm bound inside it. The patch is made white-box on a source model (e.g. the 8-bit twin)
+Threat model: the attacker prints one image-independent patch and pastes it anywhere, or anywhere in a
+region (``placement = "random"``, ``region``), or at one place (``"fixed"``) on any input; pixels outside
+the patch are untouched and there is no norm bound inside it. One :class:`PatchConfig` describes the
+patch (shape, size) and where it goes: the same object is used to optimise the patch and to evaluate it. The patch is made white-box on a source model (e.g. the 8-bit twin)
 and may be applied to a target model at another bit width (:func:`patch_transfer_matrix`).
 
 Patch operator (Brown et al., "Approach"): a transformation ``t`` (rotation, scale) and a location ``l``
@@ -26,17 +27,17 @@ classified clean* images that the patch flips (untargeted) or sends to the targe
 images whose true class is the target are left out, they cannot be "sent" there).
 
 Model convention: an ``nn.Module`` taking inputs in [0, 1] (NCHW) and returning logits. Attacks run the
-model in eval mode (batch-norm statistics must not learn from patched images) and restore every
-module's train/eval flag afterwards; gradients go to the patch only (``torch.autograd.grad``), never
-into ``.grad`` of model parameters, and ``requires_grad`` flags are left alone.
+model in eval mode (batch-norm statistics must not learn from patched images; ``qrobust.utils.eval_mode``)
+and restore every module's train/eval flag afterwards; gradients go to the patch only
+(``torch.autograd.grad``), never into ``.grad`` of model parameters, and ``requires_grad`` flags are left
+alone.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,15 +48,19 @@ from tqdm import tqdm
 
 from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
+from qrobust.utils import eval_mode
 
 SHAPES = ("square", "circle")
 PLACEMENTS = ("random", "fixed")
 DEFAULT_SEED = 0  # used when no generator is passed, so that results are reproducible by default
 
 
+ANYWHERE = (0.0, 1.0)  # the region of every valid position
+
+
 @dataclass
 class PatchConfig:
-    """Shape, size and placement of a universal patch.
+    """Shape, size and placement of a universal patch (one spec for optimising and for evaluating it).
 
     Args:
         shape: ``"square"`` or ``"circle"`` (a disc inscribed in the square ``s x s`` patch tensor).
@@ -63,8 +68,8 @@ class PatchConfig:
             square of side ``sqrt(0.05 * H * W)``). The side ``s`` is the integer whose mask pixel count
             is closest to ``size * H * W`` (see :func:`patch_mask`); a circle covers at most
             ``pi / 4`` of a square image.
-        placement: ``"random"`` (a fresh uniform location per image, the patch fully inside the image)
-            or ``"fixed"`` (every image at ``location``).
+        placement: ``"random"`` (a fresh uniform location per image, the patch fully inside the image,
+            its top-left corner in ``region``) or ``"fixed"`` (every image at ``location``).
         location: ``(row, col)`` of the top-left pixel of the (untransformed) patch, for ``"fixed"``;
             ``None`` means the centre of the image. Must be ``None`` for ``"random"``.
         max_rotation: rotations are drawn uniformly from ``[-max_rotation, max_rotation]`` degrees,
@@ -72,6 +77,11 @@ class PatchConfig:
         scale_range: ``(lo, hi)``; the patch side is multiplied by a factor drawn uniformly from it.
             ``(1, 1)`` = no scaling. With no rotation and no scaling the patch is pasted pixel-exactly
             at integer positions; otherwise it is resampled bilinearly and its mask edge is soft.
+        region: ``(lo, hi)``, for ``"random"``: the top-left corner is uniform over the box
+            ``[lo, hi] x [lo, hi]`` of the valid positions, as fractions of ``H - s`` and ``W - s``
+            (rounded inwards to whole pixels); ``(0, 1)`` = anywhere, ``(0, 0.5)`` = the upper-left part,
+            ``(0.75, 1)`` = near the lower-right corner (QADT-R's seen and unseen places). With
+            transformations it bounds the patch's bounding box the same way.
     """
 
     shape: str = "square"
@@ -80,6 +90,7 @@ class PatchConfig:
     location: tuple[int, int] | None = None
     max_rotation: float = 0.0  # degrees
     scale_range: tuple[float, float] = (1.0, 1.0)  # multiplies the patch side
+    region: tuple[float, float] = ANYWHERE  # top-left box of the random placement (fractions)
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -123,11 +134,58 @@ class PatchConfig:
                 "(1, 1) means no scaling"
             )
         self.scale_range = (lo, hi)
+        if len(self.region) != 2:
+            raise ConfigError(f"patch region must be (lo, hi), fractions of the valid top-left positions, got {self.region}")
+        lo, hi = (float(v) for v in self.region)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(
+                f"patch region must be (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the valid top-left "
+                f"positions), got {self.region}"
+            )
+        self.region = (lo, hi)
+        if self.region != ANYWHERE and self.placement != "random":
+            raise ConfigError("a patch region restricts random places; use placement='random' or drop region")
 
     @property
     def transforms(self) -> bool:
         """Whether patches are rotated or scaled (then they are resampled bilinearly)."""
         return self.max_rotation > 0 or self.scale_range != (1.0, 1.0)
+
+    @property
+    def key(self) -> str:
+        """``"<shape>@<size>"``, e.g. ``"square@0.08"`` (names the patch made for this spec)."""
+        return f"{self.shape}@{self.size:g}"
+
+    def to_dict(self) -> dict:
+        """Shape, size and region, plus every other setting that is not its default."""
+        out: dict = {"shape": self.shape, "size": self.size, "region": list(self.region)}
+        if self.placement != "random":
+            out |= {"placement": self.placement, "location": None if self.location is None else list(self.location)}
+        if self.max_rotation:
+            out["max_rotation"] = self.max_rotation
+        if self.scale_range != (1.0, 1.0):
+            out["scale_range"] = list(self.scale_range)
+        return out
+
+    def locations(self, n: int, image_hw: tuple[int, int], generator: torch.Generator | None) -> Tensor:
+        """``[n, 2]`` integer top-left (row, col) positions, uniform over ``region`` (a CPU float64 tensor)."""
+        side, _ = patch_mask(self, image_hw)
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        first, last = _region_box(self.region, image_hw, side, torch.device("cpu"))
+        return _top_left(u, first, last)
+
+
+def _region_box(region: tuple[float, float], image_hw: tuple[int, int], side: int, device: torch.device):
+    """First and last integer top-left (row, col) positions of ``region`` for a patch of ``side`` px."""
+    lo, hi = region
+    slots = torch.tensor([image_hw[0] - side, image_hw[1] - side], dtype=torch.float64, device=device)
+    first, last = torch.ceil(lo * slots), torch.floor(hi * slots)
+    return first, torch.maximum(first, last)
+
+
+def _top_left(u: Tensor, first: Tensor, last: Tensor) -> Tensor:
+    """Uniform integer positions in ``[first, last]`` from uniforms ``u`` [n, 2] in [0, 1)."""
+    return torch.minimum(first + torch.floor(u * (last - first + 1)), last)
 
 
 def _shape_mask(shape: str, side: int) -> Tensor:
@@ -176,8 +234,13 @@ def _sample_placement(
     device: torch.device,
     locations: Tensor | None = None,
 ) -> _Placement:
-    """One (l, t) per image. Random numbers come from ``generator`` on its own device, then move."""
+    """One (l, t) per image. Random numbers come from ``generator`` on its own device, then move; given
+    ``locations`` and no transformation, nothing is drawn."""
     h, w = image_hw
+    if locations is not None and not cfg.transforms:
+        top_left = _given_locations(locations, n, side, h, w, device)
+        zeros = torch.zeros(n, dtype=torch.float64, device=device)
+        return _Placement(top_left + side / 2, zeros, zeros + 1)
     gdev = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand(n, 4, generator=generator, device=gdev, dtype=torch.float64).to(device)
     max_rad = math.radians(cfg.max_rotation)
@@ -186,31 +249,35 @@ def _sample_placement(
     scale = lo + (hi - lo) * u[:, 3]
     size_hw = torch.tensor([h, w], dtype=torch.float64, device=device)
     if locations is not None:
-        top_left = torch.as_tensor(locations, dtype=torch.float64, device=device).reshape(-1, 2)
-        if top_left.shape[0] not in (1, n):
-            raise ConfigError(
-                f"locations must be [N, 2] or [2] (row, col), got shape {tuple(locations.shape)}"
-            )
-        top_left = top_left.expand(n, 2)
-        _check_inside(top_left, side, h, w)
-        centre = top_left + side / 2
+        centre = _given_locations(locations, n, side, h, w, device) + side / 2
     elif cfg.placement == "fixed":
         loc = cfg.location if cfg.location is not None else ((h - side) // 2, (w - side) // 2)
         top_left = torch.tensor(loc, dtype=torch.float64, device=device).expand(n, 2)
         _check_inside(top_left, side, h, w)
         centre = top_left + side / 2
     elif not cfg.transforms:
-        # Integer top-left, uniform over all (H - s + 1) x (W - s + 1) positions: pixel-exact pasting.
-        slots = size_hw - side + 1
-        top_left = torch.minimum(torch.floor(u[:, :2] * slots), slots - 1)
-        centre = top_left + side / 2
+        # Integer top-left, uniform over the region's positions (all (H - s + 1) x (W - s + 1) of them
+        # by default): pixel-exact pasting.
+        first, last = _region_box(cfg.region, image_hw, side, device)
+        centre = _top_left(u[:, :2], first, last) + side / 2
     else:
-        # The bounding box of the rotated, scaled patch stays inside the image (centred if it cannot).
+        # The bounding box of the rotated, scaled patch stays inside the image (centred if it cannot),
+        # its corner in the region's share of the room left.
         extent = side * scale * (angle.cos().abs() + angle.sin().abs())
         room = size_hw - extent[:, None]
-        box = torch.where(room >= 0, u[:, :2] * room, room / 2)
+        lo, hi = cfg.region
+        box = torch.where(room >= 0, (lo + u[:, :2] * (hi - lo)) * room, room / 2)
         centre = box + extent[:, None] / 2
     return _Placement(centre, angle, scale)
+
+
+def _given_locations(locations: Tensor, n: int, side: int, h: int, w: int, device: torch.device) -> Tensor:
+    top_left = torch.as_tensor(locations, dtype=torch.float64, device=device).reshape(-1, 2)
+    if top_left.shape[0] not in (1, n):
+        raise ConfigError(f"locations must be [N, 2] or [2] (row, col), got shape {tuple(locations.shape)}")
+    top_left = top_left.expand(n, 2)
+    _check_inside(top_left, side, h, w)
+    return top_left
 
 
 def _check_inside(top_left: Tensor, side: int, h: int, w: int) -> None:
@@ -307,29 +374,6 @@ def _check_patch(
         )
 
 
-@contextmanager
-def _eval_mode(modules: Iterable[nn.Module] = ()):
-    """Put models in eval mode; restore every submodule's own train/eval flag on exit.
-
-    Yields a function that registers more models (those a ``model_sampler`` returns on the way).
-    """
-    saved: dict[int, tuple[nn.Module, bool]] = {}
-
-    def enter(model: nn.Module) -> nn.Module:
-        for mod in model.modules():
-            saved.setdefault(id(mod), (mod, mod.training))
-        model.eval()
-        return model
-
-    try:
-        for model in modules:
-            enter(model)
-        yield enter
-    finally:
-        for mod, flag in saved.values():
-            mod.train(flag)
-
-
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     with torch.no_grad():
         return int(model(x[:1]).shape[1])
@@ -413,15 +457,16 @@ def train_patch(
     patch = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([patch], lr=lr)
 
-    with _eval_mode([model]) as enter:
+    with eval_mode(model):
         _check_target(target, _num_classes(model, x))
         bar = tqdm(range(int(steps)), desc="patch", disable=not progress, leave=False)
         for step in bar:
-            net = enter(model_sampler()) if model_sampler is not None else model
+            net = model_sampler() if model_sampler is not None else model
             idx = torch.randperm(n, generator=generator, device=gdev)[:batch_size].to(x.device)
             xb, yb = x[idx], y[idx]
             x_adv, _ = apply_patch(xb, patch, cfg, generator=generator)
-            logits = net(x_adv)
+            with eval_mode(net):
+                logits = net(x_adv)
             if target is None:
                 loss = -F.cross_entropy(logits, yb)
             else:
@@ -456,17 +501,20 @@ def attack_success_rate(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
     draws: int = 1,
+    locations: Sequence[Tensor] | None = None,
 ) -> dict[str, float | int]:
     """ASR of ``patch`` on ``model`` (QADT-R's metric).
 
     Eligible images are the clean images ``model`` classifies correctly (and, when targeted, whose
     label is not ``target``). Each eligible image gets ``draws`` placements (random per image when
-    ``cfg.placement == "random"``); ASR = successes / (num_eligible * draws), a success being a
-    prediction != y (untargeted) or == target (targeted): the expected ASR over placements.
+    ``cfg.placement == "random"``, in ``cfg.region``); ASR = successes / (num_eligible * draws), a
+    success being a prediction != y (untargeted) or == target (targeted): the expected ASR over
+    placements.
 
     All placements are drawn up front from ``generator`` (``None`` = a fresh generator seeded with 0),
     so the result does not depend on ``batch_size`` and two models evaluated with the same seed see the
-    same placements. ``asr`` is NaN when no image is eligible.
+    same placements. ``locations`` (one ``[N, 2]`` tensor of top-left (row, col) positions per draw)
+    gives the places instead. ``asr`` is NaN when no image is eligible.
 
     Returns:
         ``{"asr": float, "num_eligible": int, "clean_acc": float}``.
@@ -481,11 +529,15 @@ def attack_success_rate(
     _check_patch(patch, side, x.shape[1], cfg, image_hw)
     patch = patch.to(device=x.device, dtype=x.dtype)
     y = y.to(x.device)
-    with _eval_mode([model]):
-        _check_target(target, _num_classes(model, x))
+    if locations is not None and len(locations) != int(draws):
+        raise ConfigError(f"locations must hold one [N, 2] tensor per draw: got {len(locations)} for draws={draws}")
+    with eval_mode(model):
+        if target is not None:
+            _check_target(target, _num_classes(model, x))
         placements = [
-            _sample_placement(cfg, n, image_hw, side, generator=generator, device=x.device)
-            for _ in range(draws)
+            _sample_placement(cfg, n, image_hw, side, generator=generator, device=x.device,
+                              locations=None if locations is None else locations[d])
+            for d in range(draws)
         ]
         clean_pred = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)])
         correct = clean_pred == y

@@ -56,22 +56,24 @@ Papers:
     weights (double back-propagation). Minimising it gives a patch optimiser that averages or
     switches widths conflicting signals. This is our reading of a vague text; it is a setting.
 
-Patch places: the training region (:class:`PatchSpec` ``region``) restricts the top-left corner of
-the pasted patch to a sub-box of the valid positions, so that places outside it are *unseen* at
-evaluation (QADT-R's "unseen patch configurations": sizes, shapes and places not used in training).
+Patch places: the training region (:class:`~qrobust.attacks.patch.PatchConfig` ``region``) restricts the
+top-left corner of the pasted patch to a sub-box of the valid positions, so that places outside it are
+*unseen* at evaluation (QADT-R's "unseen patch configurations": sizes, shapes and places not used in
+training).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qrobust.attacks.patch import PatchConfig, apply_patch, patch_mask, train_patch
+from qrobust.attacks.patch import ANYWHERE, PatchConfig, apply_patch, patch_mask, train_patch
+from qrobust.attacks.whitebox import input_gradient
 from qrobust.errors import ConfigError
 from qrobust.quant.bitwidth import (
     BitWidthSchedule,
@@ -89,104 +91,9 @@ __all__ = [
     "DWQ",
     "PBAT",
     "QADTR",
-    "PatchSpec",
     "gir_penalty",
     "input_gradient_cosine",
-    "patch_asr",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Patch specs with a placement region, and ASR at those places
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PatchSpec:
-    """A patch configuration with a placement region (seen vs unseen places).
-
-    ``region = (lo, hi)``: the patch's top-left corner is uniform over the box
-    ``[lo, hi] x [lo, hi]`` of the valid positions (as fractions of ``H - s`` and ``W - s``);
-    ``(0, 1)`` = anywhere, ``(0, 0.5)`` = the top-left part, ``(0.75, 1)`` = near the bottom-right.
-    """
-
-    shape: str = "square"
-    size: float = 0.08
-    region: tuple[float, float] = (0.0, 1.0)
-
-    def __post_init__(self) -> None:
-        self.config()  # validates shape and size
-        lo, hi = (float(v) for v in self.region)
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(
-                f"patch region must be (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the valid top-left "
-                f"positions), got {self.region}"
-            )
-        self.region = (lo, hi)
-
-    @property
-    def key(self) -> str:
-        return f"{self.shape}@{self.size:g}"
-
-    def config(self) -> PatchConfig:
-        return PatchConfig(shape=self.shape, size=self.size, placement="random")
-
-    def locations(self, n: int, image_hw: tuple[int, int], generator: torch.Generator | None) -> Tensor:
-        """``[n, 2]`` integer top-left (row, col) positions, uniform in the region (CPU tensor)."""
-        side, _ = patch_mask(self.config(), image_hw)
-        lo, hi = self.region
-        slots = torch.tensor([image_hw[0] - side, image_hw[1] - side], dtype=torch.float64)
-        first, last = torch.ceil(lo * slots), torch.floor(hi * slots)
-        last = torch.maximum(first, last)
-        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
-        return torch.minimum(first + torch.floor(u * (last - first + 1)), last)
-
-    def to_dict(self) -> dict:
-        return {"shape": self.shape, "size": self.size, "region": list(self.region)}
-
-
-@torch.no_grad()
-def patch_asr(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    patch: Tensor,
-    spec: PatchSpec,
-    *,
-    generator: torch.Generator | None = None,
-    batch_size: int = 256,
-    draws: int = 1,
-) -> dict[str, float | int]:
-    """Untargeted ASR of ``patch`` pasted at places of ``spec.region`` (QADT-R's metric, DESIGN.md).
-
-    Eligible images: those the model classifies correctly when clean; ASR = share of (eligible image,
-    draw) pairs whose prediction differs from the label with the patch on. All places come from
-    ``generator`` (None: seeded with 0) up front, so every model sees the same places. For a
-    randomised model (:class:`~qrobust.quant.bitwidth.RandomPrecision`) clean and patched forwards each draw their own width:
-    the expected ASR under random precision inference. ``asr`` is NaN with no eligible image.
-    """
-    if int(draws) < 1 or int(batch_size) < 1:
-        raise ConfigError(f"need draws >= 1 and batch_size >= 1, got draws={draws}, batch_size={batch_size}")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    n, image_hw = x.shape[0], (x.shape[-2], x.shape[-1])
-    cfg = spec.config()
-    locations = [spec.locations(n, image_hw, generator).to(x.device) for _ in range(draws)]
-    patch = patch.to(device=x.device, dtype=x.dtype)
-    y = y.to(x.device)
-    with eval_mode(model):
-        eligible = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)]) == y
-        hits = 0
-        for locs in locations:
-            for i in range(0, n, batch_size):
-                sl = slice(i, i + batch_size)
-                x_adv, _ = apply_patch(x[sl], patch, cfg, locations=locs[sl])
-                hits += int(((model(x_adv).argmax(1) != y[sl]) & eligible[sl]).sum())
-    num = int(eligible.sum())
-    return {
-        "asr": hits / (num * draws) if num else float("nan"),
-        "num_eligible": num,
-        "clean_acc": float(eligible.float().mean()),
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,11 +101,13 @@ def patch_asr(
 # --------------------------------------------------------------------------------------------------
 
 
-def _input_grad(model: nn.Module, x: Tensor, y: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-    """``(logits, grad_x sum_i CE_i)`` at ``x`` (a leaf with requires_grad)."""
+def _graph_input_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits, grad_x sum_i CE_i)`` at ``x`` (a leaf with requires_grad), the gradient kept in the
+    autograd graph (``create_graph=True``) so that a loss on it trains the weights (double
+    back-propagation). :func:`qrobust.attacks.whitebox.input_gradient` is the same gradient, detached."""
     logits = model(x)
     loss = F.cross_entropy(logits, y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
     return logits, grad
 
 
@@ -226,7 +135,7 @@ def gir_penalty(
     xa = x.detach().requires_grad_(True)
     if bits is not None:
         set_bit_width(model, bits)
-    logits, ga = _input_grad(model, xa, y, create_graph=True)
+    logits, ga = _graph_input_grad(model, xa, y)
     xb = x.detach()
     if sigma > 0:
         gdev = generator.device if generator is not None else torch.device("cpu")
@@ -235,7 +144,7 @@ def gir_penalty(
     xb = xb.requires_grad_(True)
     if other_bits is not None:
         set_bit_width(model, other_bits)
-    _, gb = _input_grad(model, xb, y, create_graph=True)
+    _, gb = _graph_input_grad(model, xb, y)
     if bits is not None:
         set_bit_width(model, bits)
     return _cosine(ga, gb).mean(), logits
@@ -245,9 +154,9 @@ def input_gradient_cosine(model: nn.Module, x: Tensor, y: Tensor, bits: int, oth
     """Mean per-image cosine similarity of input gradients at two widths (eval mode, no graph)."""
     with eval_mode(model):
         set_bit_width(model, bits)
-        ga = _input_grad(model, x.detach().requires_grad_(True), y, create_graph=False)[1]
+        ga = input_gradient(model, x, y)
         set_bit_width(model, other_bits)
-        gb = _input_grad(model, x.detach().requires_grad_(True), y, create_graph=False)[1]
+        gb = input_gradient(model, x, y)
     return float(_cosine(ga, gb).mean())
 
 
@@ -288,14 +197,14 @@ class _PatchTraining(Objective):
         self.last_bits: int | None = None
 
     # ---- patches
-    def _patch_for(self, spec: PatchSpec, x: Tensor) -> Tensor:
+    def _patch_for(self, spec: PatchConfig, x: Tensor) -> Tensor:
         if spec.key not in self.patches:
-            side, _ = patch_mask(spec.config(), (x.shape[-2], x.shape[-1]))
+            side, _ = patch_mask(spec, (x.shape[-2], x.shape[-1]))
             self.patches[spec.key] = torch.rand(x.shape[1], side, side, generator=self.generator)
         return self.patches[spec.key].to(device=x.device, dtype=x.dtype)
 
     def _patched_batch(
-        self, generator_model: nn.Module, spec: PatchSpec, x: Tensor, y: Tensor
+        self, generator_model: nn.Module, spec: PatchConfig, x: Tensor, y: Tensor
     ) -> tuple[Tensor, int]:
         """``patch_steps`` Adam steps on the persistent patch, then paste it on the first k images."""
         k = max(1, round(self.fraction * x.shape[0]))
@@ -303,7 +212,7 @@ class _PatchTraining(Objective):
             generator_model,
             x[:k],
             y[:k],
-            spec.config(),
+            replace(spec, region=ANYWHERE),
             steps=self.patch_steps,
             lr=self.patch_lr,
             batch_size=k,
@@ -313,7 +222,7 @@ class _PatchTraining(Objective):
         )
         self.patches[spec.key] = patch.detach().cpu()
         locs = spec.locations(k, (x.shape[-2], x.shape[-1]), self.generator).to(x.device)
-        x_patched, _ = apply_patch(x[:k], patch, spec.config(), locations=locs)
+        x_patched, _ = apply_patch(x[:k], patch, spec, locations=locs)
         return torch.cat([x_patched, x[k:]]), k
 
     # ---- state (resume)
@@ -338,10 +247,10 @@ class _PatchTraining(Objective):
             ) from None
 
 
-def _specs(specs: Sequence[PatchSpec | dict], what: str = "specs") -> tuple[PatchSpec, ...]:
-    out = tuple(s if isinstance(s, PatchSpec) else PatchSpec(**s) for s in specs)
+def _specs(specs: Sequence[PatchConfig | dict], what: str = "specs") -> tuple[PatchConfig, ...]:
+    out = tuple(s if isinstance(s, PatchConfig) else PatchConfig(**s) for s in specs)
     if not out:
-        raise ConfigError(f"{what} is empty; give at least one PatchSpec(shape, size, region)")
+        raise ConfigError(f"{what} is empty; give at least one PatchConfig(shape, size, region=...)")
     return out
 
 
@@ -361,7 +270,7 @@ class PBAT(_PatchTraining):
 
     def __init__(
         self,
-        specs: Sequence[PatchSpec | dict] = (PatchSpec(),),
+        specs: Sequence[PatchConfig | dict] = (PatchConfig(size=0.08),),
         *,
         fraction: float = 0.5,
         patch_steps: int = 2,
@@ -573,7 +482,7 @@ class QADTR(_PatchTraining):
             raise ConfigError(
                 "A-QAPA needs at least one shape and one size, e.g. shapes=['square'], sizes=[0.08]"
             )
-        self.ladder = [[PatchSpec(sh, sz, region) for sz in sizes] for sh in shapes]  # validates all
+        self.ladder = [[PatchConfig(sh, sz, region=region) for sz in sizes] for sh in shapes]  # validates all
         if not 0 <= asr_low < asr_high <= 1 or not 0 <= asr_momentum < 1:
             raise ConfigError(
                 f"need 0 <= asr_low < asr_high <= 1 and 0 <= asr_momentum < 1, got {asr_low}, {asr_high}, "

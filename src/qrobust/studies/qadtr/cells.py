@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qrobust.attacks.patch import PatchConfig, attack_success_rate, train_patch
+from qrobust.attacks.patch import ANYWHERE, PatchConfig, attack_success_rate, train_patch
 from qrobust.attacks.whitebox import input_gradient
-from qrobust.defenses.patch_training import PatchSpec, patch_asr
 from qrobust.metrics import accuracy, accuracy_and_tie_rate
 from qrobust.quant import RandomPrecision, set_bit_width
 from qrobust.studies.qadtr.config import StudyConfig
@@ -66,7 +66,7 @@ def transfer_row(ctx: dict, cfg: StudyConfig, source: str, steps: int, switched:
     seeded ``seed + 1`` each, so every target sees the same places)."""
     a, d, seed = cfg.attack, ctx["data"], ctx["seed"]
     spec = cfg.seen_specs()[0]
-    pcfg = PatchConfig(spec.shape, spec.size, "random")
+    pcfg = replace(spec, region=ANYWHERE)
     models = _table1_models(ctx, cfg, switched)
     with widths_kept(ctx["models"]):
         patch = train_patch(_get(models[source]), d["attack_x"], d["attack_y"], pcfg, steps=steps, lr=a.lr,
@@ -96,21 +96,21 @@ def table1_switched_clean(ctx: dict, cfg: StudyConfig) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _transfer_patch(ctx: dict, cfg: StudyConfig, get: Callable[[], nn.Module], spec: PatchSpec) -> Tensor:
+def _transfer_patch(ctx: dict, cfg: StudyConfig, get: Callable[[], nn.Module], spec: PatchConfig) -> Tensor:
     """The patch made on the float model (the attacker does not know the defense)."""
     return ctx["float_patches"][spec.key]
 
 
-def _adaptive_patch(ctx: dict, cfg: StudyConfig, get: Callable[[], nn.Module], spec: PatchSpec) -> Tensor:
+def _adaptive_patch(ctx: dict, cfg: StudyConfig, get: Callable[[], nn.Module], spec: PatchConfig) -> Tensor:
     """A patch made against the defended model at this width (``rand``: a random width per step)."""
     a, d = cfg.attack, ctx["data"]
-    return train_patch(get(), d["attack_x"], d["attack_y"], spec.config(), steps=a.adaptive_steps, lr=a.lr,
+    return train_patch(get(), d["attack_x"], d["attack_y"], replace(spec, region=ANYWHERE), steps=a.adaptive_steps, lr=a.lr,
                        batch_size=a.batch_size, progress=False,
                        generator=torch.Generator().manual_seed(ctx["seed"] + 2))
 
 
 # Table 2's patch attacks: name -> (ctx, cfg, model view, spec) -> patch. A new one is one function and a line.
-PATCH_ATTACKS: dict[str, Callable[[dict, StudyConfig, Callable[[], nn.Module], PatchSpec], Tensor]] = {
+PATCH_ATTACKS: dict[str, Callable[[dict, StudyConfig, Callable[[], nn.Module], PatchConfig], Tensor]] = {
     "transfer": _transfer_patch,
     "adaptive": _adaptive_patch,
 }
@@ -120,10 +120,13 @@ def table2_attacks(cfg: StudyConfig) -> list[str]:
     return ["transfer", "adaptive"] if cfg.attack.adaptive else ["transfer"]
 
 
-def _asr(ctx: dict, cfg: StudyConfig, model: nn.Module, patch: Tensor, spec: PatchSpec) -> float:
+def _asr(ctx: dict, cfg: StudyConfig, model: nn.Module, patch: Tensor, spec: PatchConfig) -> float:
     d = ctx["data"]
-    return patch_asr(model, d["test_x"], d["test_y"], patch, spec, draws=cfg.attack.draws,
-                     batch_size=eval_batch(model), generator=torch.Generator().manual_seed(ctx["seed"] + 1))["asr"]
+    gen = torch.Generator().manual_seed(ctx["seed"] + 1)
+    places = [spec.locations(len(d["test_y"]), d["test_x"].shape[-2:], gen).to(d["test_x"].device)
+              for _ in range(cfg.attack.draws)]
+    return attack_success_rate(model, d["test_x"], d["test_y"], patch, spec, draws=cfg.attack.draws,
+                               batch_size=eval_batch(model), locations=places)["asr"]
 
 
 def table2_row(ctx: dict, cfg: StudyConfig, name: str, width: str) -> dict:

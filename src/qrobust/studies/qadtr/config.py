@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qrobust.attacks.patch import PatchConfig
 from qrobust.config import check_act_range
-from qrobust.defenses.patch_training import PatchSpec
 from qrobust.errors import ConfigError
 from qrobust.experiment import StudyBase, load_study, study_preset
 
@@ -139,11 +139,11 @@ class StudyConfig(StudyBase):
         self.unseen_specs()
         return self
 
-    def seen_specs(self) -> list[PatchSpec]:
+    def seen_specs(self) -> list[PatchConfig]:
         region = region_of(self.patches.region, "patches.region")
-        return [PatchSpec(self.patches.shape, s, region) for s in self.patches.sizes]
+        return [PatchConfig(self.patches.shape, s, region=region) for s in self.patches.sizes]
 
-    def unseen_specs(self) -> list[PatchSpec]:
+    def unseen_specs(self) -> list[PatchConfig]:
         region = region_of(self.patches.unseen_region, "patches.unseen_region")
         specs = []
         for item in self.patches.unseen:
@@ -154,7 +154,7 @@ class StudyConfig(StudyBase):
                 raise ConfigError(
                     f"patches.unseen entry {item!r} must be 'shape:size', e.g. 'circle:0.1'"
                 ) from None
-            specs.append(PatchSpec(shape.strip(), value, region))
+            specs.append(PatchConfig(shape.strip(), value, region=region))
         return specs
 
     def widths(self) -> list[str]:

@@ -12,22 +12,16 @@ from torch import nn
 
 from qrobust import data as datasets
 from qrobust.defenses.patch_training import DWQ, PBAT, QADTR
-from qrobust.errors import ConfigError
-from qrobust.models import QNet, _convnet, model_for_data
+from qrobust.models import model_for_data
 from qrobust.quant import QuantConfig, RandomPrecision, get_bit_width, quantize, set_bit_width
 from qrobust.studies.qadtr.config import StudyConfig, region_of
 from qrobust.train.objectives import Objective
 
 
 def build_float_model(cfg: StudyConfig, info: datasets.DatasetInfo) -> nn.Module:
-    if cfg.model.arch == "convnet" and cfg.model.width != 32:
-        if cfg.model.width < 1:
-            raise ConfigError(f"model.width must be >= 1, got {cfg.model.width}")
-        body = _convnet(info.channels, info.num_classes, info.image_size, width=cfg.model.width)
-        model = QNet("convnet", body, info.mean, info.std)
-        model.input_shape, model.num_classes = (info.channels, *info.image_size), info.num_classes
-        return model
-    return model_for_data(cfg.model.arch, info)
+    """The registered architecture ``model.arch`` sized for the data (``model.width``: the ConvNet's)."""
+    settings = {"width": cfg.model.width} if cfg.model.arch == "convnet" else {}
+    return model_for_data(cfg.model.arch, info, **settings)
 
 
 def qat_model(float_model: nn.Module, bits: int, act_range: str = "ema") -> nn.Module:

@@ -5,13 +5,14 @@ run folder: float, QAT per width, one per defense), the float model's patches (a
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from qrobust import data as datasets
-from qrobust.attacks.patch import apply_patch, train_patch
+from qrobust.attacks.patch import ANYWHERE, apply_patch, train_patch
 from qrobust.attacks.whitebox import pgd
 from qrobust.config import TrainSection
 from qrobust.errors import ConfigError
@@ -119,7 +120,7 @@ def float_patches(cfg: StudyConfig, seed: int, stages: Stages, float_model: nn.M
     if path.exists():
         return {k: v.to(stages.device) for k, v in safe_load(path).items()}
     a = cfg.attack
-    patches = {spec.key: train_patch(float_model, data["attack_x"], data["attack_y"], spec.config(), steps=a.steps,
+    patches = {spec.key: train_patch(float_model, data["attack_x"], data["attack_y"], replace(spec, region=ANYWHERE), steps=a.steps,
                                      lr=a.lr, batch_size=a.batch_size, progress=False,
                                      generator=torch.Generator().manual_seed(seed))
                for spec in cfg.seen_specs() + cfg.unseen_specs()}
@@ -137,7 +138,7 @@ def analysis_inputs(cfg: StudyConfig, seed: int, float_model: nn.Module, patches
     x, y = data["test_x"][:n], data["test_y"][:n]
     spec = cfg.seen_specs()[0]
     locs = spec.locations(len(x), x.shape[-2:], torch.Generator().manual_seed(seed + 3)).to(x.device)
-    x_patch, _ = apply_patch(x, patches[spec.key], spec.config(), locations=locs)
+    x_patch, _ = apply_patch(x, patches[spec.key], spec, locations=locs)
     x_pgd = pgd(float_model, x, y, cfg.analysis.pgd_eps, steps=cfg.analysis.pgd_steps, check=False,
                 generator=torch.Generator().manual_seed(seed + 4))
     return {"clean": x, "patch": x_patch, "pixel": x_pgd, "y": y}
