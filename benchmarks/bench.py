@@ -205,8 +205,8 @@ def bench_patch_defenses(min_seconds: float, steps: int = 6, batch: int = 128) -
     cfg = TrainSection(epochs=1, batch_size=batch, lr=0.01, warmup_epochs=0.0)
     spec = PatchConfig("square", 0.08, region=(0.0, 0.6))
     makers = {
-        "pbat": lambda: PBAT([spec], patch_steps=2),
-        "qadtr": lambda: QADTR(True, True, True, sizes=(0.06, 0.08, 0.1), region=(0.0, 0.6), patch_steps=2),
+        "pbat": lambda: PBAT(specs=[spec], patch_steps=2),
+        "qadtr": lambda: QADTR(sizes=(0.06, 0.08, 0.1), region=(0.0, 0.6), patch_steps=2),
     }
     seconds = {}
     for name, make in makers.items():

@@ -50,11 +50,11 @@ CFG = TrainSection(epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.0, channels
 
 # ------------------------------------------------------------------ each objective trains a tiny model
 OBJECTIVES = {
-    "pbat": lambda: (PBAT([SPEC], patch_steps=1), None),
-    "dwq": lambda: (DWQ((2, 4, 8), adversary="fgsm"), (2, 4, 8)),
-    "aqapa": lambda: (QADTR(True, False, False, sizes=(0.06, 0.08), patch_steps=1), None),
-    "aqapa+dbwt": lambda: (QADTR(True, True, False, sizes=(0.06, 0.08), patch_steps=1), None),
-    "qadtr": lambda: (QADTR(True, True, True, sizes=(0.06, 0.08), patch_steps=1), None),
+    "pbat": lambda: (PBAT(specs=[SPEC], patch_steps=1), None),
+    "dwq": lambda: (DWQ(bit_widths=(2, 4, 8), adversary="fgsm"), (2, 4, 8)),
+    "aqapa": lambda: (QADTR(dbwt=False, gir=False, sizes=(0.06, 0.08), patch_steps=1), None),
+    "aqapa+dbwt": lambda: (QADTR(gir=False, sizes=(0.06, 0.08), patch_steps=1), None),
+    "qadtr": lambda: (QADTR(sizes=(0.06, 0.08), patch_steps=1), None),
 }
 
 
@@ -88,9 +88,9 @@ def test_dbwt_cycles_the_bit_width_across_steps(data):
 
 
 def test_dbwt_random_mode_visits_several_widths_and_off_means_fixed(data):
-    widths = list(_widths_seen(QADTR(False, True, False, dbwt_mode="random", seed=3), tiny(data.info), data, 12))
+    widths = list(_widths_seen(QADTR(aqapa=False, gir=False, dbwt_mode="random", seed=3), tiny(data.info), data, 12))
     assert set(widths) == {2, 4, 8}
-    fixed = list(_widths_seen(QADTR(False, False, False), tiny(data.info, bits=4), data, 4))
+    fixed = list(_widths_seen(QADTR(aqapa=False, dbwt=False, gir=False), tiny(data.info, bits=4), data, 4))
     assert fixed == [4, 4, 4, 4]
 
 
@@ -109,7 +109,7 @@ def test_aqapa_makes_patches_at_the_quantized_widths(data):
         gen_widths.append(get_bit_width(m))
         return orig(self, m, spec, x, y)
 
-    objective = QADTR(True, False, False, patch_steps=1, seed=0)
+    objective = QADTR(dbwt=False, gir=False, patch_steps=1, seed=0)
     objective._patched_batch = spy.__get__(objective)
     x, y = next(iter(loader(data)))
     for _ in range(9):
@@ -119,7 +119,7 @@ def test_aqapa_makes_patches_at_the_quantized_widths(data):
 
 
 def test_aqapa_size_schedule_grows_when_the_model_resists(data):
-    objective = QADTR(True, False, False, sizes=(0.04, 0.06, 0.08), asr_low=0.99, asr_high=1.0,
+    objective = QADTR(dbwt=False, gir=False, sizes=(0.04, 0.06, 0.08), asr_low=0.99, asr_high=1.0,
                       asr_momentum=0.0, patch_steps=1)
     model = tiny(data.info)
     x, y = next(iter(loader(data)))
@@ -127,7 +127,7 @@ def test_aqapa_size_schedule_grows_when_the_model_resists(data):
     for _ in range(3):
         objective(model, x, y)
     assert objective.level == 2 and objective.level_history[-1] == 2
-    shrink = QADTR(True, False, False, sizes=(0.04, 0.06, 0.08), asr_low=0.0, asr_high=0.001,
+    shrink = QADTR(dbwt=False, gir=False, sizes=(0.04, 0.06, 0.08), asr_low=0.0, asr_high=0.001,
                    asr_momentum=0.0, patch_steps=1)
     for _ in range(3):
         shrink(model, x, torch.roll(y, 1))  # wrong labels: the patched images always count as fooled
@@ -185,8 +185,8 @@ def test_random_precision_draws_a_width_per_forward(data):
 def test_dwq_refuses_a_shared_batchnorm(data):
     x, y = next(iter(loader(data)))
     with pytest.raises(ConfigError, match="make_switchable_bn"):
-        DWQ((2, 4, 8))(tiny(data.info), x, y)
-    DWQ((2, 4, 8), require_switchable_bn=False)(tiny(data.info), x, y)  # allowed when asked for
+        DWQ(bit_widths=(2, 4, 8))(tiny(data.info), x, y)
+    DWQ(bit_widths=(2, 4, 8), require_switchable_bn=False)(tiny(data.info), x, y)  # allowed when asked for
 
 
 # ------------------------------------------------------------------ GIR
@@ -244,7 +244,7 @@ def test_asr_counts_only_clean_correct_images_and_is_a_rate(data):
 
 
 # ------------------------------------------------------------------ resume
-@pytest.mark.parametrize("make", [lambda: PBAT([SPEC], patch_steps=1), lambda: QADTR(patch_steps=1, gir=False)])
+@pytest.mark.parametrize("make", [lambda: PBAT(specs=[SPEC], patch_steps=1), lambda: QADTR(patch_steps=1, gir=False)])
 def test_objective_state_round_trips_through_a_checkpoint(data, tmp_path, make):
     model = tiny(data.info)
     objective = make()
@@ -284,18 +284,18 @@ def test_fit_resumes_a_patch_defense_exactly(data, tmp_path):
 
 def test_foreign_state_is_a_config_error():
     with pytest.raises(ConfigError, match="another objective"):
-        PBAT([SPEC]).load_state_dict({"step": 1})
+        PBAT(specs=[SPEC]).load_state_dict({"step": 1})
 
 
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: PBAT([SPEC], fraction=0), "fraction"),
-        (lambda: PBAT([SPEC], patch_steps=0), "patch_steps"),
-        (lambda: PBAT([SPEC], patch_lr=-1), "patch_lr"),
-        (lambda: PBAT([], patch_steps=1), "specs is empty"),
-        (lambda: PBAT([SPEC], generate_on="gpu"), "generate_on"),
+        (lambda: PBAT(specs=[SPEC], fraction=0), "fraction"),
+        (lambda: PBAT(specs=[SPEC], patch_steps=0), "patch_steps"),
+        (lambda: PBAT(specs=[SPEC], patch_lr=-1), "patch_lr"),
+        (lambda: PBAT(specs=[], patch_steps=1), "specs is empty"),
+        (lambda: PBAT(specs=[SPEC], generate_on="gpu"), "generate_on"),
         (lambda: PatchConfig("square", 0.1, region=(0.8, 0.2)), "region"),
         (lambda: PatchConfig("square", 0.1, placement="fixed", region=(0.0, 0.5)), "region"),
         (lambda: QADTR(bit_widths=()), "empty"),
@@ -308,12 +308,26 @@ def test_foreign_state_is_a_config_error():
         (lambda: QADTR(gir_batch=-1), "gir_batch"),
         (lambda: DWQ(adversary="cw"), "adversary"),
         (lambda: DWQ(eps=0), "eps"),
+        (lambda: QADTR(gir_wieght=1.0), "QADTRConfig has no setting gir_wieght; its settings: fraction"),
+        (lambda: PBAT({"specs": [SPEC], "fraction": 0.5, "magic": 1}), "no setting magic"),
         (lambda: make_switchable_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), (2, 4)), "quantize"),
     ],
 )
 def test_bad_settings_raise_config_error(build, message):
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def test_objectives_are_built_from_a_config_object_a_mapping_or_keywords():
+    from qrobust.defenses.patch_training import QADTRConfig
+
+    settings = QADTRConfig(dbwt=False, gir=False, sizes=(0.1, 0.06), patch_steps=3)
+    for objective in (QADTR(settings), QADTR({"dbwt": False, "gir": False, "sizes": [0.06, 0.1], "patch_steps": 3}),
+                      QADTR(dbwt=False, gir=False, sizes=(0.06, 0.1), patch_steps=3)):
+        assert objective.settings == settings and objective.sizes == (0.06, 0.1)
+        assert objective.config()["name"] == "qadtr" and objective.config()["sizes"] == [0.06, 0.1]
+    assert QADTR(settings, patch_steps=1).settings.patch_steps == 1  # keywords override the config object
+    assert PBAT(specs=[SPEC]).config()["specs"] == [{"shape": "square", "size": 0.08, "region": [0.0, 0.6]}]
 
 
 def test_qadtr_refuses_a_float_model(data):

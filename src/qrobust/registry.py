@@ -89,3 +89,4 @@ DATASETS = Registry("dataset")
 ATTACKS = Registry("attack")
 DEFENSES = Registry("defense")
 OBJECTIVES = Registry("objective")
+PATCH_ATTACKS = Registry("patch attack")  # classes with a config_class: qrobust.attacks.patch.PatchAttack

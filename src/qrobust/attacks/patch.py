@@ -39,15 +39,16 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from qrobust.config import Settings
 from qrobust.errors import ConfigError
-from qrobust.registry import ATTACKS
+from qrobust.registry import PATCH_ATTACKS
 from qrobust.utils import eval_mode
 
 SHAPES = ("square", "circle")
@@ -619,36 +620,119 @@ def patch_transfer_matrix(
     return matrix
 
 
-@ATTACKS.register("patch")
-class UniversalPatch:
-    """Registry entry: a universal patch attack built from config values (see :func:`train_patch`).
+# --------------------------------------------------------------------------------------------------
+# The patch family behind one protocol: PATCH_ATTACKS, built by name from a dict of settings
+# --------------------------------------------------------------------------------------------------
 
-    ``UniversalPatch(PatchConfig(...) or dict, target=None, steps=500, lr=0.05, batch_size=128)``;
-    ``fit(model, x, y)`` trains and keeps ``.patch``; ``evaluate(model, x, y)`` gives its ASR.
+
+INITS = ("random", "gray")
+
+
+@dataclass
+class RandomPatchConfig(Settings):
+    """Settings of the random-patch baseline (a patch nobody optimised)."""
+
+    init: str = "random"  # the patch: "random" (uniform in [0, 1]) or "gray" (0.5 everywhere)
+    target: int | None = None  # class to send images to; None = untargeted (any wrong class)
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ConfigError(f"unknown patch init '{self.init}'; use one of: {', '.join(INITS)}")
+        if self.target is not None and (isinstance(self.target, bool) or not isinstance(self.target, int)):
+            raise ConfigError(f"target must be a class index or None, got {self.target!r}")
+
+
+@dataclass
+class UniversalPatchConfig(RandomPatchConfig):
+    """Settings of the universal patch (Brown et al. 2017; :func:`train_patch`)."""
+
+    steps: int = 500  # Adam steps on the patch
+    lr: float = 0.05  # Adam's learning rate (the patch lives in [0, 1])
+    batch_size: int = 128  # attacker images per step, one placement each
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value, low in (("steps", self.steps, 0), ("batch_size", self.batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
+
+
+@runtime_checkable
+class PatchAttack(Protocol):
+    """What every attack of :data:`qrobust.registry.PATCH_ATTACKS` provides.
+
+    ``Attack(spec, config=None, **overrides)``: ``spec`` is the :class:`PatchConfig` (or a mapping of it)
+    the patch is made for and evaluated with; ``config`` the attack's settings (its ``config_class``, a
+    mapping, or None), ``overrides`` single settings. ``fit`` makes ``.patch``; ``evaluate`` gives its ASR.
     """
 
-    def __init__(
-        self,
-        config: PatchConfig | Mapping,
-        *,
-        target: int | None = None,
-        steps: int = 500,
-        lr: float = 0.05,
-        batch_size: int = 128,
-        init: str = "random",
-    ):
-        self.config = config if isinstance(config, PatchConfig) else PatchConfig(**config)
-        self.target = target
-        self.train_kwargs = dict(steps=steps, lr=lr, batch_size=batch_size, init=init)
+    name: str
+    spec: PatchConfig
+    config: RandomPatchConfig
+    patch: Tensor | None
+
+    def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+            model_sampler: Callable[[], nn.Module] | None = None, progress: bool = False) -> Tensor: ...
+
+    def evaluate(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+                 batch_size: int = 256, draws: int = 1) -> dict[str, float | int]: ...
+
+
+class _PatchAttackBase:
+    name = "patch"
+    config_class: type[RandomPatchConfig] = RandomPatchConfig
+
+    def __init__(self, spec: PatchConfig | Mapping, config: RandomPatchConfig | Mapping | None = None,
+                 **overrides):
+        self.spec = spec if isinstance(spec, PatchConfig) else PatchConfig(**spec)
+        self.config = self.config_class.build(config, **overrides)
         self.patch: Tensor | None = None
 
-    def fit(self, model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> Tensor:
-        self.patch = train_patch(
-            model, x, y, self.config, target=self.target, **{**self.train_kwargs, **kwargs}
-        )
-        return self.patch
-
-    def evaluate(self, model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> dict[str, float | int]:
+    def evaluate(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+                 batch_size: int = 256, draws: int = 1, locations: Sequence[Tensor] | None = None,
+                 ) -> dict[str, float | int]:
+        """:func:`attack_success_rate` of ``.patch`` on ``model`` (images ``x``, labels ``y``)."""
         if self.patch is None:
             raise ConfigError("no patch yet: call fit(model, x, y) before evaluate")
-        return attack_success_rate(model, x, y, self.patch, self.config, target=self.target, **kwargs)
+        return attack_success_rate(model, x, y, self.patch, self.spec, target=self.config.target,
+                                   generator=generator, batch_size=batch_size, draws=draws, locations=locations)
+
+
+@PATCH_ATTACKS.register("random")
+class RandomPatch(_PatchAttackBase):
+    """The baseline: a patch nobody optimised (uniform noise or gray), drawn from ``generator``."""
+
+    name = "random"
+    config_class = RandomPatchConfig
+
+    def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+            model_sampler: Callable[[], nn.Module] | None = None, progress: bool = False) -> Tensor:
+        """The initial patch of :func:`train_patch` (0 steps): the same draw as a universal patch's start."""
+        self.patch = train_patch(model, x, y, self.spec, target=self.config.target, steps=0,
+                                 init=self.config.init, generator=generator, progress=False)
+        return self.patch
+
+
+@PATCH_ATTACKS.register("universal")
+class UniversalPatch(_PatchAttackBase):
+    """The universal adversarial patch (Brown et al. 2017) optimised by :func:`train_patch`."""
+
+    name = "universal"
+    config_class = UniversalPatchConfig
+    config: UniversalPatchConfig
+
+    def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+            model_sampler: Callable[[], nn.Module] | None = None, progress: bool = False) -> Tensor:
+        c = self.config
+        self.patch = train_patch(model, x, y, self.spec, target=c.target, steps=c.steps, lr=c.lr,
+                                 batch_size=c.batch_size, init=c.init, generator=generator,
+                                 model_sampler=model_sampler, progress=progress)
+        return self.patch
+
+
+def make_patch_attack(name: str, spec: PatchConfig | Mapping, **settings) -> PatchAttack:
+    """The patch attack registered as ``name`` (``"universal"``, ``"random"``) for ``spec``, with
+    ``settings`` (its config's names; an unknown one is a ConfigError listing the valid ones)."""
+    return PATCH_ATTACKS.get(name)(spec, None, **settings)

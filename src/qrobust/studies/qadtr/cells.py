@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qrobust.attacks.patch import ANYWHERE, PatchConfig, attack_success_rate, train_patch
+from qrobust.attacks.patch import ANYWHERE, PatchAttack, PatchConfig, attack_success_rate, make_patch_attack
 from qrobust.attacks.whitebox import input_gradient
 from qrobust.metrics import accuracy, accuracy_and_tie_rate
 from qrobust.quant import RandomPrecision, set_bit_width
@@ -60,28 +60,34 @@ def _get(entry: nn.Module | Callable[[], nn.Module]) -> nn.Module:
     return entry if isinstance(entry, nn.Module) else entry()
 
 
-def transfer_row(ctx: dict, cfg: StudyConfig, source: str, steps: int, switched: bool = False) -> dict[str, float]:
-    """One row of :func:`qrobust.attacks.patch.patch_transfer_matrix`: a patch made on ``source`` (fresh
-    generator seeded ``seed``, ``steps`` Adam steps) and its ASR on every target (fresh generator
-    seeded ``seed + 1`` each, so every target sees the same places)."""
+def _patch_attack(cfg: StudyConfig, name: str, spec: PatchConfig, steps: int) -> PatchAttack:
+    """The registered patch attack ``name`` (``qrobust.registry.PATCH_ATTACKS``) with the study's settings."""
+    a = cfg.attack
+    return make_patch_attack(name, spec, **({} if name == "random" else {"steps": steps, "lr": a.lr,
+                                                                          "batch_size": a.batch_size}))
+
+
+def transfer_row(ctx: dict, cfg: StudyConfig, source: str, steps: int, switched: bool = False,
+                 attack: str = "universal") -> dict[str, float]:
+    """One row of :func:`qrobust.attacks.patch.patch_transfer_matrix`: a patch made on ``source`` by the patch
+    attack ``attack`` (fresh generator seeded ``seed``, ``steps`` Adam steps) and its ASR on every target
+    (fresh generator seeded ``seed + 1`` each, so every target sees the same places)."""
     a, d, seed = cfg.attack, ctx["data"], ctx["seed"]
-    spec = cfg.seen_specs()[0]
-    pcfg = replace(spec, region=ANYWHERE)
+    patch_attack = _patch_attack(cfg, attack, replace(cfg.seen_specs()[0], region=ANYWHERE), steps)
     models = _table1_models(ctx, cfg, switched)
     with widths_kept(ctx["models"]):
-        patch = train_patch(_get(models[source]), d["attack_x"], d["attack_y"], pcfg, steps=steps, lr=a.lr,
-                            batch_size=a.batch_size, progress=False, generator=torch.Generator().manual_seed(seed))
-        return {tgt: attack_success_rate(_get(m), d["test_x"], d["test_y"], patch, pcfg, draws=a.draws,
-                                         generator=torch.Generator().manual_seed(seed + 1))["asr"]
+        patch_attack.fit(_get(models[source]), d["attack_x"], d["attack_y"], generator=torch.Generator().manual_seed(seed))
+        return {tgt: patch_attack.evaluate(_get(m), d["test_x"], d["test_y"], draws=a.draws,
+                                           generator=torch.Generator().manual_seed(seed + 1))["asr"]
                 for tgt, m in models.items()}
 
 
 def table1_clean(ctx: dict, cfg: StudyConfig) -> dict:
-    """Clean accuracy and tie rate per width, and the ASR of the random (0-step) patch."""
+    """Clean accuracy and tie rate per width, and the ASR of the random patch (the ``"random"`` attack)."""
     models = ctx["models"]
     return {"clean_acc": {w: clean_accuracy(ctx, models[w]) for w in cfg.widths()},
             "tie_rate": {w: tie_rate(ctx, models[w]) for w in cfg.widths()},
-            "random_patch_asr": transfer_row(ctx, cfg, "32", steps=0)}
+            "random_patch_asr": transfer_row(ctx, cfg, "32", steps=0, attack="random")}
 
 
 def table1_switched_clean(ctx: dict, cfg: StudyConfig) -> dict:
@@ -102,15 +108,14 @@ def _transfer_patch(ctx: dict, cfg: StudyConfig, get: Callable[[], nn.Module], s
 
 
 def _adaptive_patch(ctx: dict, cfg: StudyConfig, get: Callable[[], nn.Module], spec: PatchConfig) -> Tensor:
-    """A patch made against the defended model at this width (``rand``: a random width per step)."""
-    a, d = cfg.attack, ctx["data"]
-    return train_patch(get(), d["attack_x"], d["attack_y"], replace(spec, region=ANYWHERE), steps=a.adaptive_steps, lr=a.lr,
-                       batch_size=a.batch_size, progress=False,
-                       generator=torch.Generator().manual_seed(ctx["seed"] + 2))
+    """A universal patch made against the defended model at this width (``rand``: a random width per step)."""
+    d = ctx["data"]
+    attack = _patch_attack(cfg, "universal", replace(spec, region=ANYWHERE), cfg.attack.adaptive_steps)
+    return attack.fit(get(), d["attack_x"], d["attack_y"], generator=torch.Generator().manual_seed(ctx["seed"] + 2))
 
 
-# Table 2's patch attacks: name -> (ctx, cfg, model view, spec) -> patch. A new one is one function and a line.
-PATCH_ATTACKS: dict[str, Callable[[dict, StudyConfig, Callable[[], nn.Module], PatchConfig], Tensor]] = {
+# Table 2's threat models: name -> (ctx, cfg, model view, spec) -> patch. A new one is one function and a line.
+TABLE2_ATTACKS: dict[str, Callable[[dict, StudyConfig, Callable[[], nn.Module], PatchConfig], Tensor]] = {
     "transfer": _transfer_patch,
     "adaptive": _adaptive_patch,
 }
@@ -139,7 +144,7 @@ def table2_row(ctx: dict, cfg: StudyConfig, name: str, width: str) -> dict:
             for spec in specs:
                 entry = {}
                 for attack in table2_attacks(cfg):
-                    entry[attack] = _asr(ctx, cfg, get(), PATCH_ATTACKS[attack](ctx, cfg, get, spec), spec)
+                    entry[attack] = _asr(ctx, cfg, get(), TABLE2_ATTACKS[attack](ctx, cfg, get, spec), spec)
                 row["per_spec"][f"{group}:{spec.key}"] = entry
             for attack in table2_attacks(cfg):
                 row[f"{attack}_{group}"] = _nanmean([row["per_spec"][f"{group}:{s.key}"][attack] for s in specs])

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from qrobust import data as datasets
-from qrobust.attacks.patch import ANYWHERE, apply_patch, train_patch
+from qrobust.attacks.patch import ANYWHERE, apply_patch, make_patch_attack
 from qrobust.attacks.whitebox import pgd
 from qrobust.config import TrainSection
 from qrobust.errors import ConfigError
@@ -120,9 +120,9 @@ def float_patches(cfg: StudyConfig, seed: int, stages: Stages, float_model: nn.M
     if path.exists():
         return {k: v.to(stages.device) for k, v in safe_load(path).items()}
     a = cfg.attack
-    patches = {spec.key: train_patch(float_model, data["attack_x"], data["attack_y"], replace(spec, region=ANYWHERE), steps=a.steps,
-                                     lr=a.lr, batch_size=a.batch_size, progress=False,
-                                     generator=torch.Generator().manual_seed(seed))
+    patches = {spec.key: make_patch_attack("universal", replace(spec, region=ANYWHERE), steps=a.steps, lr=a.lr,
+                                           batch_size=a.batch_size)
+               .fit(float_model, data["attack_x"], data["attack_y"], generator=torch.Generator().manual_seed(seed))
                for spec in cfg.seen_specs() + cfg.unseen_specs()}
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in patches.items()}, buffer)
