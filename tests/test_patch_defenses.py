@@ -1,10 +1,12 @@
 """Patch defenses (PBAT, DWQ, QADT-R parts): they train with the one loop, DBWT switches widths,
 switchable BN keeps per-width statistics, GIR decorrelates input gradients, state resumes, bad input."""
 
+import copy
+
 import pytest
 import torch
 
-from qrobust.attacks.patch import PatchConfig, attack_success_rate
+from qrobust.attacks.patch import PatchConfig, attack_success_rate, patch_mask
 from qrobust.config import TrainSection
 from qrobust.data import BatchLoader, load_dataset
 from qrobust.defenses.patch_training import DWQ, PBAT, QADTR, gir_penalty, input_gradient_cosine
@@ -212,6 +214,50 @@ def test_gir_lowers_the_input_gradient_cosine_between_widths(data):
         fit(model, loader(data), objective, CFG, progress=False)
         cosines[weight] = input_gradient_cosine(model, x, y, 8, 2)
     assert cosines[5.0] < cosines[0.0] - 0.1, cosines
+
+
+@pytest.mark.parametrize("widths", [None, (2, 8)], ids=["shared-bn", "switchable-bn"])
+def test_gir_extra_forward_leaves_batchnorm_statistics_and_ranges_untouched(data, widths):
+    x, y = data.train_x[:32].float() / 255, data.train_y[:32]
+    model = tiny(data.info, widths=widths).train()
+    model(x)  # activation ranges and BN statistics exist
+    reference = copy.deepcopy(model)
+    set_bit_width(reference, 8)
+    reference(x)  # one plain training forward at the trained width: all the statistics may see
+    gir_penalty(model, x, y, 8, 2)
+    # same kernels, same shapes as the reference's forward: the statistics agree exactly
+    for (name, got), (_, want) in zip(model.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(got, want), name
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    gir_penalty(model, x, y, 8, 2, update_statistics=False)  # QADT-R's sub-batch estimate: no update at all
+    gir_penalty(model, x, y, None, None, sigma=0.1, generator=torch.Generator().manual_seed(0),
+                update_statistics=False)  # gir_mode="noise"
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    set_bit_width(model, 2)
+    model(x)  # what the old second forward did: the 2-bit activations move the statistics
+    assert any(not torch.equal(v, before[k]) for k, v in model.named_buffers())
+
+
+def test_random_precision_asr_takes_clean_and_patched_predictions_at_one_width_per_image(data):
+    model = tiny(data.info, widths=(2, 8)).train()
+    model(data.train_x[:64].float() / 255)
+    model.eval()
+    spec = PatchConfig("square", 0.1, placement="fixed", location=(0, 0))
+    side, _ = patch_mask(spec, (16, 16))
+    x = data.test_x[:128].float() / 255
+    x[:, :, :side, :side] = 0.0  # the patch pastes zeros there: every patched image IS its clean image
+    patch = torch.zeros(data.info.channels, side, side)
+    with torch.no_grad():
+        set_bit_width(model, 8)
+        at8 = model(x).argmax(1)
+        set_bit_width(model, 2)
+        at2 = model(x).argmax(1)
+    assert (at2 != at8).any()  # the widths disagree: a second width draw for the patched images would flip
+    rp = RandomPrecision(model, (2, 8), generator=torch.Generator().manual_seed(0))
+    res = attack_success_rate(rp, x, at8, patch, spec, draws=3, batch_size=16)
+    assert res["asr"] == 0.0  # a patch that changes nothing succeeds nowhere
+    assert 0 < res["num_eligible"] < 128  # images drawn at 2 bits where the widths disagree are not eligible
+    assert get_bit_width(model) == 2  # the wrapped network is left at its width
 
 
 # ------------------------------------------------------------------ patches: places and ASR

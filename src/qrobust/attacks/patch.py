@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from qrobust.config import Settings
 from qrobust.errors import ConfigError
+from qrobust.quant import RandomPrecision, get_bit_width, set_bit_width
 from qrobust.registry import PATCH_ATTACKS
 from qrobust.utils import eval_mode
 
@@ -402,6 +403,7 @@ def train_patch(
     generator: torch.Generator | None = None,
     model_sampler: Callable[[], nn.Module] | None = None,
     progress: bool = False,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """Optimise a universal patch (Brown et al. 2017) on ``model`` over images ``x`` with labels ``y``.
 
@@ -425,6 +427,8 @@ def train_patch(
             one network switched to a random bit width, for A-QAPA or an adaptive attack over
             widths). ``None`` = always ``model``. ``model`` still gives the number of classes.
         progress: show a tqdm bar (default off).
+        on_step: called as ``on_step(t, patch)`` after step ``t`` (1..steps) with the patch so far
+            (detached; e.g. to measure ASR against the number of steps in one run).
 
     Returns:
         The patch, ``[C, s, s]`` in [0, 1], detached, on ``x``'s device.
@@ -485,9 +489,23 @@ def train_patch(
             optimizer.step()
             with torch.no_grad():
                 patch.clamp_(0, 1)
+            if on_step is not None:
+                on_step(step + 1, patch.detach().clone())
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     return patch.detach()
+
+
+def _predict(model: nn.Module, x: Tensor, widths: Tensor | None) -> Tensor:
+    """Top-1 predictions; ``widths`` (random precision): row ``i`` at width ``widths[i]`` of the wrapped net."""
+    if widths is None:
+        return model(x).argmax(1)
+    pred = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for bits in widths.unique().tolist():
+        rows = widths == bits
+        set_bit_width(model.model, int(bits))
+        pred[rows] = model.model(x[rows]).argmax(1)
+    return pred
 
 
 @torch.no_grad()
@@ -517,6 +535,12 @@ def attack_success_rate(
     same placements. ``locations`` (one ``[N, 2]`` tensor of top-left (row, col) positions per draw)
     gives the places instead. ``asr`` is NaN when no image is eligible.
 
+    Random precision (:class:`~qrobust.quant.RandomPrecision`, a random width per forward): each image
+    gets ONE width, drawn uniformly per image from ``generator`` after the placements, under which both
+    its clean and its patched predictions are made (with ``draws > 1`` all its placements too), so a
+    flip caused by the width draw alone is never counted as a patch success; the result is the expected
+    ASR over widths and placements. The wrapped network is left at the width it had.
+
     Returns:
         ``{"asr": float, "num_eligible": int, "clean_acc": float}``.
     """
@@ -540,20 +564,31 @@ def attack_success_rate(
                               locations=None if locations is None else locations[d])
             for d in range(draws)
         ]
-        clean_pred = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)])
-        correct = clean_pred == y
-        eligible = correct.clone()
-        if target is not None:
-            eligible &= y != int(target)
-        successes = torch.zeros((), dtype=torch.long, device=x.device)
-        for pl in placements:
-            for i in range(0, n, batch_size):
-                sl = slice(i, i + batch_size)
-                part = _Placement(pl.centre[sl], pl.angle[sl], pl.scale[sl])
-                x_adv, _ = _paste(x[sl], patch, mask, part, exact=not cfg.transforms)
-                pred = model(x_adv).argmax(1)
-                hit = pred != y[sl] if target is None else pred == int(target)
-                successes += (hit & eligible[sl]).sum()
+        widths = None
+        if isinstance(model, RandomPrecision):
+            gdev = generator.device
+            draw = torch.randint(len(model.bit_widths), (n,), generator=generator, device=gdev).to(x.device)
+            widths = torch.tensor(model.bit_widths, device=x.device)[draw]
+            width_before = get_bit_width(model.model)
+        try:
+            clean_pred = torch.cat([_predict(model, x[i : i + batch_size], None if widths is None else widths[i : i + batch_size])
+                                    for i in range(0, n, batch_size)])
+            correct = clean_pred == y
+            eligible = correct.clone()
+            if target is not None:
+                eligible &= y != int(target)
+            successes = torch.zeros((), dtype=torch.long, device=x.device)
+            for pl in placements:
+                for i in range(0, n, batch_size):
+                    sl = slice(i, i + batch_size)
+                    part = _Placement(pl.centre[sl], pl.angle[sl], pl.scale[sl])
+                    x_adv, _ = _paste(x[sl], patch, mask, part, exact=not cfg.transforms)
+                    pred = _predict(model, x_adv, None if widths is None else widths[sl])
+                    hit = pred != y[sl] if target is None else pred == int(target)
+                    successes += (hit & eligible[sl]).sum()
+        finally:
+            if widths is not None and width_before is not None:
+                set_bit_width(model.model, width_before)
     num_eligible = int(eligible.sum())
     asr = successes.item() / (num_eligible * draws) if num_eligible else float("nan")
     return {"asr": asr, "num_eligible": num_eligible, "clean_acc": correct.float().mean().item()}

@@ -83,6 +83,7 @@ from qrobust.quant.bitwidth import (
     check_bit_widths,
     float_view,
     plain_batchnorms,
+    statistics_kept,
 )
 from qrobust.quant.fake import ActQuant, get_bit_width, is_quantized, set_bit_width
 from qrobust.registry import OBJECTIVES
@@ -130,6 +131,7 @@ def gir_penalty(
     *,
     sigma: float = 0.0,
     generator: torch.Generator | None = None,
+    update_statistics: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """QADT-R's GIR term ``R = mean_i cos(g_b(x_i), g_b'(x_i'))``, differentiable in the weights.
 
@@ -137,11 +139,20 @@ def gir_penalty(
     widths (None: leave the model's width as it is); ``sigma > 0`` takes the second gradient at
     ``x' = clamp(x + sigma * n, 0, 1)``, ``n ~ N(0, I)`` from ``generator``. The model is left at
     ``bits``. Returns ``(R, logits at bits)``; the logits let the caller reuse that forward for CE.
+
+    The second forward (at ``other_bits`` or on the noisy images) never updates the model's BatchNorm
+    running statistics or EMA activation ranges (:func:`~qrobust.quant.bitwidth.statistics_kept`): they
+    belong to the width being trained. ``update_statistics=False`` spares them in the first forward too
+    (for a caller that takes CE, and so the statistics' update, from another forward).
     """
     xa = x.detach().requires_grad_(True)
     if bits is not None:
         set_bit_width(model, bits)
-    logits, ga = _graph_input_grad(model, xa, y)
+    if update_statistics:
+        logits, ga = _graph_input_grad(model, xa, y)
+    else:
+        with statistics_kept(model):
+            logits, ga = _graph_input_grad(model, xa, y)
     xb = x.detach()
     if sigma > 0:
         gdev = generator.device if generator is not None else torch.device("cpu")
@@ -150,7 +161,8 @@ def gir_penalty(
     xb = xb.requires_grad_(True)
     if other_bits is not None:
         set_bit_width(model, other_bits)
-    _, gb = _graph_input_grad(model, xb, y)
+    with statistics_kept(model):
+        _, gb = _graph_input_grad(model, xb, y)
     if bits is not None:
         set_bit_width(model, bits)
     return _cosine(ga, gb).mean(), logits
@@ -538,9 +550,8 @@ class QADTR(_PatchTraining):
                 # Double back-propagation costs several plain steps: estimate the mean cosine on a random
                 # sub-batch (unbiased) and take CE from one ordinary forward of the whole batch.
                 idx = torch.randperm(n, generator=self.generator)[: c.gir_batch].to(x_mix.device)
-                penalty, _ = gir_penalty(
-                    model, x_mix[idx], y[idx], bits, other, sigma=sigma, generator=self.generator
-                )
+                penalty, _ = gir_penalty(model, x_mix[idx], y[idx], bits, other, sigma=sigma,
+                                         generator=self.generator, update_statistics=False)
                 logits = model(x_mix)
             loss = F.cross_entropy(logits, y) + c.gir_weight * penalty
             stats["gir_cos"] = float(penalty.detach())

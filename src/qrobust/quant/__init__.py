@@ -9,6 +9,7 @@ from qrobust.quant.bitwidth import (
     float_view,
     make_switchable_bn,
     model_bit_widths,
+    statistics_kept,
 )
 from qrobust.quant.fake import (
     ActQuant,
@@ -29,5 +30,5 @@ __all__ = [
     "ActQuant", "BitWidthSchedule", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantPoint", "RandomPrecision",
     "SwitchableBatchNorm2d", "activation_quantizers", "calibrate", "check_bit_width", "check_bit_widths",
     "float_view", "get_bit_width", "is_quantized", "make_switchable_bn", "model_bit_widths", "quantize",
-    "set_bit_width", "set_quantization_enabled",
+    "set_bit_width", "set_quantization_enabled", "statistics_kept",
 ]

@@ -9,7 +9,8 @@ A QAT model made by :func:`qrobust.quant.quantize` runs at any body width 2..8 t
   Sec. 3.3), and :func:`check_bit_width` / :func:`model_bit_widths` for the widths such a model supports.
 * :class:`RandomPrecision`: random precision inference (DWQ's RPI), a random width per forward.
 * :class:`BitWidthSchedule`: DBWT's per-step width (QADT-R, Guesmi et al. 2025, arXiv:2503.07058).
-* :func:`float_view`: the same network with its quantizers off.
+* :func:`float_view`: the same network with its quantizers off; :func:`statistics_kept`: forwards in
+  train mode that leave BatchNorm running statistics and EMA activation ranges as they were.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "make_switchable_bn",
     "model_bit_widths",
     "plain_batchnorms",
+    "statistics_kept",
 ]
 
 
@@ -226,3 +228,27 @@ def float_view(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         set_quantization_enabled(model, True)
+
+
+@contextmanager
+def statistics_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, forwards of ``model`` (also in train mode) leave its buffers as they were: the
+    BatchNorm running statistics and the EMA activation ranges (and their ``initialized`` flags).
+
+    Train mode still normalises with the batch's statistics; only the running estimates are spared. Each
+    buffer is swapped for a copy for the block and the original put back at exit (also after an error),
+    so the tensors autograd saved from the block's forwards are never modified in place. An extra
+    forward (e.g. GIR's gradient at another bit width, QADT-R) thus does not pull the statistics of the
+    width being trained towards another width's activations.
+    """
+    saved = []
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                saved.append((module, name, buf))
+                module._buffers[name] = buf.clone()
+    try:
+        yield model
+    finally:
+        for module, name, buf in saved:
+            module._buffers[name] = buf
