@@ -90,3 +90,4 @@ EVASION = Registry("evasion attack")  # one call shape: qrobust.attacks.evasion
 ATTACKS = Registry("attack")
 DEFENSES = Registry("defense")
 OBJECTIVES = Registry("objective")
+PATCH_ATTACKS = Registry("patch attack")  # classes with a config_class: qrobust.attacks.patch.PatchAttack
