@@ -37,7 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qrobust.attacks.whitebox import _budget, _check_inputs, _check_int
+from qrobust.attacks.whitebox import _budget, _check_inputs
+from qrobust.checks import check_int
 from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
 
@@ -90,9 +91,9 @@ def square_attack(
         raise ConfigError(f"square_attack implements the L-inf attack only, got norm={norm!r}; use norm='linf'")
     eps = _budget(eps, "linf")
     _check_inputs(x, y)
-    queries = _check_int("queries", queries, 1)
-    draws = _check_int("draws", draws, 1)
-    stop_after = _check_int("stop_after", stop_after, 1)
+    queries = check_int("queries", queries, 1)
+    draws = check_int("draws", draws, 1)
+    stop_after = check_int("stop_after", stop_after, 1)
     if not 0 < p_init <= 1:
         raise ConfigError(f"p_init (share of the image a square covers at first) must be in (0, 1], got {p_init}")
     x = x.detach()

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qrobust.checks import check_int
 from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
 
@@ -128,12 +129,6 @@ def _budget(eps: float | int | str, norm: str) -> float:
     return value
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_inputs(x: Tensor, y: Tensor) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2 or x.shape[0] == 0:
         raise ConfigError("x must be a non-empty floating-point batch tensor (N, ...), e.g. NCHW images")
@@ -168,7 +163,7 @@ def _step_size(step_size: float | None, eps: float, steps: int) -> float:
 def _setup(x: Tensor, y: Tensor, eps: float | int | str, norm: str, eot: int) -> tuple[str, float]:
     norm = _check_norm(norm)
     eps = _budget(eps, norm)
-    _check_int("eot", eot, 1)
+    check_int("eot", eot, 1)
     _check_inputs(x, y)
     return norm, eps
 
@@ -297,7 +292,7 @@ def input_gradient(
     pass on ``x.repeat(eot, 1, 1, 1)`` (right for per-sample randomness, e.g. stochastic quantizers);
     with ``False`` they are ``eot`` separate passes.
     """
-    _check_int("eot", eot, 1)
+    check_int("eot", eot, 1)
     _check_inputs(x, y)
     return _eot_grad(model, x, y, eot, eot_batched, targeted, check_labels=True)[0]
 
@@ -370,7 +365,7 @@ def pgd(
     ``a = 2.5 * eps / steps`` by default. Returns the last iterate, as in Madry et al.
     """
     norm, eps = _setup(x, y, eps, norm, eot)
-    steps = _check_int("steps", steps, 1)
+    steps = check_int("steps", steps, 1)
     alpha = _step_size(step_size, eps, steps)
     if check:
         check_attack_setup(model, x, y, eot)
@@ -498,8 +493,8 @@ def apgd_ce(
     the rest differed by < 2e-2 in loss (not traced; likely rounding in the norms).
     """
     norm, eps = _setup(x, y, eps, norm, eot)
-    steps = _check_int("steps", steps, 1)
-    restarts = _check_int("restarts", restarts, 1)
+    steps = check_int("steps", steps, 1)
+    restarts = check_int("restarts", restarts, 1)
     if not isinstance(rho, numbers.Real) or not 0 < rho < 1:
         raise ConfigError(f"rho must be in (0, 1) (the paper uses 0.75), got {rho!r}")
     if x_init is not None and (not isinstance(x_init, Tensor) or x_init.shape != x.shape):
@@ -556,7 +551,7 @@ def check_attack_setup(
     with BatchNorm layers (batch statistics couple samples and the running statistics get updated).
     Returns the messages (empty when all is well). Costs two forward passes and one backward pass.
     """
-    _check_int("eot", eot, 1)
+    check_int("eot", eot, 1)
     _check_inputs(x, y)
     x = x.detach()
     with torch.no_grad():
@@ -625,8 +620,8 @@ def robust_accuracy(
     clean are not attacked and count as not robust, so robust accuracy <= clean accuracy). ``eps`` and
     the attack's options go in ``attack_kwargs``; the set-up checks run on the first batch only.
     """
-    draws = _check_int("draws", draws, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    draws = check_int("draws", draws, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     if "eps" not in attack_kwargs:
         raise ConfigError(
             "robust_accuracy needs the attack budget, e.g. robust_accuracy(..., eps='linf:8/255')"
