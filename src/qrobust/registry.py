@@ -86,5 +86,6 @@ class Registry:
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
 ATTACKS = Registry("attack")
+EXTRACTION = Registry("extraction attack")  # classes with a config_class: qrobust.attacks.extraction.base
 DEFENSES = Registry("defense")
 OBJECTIVES = Registry("objective")
