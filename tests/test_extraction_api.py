@@ -10,7 +10,14 @@ from torch import nn
 
 import qrobust.checks as checks
 from qrobust.attacks.extraction.base import ExtractionAttack, ExtractionConfig, make_extraction_attack
-from qrobust.attacks.extraction.dfme import DFME, DFMEConfig, Generator, ZerothOrderConfig, lr_factor, make_schedules
+from qrobust.attacks.extraction.dfme import (
+    DFME,
+    DFMEConfig,
+    Generator,
+    ZerothOrderConfig,
+    lr_factor,
+    make_schedules,
+)
 from qrobust.attacks.extraction.knockoff import (
     DefenseAwareKnockoffNets,
     KnockoffConfig,

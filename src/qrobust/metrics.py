@@ -140,7 +140,6 @@ def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int =
     confidence, prediction = p.max(dim=1)
     correct = (prediction == y.cpu()).double()
     index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)  # (m-1)/M < c <= m/M -> m-1
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
     conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
     acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
     return float((conf_sum - acc_sum).abs().sum() / len(p))  # sum_m |B_m|/n |acc - conf| = sum_m |S_acc - S_conf|/n

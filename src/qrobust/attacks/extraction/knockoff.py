@@ -25,9 +25,10 @@ bandit over coarse groups of the transfer set. Our simplification of Sec. 4.1.2:
 * the clone takes one optimizer step on each round's answers (online, as in the paper), then is fitted
   for ``epochs`` on everything collected, as in the random strategy.
 
-Defense-aware (``defense_aware=True``, or the registered name ``knockoff-adaptive``): the clone's
-probabilities go through the victim's own answer function (defense and output format) before the loss,
-so the clone fits the clean model under the perturbation (:mod:`.defense_aware`, Kerckhoffs's principle).
+Defense-aware (``defense_aware=True``, or the registered name ``knockoff-adaptive``): the attacker knows
+the victim's answer function (defense and output format); it recovers the clean probabilities behind
+each answer by passing candidates through that function before the loss, and fits the clone to them, so
+the clone fits the clean model under the perturbation (:mod:`.defense_aware`, Kerckhoffs's principle).
 
 Settings: :class:`KnockoffConfig` (each listed once, with its meaning); the transfer set is an input of
 the attack, not a setting. Also here: :func:`prepare_transfer_set` (dtype, channels, size),
@@ -47,11 +48,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qrobust.attacks.extraction.base import ExtractionConfig, register_extraction
-from qrobust.attacks.extraction.defense_aware import (
-    DefenseAwareCrossEntropy,
-    defense_aware_answer,
-    defense_aware_cross_entropy,
-)
+from qrobust.attacks.extraction.defense_aware import defense_aware_answer, recover_probabilities
 from qrobust.attacks.extraction.metrics import ExtractionResult, clone_accuracy, ledger_delta
 from qrobust.attacks.extraction.victim import QueryBudgetExhausted, Victim
 from qrobust.checks import check_bool, check_choice, check_int, check_non_negative, check_positive
@@ -199,7 +196,9 @@ class KnockoffConfig(ExtractionConfig):
 
     sampling: str = "random"  # "random" (uniform, no repeats) | "adaptive" (gradient bandit over groups)
     hard_labels: bool = False  # train on one-hot argmax of the answers (required for a top-1 victim)
-    defense_aware: bool = False  # fit the clone through the victim's defense (Kerckhoffs; .defense_aware)
+    defense_aware: bool = False  # invert the victim's defense on each answer before fitting (.defense_aware)
+    inversion_steps: int = 300  # defense-aware: Adam steps recovering the clean probabilities of each answer
+    inversion_lr: float = 0.05  # defense-aware: their step size (on the logits of the recovered probabilities)
     batch_size: int = 64  # images per query round and per clone training step
     epochs: int = 10  # passes of the clone over all answered queries after querying
     optimizer: str = "sgd"  # the clone's optimizer: "sgd" (with momentum) | "adam"
@@ -214,6 +213,8 @@ class KnockoffConfig(ExtractionConfig):
         check_choice("sampling", self.sampling, ("random", "adaptive"))
         check_bool("hard_labels", self.hard_labels)
         check_bool("defense_aware", self.defense_aware)
+        check_int("inversion_steps", self.inversion_steps, 1)
+        check_positive("inversion_lr", self.inversion_lr)
         check_int("batch_size", self.batch_size, 1)
         check_int("epochs", self.epochs, 0)
         check_choice("optimizer", self.optimizer, ("sgd", "adam"))
@@ -285,12 +286,6 @@ class KnockoffNets:
             return None
         return self._targets(answers)
 
-    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Soft-target CE of the clone's logits against the answers (through the defense if defense-aware)."""
-        if self._answer is not None:
-            return defense_aware_cross_entropy(logits, targets, self._answer)
-        return soft_cross_entropy(logits, targets)
-
     def fit(
         self,
         x: Tensor,
@@ -318,7 +313,6 @@ class KnockoffNets:
             generator=self.rng,
             on_epoch=record,
             progress=self.config.progress,
-            objective=DefenseAwareCrossEntropy(self._answer) if self._answer is not None else None,
         )
         return history
 
@@ -403,6 +397,12 @@ class KnockoffNets:
     # ------------------------------------------------------------------ internals
 
     def _targets(self, answers: Tensor) -> Tensor:
+        """Training targets from answers: the recovered clean probabilities when defense-aware, then one-hot
+        of the argmax with ``hard_labels``."""
+        if self._answer is not None:
+            answers = recover_probabilities(
+                answers, self._answer, self.config.inversion_steps, self.config.inversion_lr
+            )
         if self.config.hard_labels:
             return torch.zeros_like(answers).scatter_(1, answers.argmax(dim=1, keepdim=True), 1.0)
         return answers
@@ -499,7 +499,7 @@ class KnockoffNets:
                 # online step of the clone on this round (the paper trains the knockoff as it queries)
                 if x.shape[0] > 1:
                     self.clone.train()
-                    loss = self.loss(self.clone(x.to(device)), y.to(device))
+                    loss = soft_cross_entropy(self.clone(x.to(device)), y.to(device))
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
