@@ -117,7 +117,10 @@ class Generator(nn.Module):
         )
 
     def forward(self, z: Tensor, pre_activation: bool = False) -> Tensor:
-        h = self.body(self.project(z).view(z.shape[0], *self.init_shape))
+        h = self.project(z).view(z.shape[0], *self.init_shape)
+        if self.body[2].weight.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous(memory_format=torch.channels_last)  # the body's layout: no slow NCHW upsample
+        h = self.body(h)
         return h if pre_activation else to_image(h)
 
 
