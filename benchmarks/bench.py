@@ -7,6 +7,8 @@ Ratios, not absolute times, are the contract (they transfer across machines bett
 - ``train_bf16_speedup``: fp32 step time / bf16-autocast step time (>1 = bf16 faster).
 - ``qat_step_over_fp_step``: 8-bit QAT step / float step.
 - ``int8_speedup_over_fp32``: int8 (server) images/s over fp32 images/s at batch 256.
+- ``onnx_int8_speedup_over_fp32``: the same model exported to a QDQ ONNX graph (``qrobust.quant.onnx``)
+  and run by ONNX Runtime's int8 kernels (CPUExecutionProvider, as many threads as torch), over fp32.
 - ``patch_attack_images_per_s``: images per second through one patch-optimisation step (fwd + bwd).
 - ``pgd_steps_per_s``: PGD steps per second on a batch of 256 (each step = fwd + bwd).
 - ``qadtr_epoch_over_pbat_epoch``: one epoch-equivalent (N steps of the one training loop) of QADT-R
@@ -45,6 +47,7 @@ from torch import nn
 from qrobust.models import build_model
 from qrobust.quant import quantize
 from qrobust.quant.deploy import export_int8
+from qrobust.quant.onnx import OrtModel, export_onnx
 from qrobust.runs import atomic_write_text, environment
 
 BATCH = 256
@@ -125,6 +128,7 @@ def bench_core(min_seconds: float) -> dict:
     train_gflops = 3 * 2 * forward_macs(model, x) / fp_step / 1e9
     int8 = export_int8(qat.eval())
     fp_ips, int8_ips = images_per_s(model, x, min_seconds), images_per_s(int8, x, min_seconds)
+    onnx_ips = images_per_s(OrtModel(export_onnx(qat)), x, min_seconds)
     return {
         "matmul_fp32_peak_gflops": peak,
         "train_fp32_gflops": train_gflops,
@@ -134,6 +138,8 @@ def bench_core(min_seconds: float) -> dict:
         "fp32_images_per_s": fp_ips,
         "int8_server_images_per_s": int8_ips,
         "int8_speedup_over_fp32": int8_ips / fp_ips,
+        "onnx_int8_images_per_s": onnx_ips,
+        "onnx_int8_speedup_over_fp32": onnx_ips / fp_ips,
     }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qrobust.studies.common import is_stat
+from qrobust.experiment import is_stat
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -1,38 +1,49 @@
-"""The DivQAT extraction study end to end on a tiny synthetic set (through the CLI): files, keys, value
-ranges, ledger == queries, resume re-uses stored cells, config errors."""
+"""The DivQAT extraction study end to end: the smoke preset through the CLI (files, keys, value ranges,
+ledger == queries, resume re-uses stored cells and models, mean ± std over its two seeds), the same
+results on Ray, a cell that leaves its context as found, config errors, and the paper preset for a few
+steps on synthetic data of the paper's shape."""
 
 import json
 import math
 
 import pytest
+import torch
 
 from qrobust.cli import main
 from qrobust.errors import ConfigError
-from qrobust.studies import common
-from qrobust.studies import divqat as study_mod
-from qrobust.studies.divqat import cell_plan, load_study_config, preset_path
+from qrobust.experiment import Cell
+from qrobust.experiment import stages as engine_stages
+from qrobust.experiment.engine import seed_stages
+from qrobust.studies.divqat import SPEC, DivQATSpec, cell_plan, load_study_config, preset_path, run_study
 
-TINY = [
-    "data.name=synthetic", "data.victim_fraction=0.5", "data.attacker_fraction=0.3", "data.val_fraction=0.1",
-    "data.test_subset=0", "model.width=8", "fp.epochs=2", "fp.batch_size=64", "qat.epochs=1",
-    "divqat.alphas=[0.1]", "divqat.epochs=1", "divqat.max_acc_drop=1.0",
-    "knockoff.queries=96", "knockoff.epochs=1", "knockoff.batch_size=32",
-    "dfme.queries=48", "dfme.batch_size=8", "dfme.clone_steps=1", "dfme.eval_every=1",
-    "maze.queries=48", "maze.batch_size=8", "maze.num_directions=2", "maze.clone_steps=1", "maze.replay_steps=1",
-    "maze.eval_every=1", "progress=false", "threads=0", "name=tiny", "seeds=[0,1]",
-]
 VICTIMS = ["qat-server", "qat-mobile", "divqat-0.1-server"]
+RUN_KEYS = ("seconds", "executor", "wall_seconds_this_call", "environment")  # how and how fast, not what
+
+
+def _numbers(results: dict) -> str:
+    """``results.json`` without timing/executor keys, as text (NaN compares equal to NaN)."""
+    return json.dumps({k: v for k, v in results.items() if k not in RUN_KEYS}, sort_keys=True)
+
+
+def _smoke(out, *extra):
+    return ["run", "divqat", "--preset", "smoke", "--no-progress", f"out_root={out}", "name=smoke", *extra]
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+    """The smoke preset (2 seeds) through the CLI; returns its folder and results.json as written."""
     root = tmp_path_factory.mktemp("runs")
-    assert main(["run", "divqat", "--preset", "quick", *TINY, f"out_root={root}"]) == 0
-    return root
+    threads = torch.get_num_threads()
+    try:
+        assert main(_smoke(root)) == 0  # the preset's threads=1 applies to this process
+    finally:
+        torch.set_num_threads(threads)
+    out = root / "smoke"
+    return out, json.loads((out / "results.json").read_text())
 
 
 def test_study_writes_results_tables_and_figures(study):
-    out = study / "tiny"
+    out, _ = study
     for name in ("config.toml", "results.json", "results.md", "defender_vs_clone.png", "clone_vs_queries.png"):
         assert (out / name).is_file(), name
     seed = out / "seed-0"
@@ -47,13 +58,15 @@ def test_study_writes_results_tables_and_figures(study):
 
 
 def test_results_keys_and_value_ranges(study):
-    res = json.loads((study / "tiny" / "results.json").read_text())
+    _, res = study
+    assert res["executor"] == "local" and res["transfer_set"] == "synthetic (attacker split)"
+    assert res["splits"] == {"attacker": 153, "val": 51, "victim": 256, "test": 64}
     assert set(res["victims"]) == {"fp32", *VICTIMS}
     for name, meta in res["victims"].items():
         assert 0 <= meta["test_acc"]["mean"] <= 1
         assert meta["kl_to_fp"]["mean"] >= 0
         assert (meta["kl_to_fp"]["mean"] == 0) == (name == "fp32")
-    cfg = load_study_config(preset_path("quick"), TINY)
+    cfg = load_study_config(preset_path("smoke"))
     plan = cell_plan(cfg)
     assert len(plan) == 3 * (3 * 3 + 2)
     for victim, defense, attack in plan:
@@ -62,7 +75,7 @@ def test_results_keys_and_value_ranges(study):
             assert 0 <= cell[key]["mean"] <= 1, (victim, defense, attack, key)
         assert 0 <= cell["l1"]["mean"] <= 2
         assert cell["ledger_matches_queries"]
-        assert 0 < cell["queries_used"]["mean"] <= {"dfme": 48, "maze": 48}.get(attack, 96)
+        assert 0 < cell["queries_used"]["mean"] <= {"dfme": 48, "maze": 48}.get(attack, 64)
         if defense != "none" and attack != "knockoff-hard":
             assert cell["l1"]["mean"] <= 0.6 + 0.15  # calibrated on validation, measured on test
     for victim in VICTIMS:
@@ -72,38 +85,83 @@ def test_results_keys_and_value_ranges(study):
     gains = res["error_gain_over_qat"]["divqat-0.1-server"]["none"]
     assert set(gains) == {"knockoff", "knockoff-hard", "dfme", "maze", "noise"}
     assert all(-1 <= g <= 1 for g in gains.values())
+    assert {"prepare", "victims", "defenses", "cell qat-server/none/knockoff"} <= set(res["seconds"]["0"])
 
 
 def test_ledger_equals_queries_in_every_stored_cell(study):
-    cells = json.loads((study / "tiny" / "seed-0" / "cells.json").read_text())
+    out, _ = study
+    cells = json.loads((out / "seed-0" / "cells.json").read_text())
+    assert len(cells) == 33
     for key, cell in cells.items():
         assert sum(cell["ledger"].values()) == cell["queries_used"] == cell["victim_ledger_total"], key
         assert cell["queries_used"] <= cell["budget"]
         assert all(math.isfinite(a) for _, a in cell["history"] if a is not None)
 
 
+def test_ray_gives_the_same_results_as_local(study, tmp_path, ray_executor):
+    out, local = study
+    cfg = load_study_config(preset_path("smoke"), [f"out_root={tmp_path}", "name=smoke", "progress=false"])
+    threads = torch.get_num_threads()
+    try:
+        remote = run_study(cfg, executor=ray_executor)
+    finally:
+        torch.set_num_threads(threads)
+    assert remote["executor"] == "ray"
+    assert _numbers(remote) == _numbers(local)
+    for seed in (0, 1):  # per seed: victims, defenses and every cell record (cells.json in arrival order)
+        for name in ("results.json", "cells.json", "victims.json", "defenses.json"):
+            ray_file, local_file = (root / f"seed-{seed}" / name for root in (tmp_path / "smoke", out))
+            assert _numbers(json.loads(ray_file.read_text())) == _numbers(json.loads(local_file.read_text())), name
+
+
+def test_a_cell_seeds_itself_and_leaves_its_context_and_the_rng_as_found(study):
+    out, _ = study
+    cfg = load_study_config(preset_path("smoke"), [f"out_root={out.parent}", "name=smoke", "progress=false"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels of the stored run
+    try:
+        _, ctx = SPEC.prepare(cfg, 0, seed_stages(SPEC, cfg, out, 0))  # the trained victims, loaded
+        models = ctx["models"]
+        state = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in models.items()}
+        modes = {n: [m.training for m in model.modules()] for n, model in models.items()}
+        rng = torch.get_rng_state()
+        key = "qat-server/dcp/maze"
+        record = SPEC.run_cell(cfg, ctx, Cell(key, dict(zip(("victim", "defense", "attack"), key.split("/"), strict=True))))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, model in models.items():
+        assert [m.training for m in model.modules()] == modes[name], name
+        assert all(torch.equal(v, state[name][k]) for k, v in model.state_dict().items()), name
+    # the same record as in the uninterrupted run: per-cell seed, and loaded victims in training's memory format
+    assert record == json.loads((out / "seed-0" / "cells.json").read_text())[key]
+
+
 def test_resume_reuses_stored_cells_and_models(study, monkeypatch, capsys):
-    cells_file = study / "tiny" / "seed-0" / "cells.json"
+    out, _ = study
+    cells_file = out / "seed-0" / "cells.json"
     cells = json.loads(cells_file.read_text())
     dropped = "qat-server/rs/dfme"
     kept = cells.pop(dropped)
     cells_file.write_text(json.dumps(cells))
     calls = []
-    original = study_mod.DivQATStudy.attack_cell
+    original = DivQATSpec.run_cell
 
-    def spy(self, victim, defense, attack, params):
-        calls.append((victim, defense, attack))
-        return original(self, victim, defense, attack, params)
+    def spy(self, cfg, ctx, cell):
+        calls.append(cell.key)
+        return original(self, cfg, ctx, cell)
 
-    monkeypatch.setattr(study_mod.DivQATStudy, "attack_cell", spy)
-    monkeypatch.setattr(common, "fit", lambda *a, **k: pytest.fail("a finished victim was retrained"))
-    assert main(["run", "divqat", "--preset", "quick", *TINY, f"out_root={study}"]) == 0
-    assert calls == [("qat-server", "rs", "dfme")]  # only the missing cell ran again
+    monkeypatch.setattr(DivQATSpec, "run_cell", spy)
+    monkeypatch.setattr(engine_stages, "fit", lambda *a, **k: pytest.fail("a finished victim was retrained"))
+    threads = torch.get_num_threads()
+    try:
+        assert main(_smoke(out.parent)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [dropped]  # only the missing cell ran again
     printed = capsys.readouterr().out  # the report is printed, then where the files are
     assert "| victim | defense | defender acc |" in printed and printed.rstrip().endswith("PNGs)")
-    again = json.loads(cells_file.read_text())[dropped]
-    assert again["queries_used"] == kept["queries_used"]
-    assert again["clone_acc"] == pytest.approx(kept["clone_acc"])  # per-cell seeds: same clone again
+    assert json.loads(cells_file.read_text())[dropped] == kept  # per-cell seeds: the same clone again
 
 
 def test_config_errors_say_how_to_fix(tmp_path):
@@ -117,15 +175,19 @@ def test_config_errors_say_how_to_fix(tmp_path):
         load_study_config(preset_path("quick"), ["data.victim_fraction=0.9"])
     with pytest.raises(ConfigError, match="unknown config key"):
         load_study_config(preset_path("quick"), ["divqat.alpha=0.1"])
+    with pytest.raises(ConfigError, match="model.width must be >= 1"):
+        load_study_config(preset_path("quick"), ["model.width=0"])
     assert main(["run", "divqat", "--preset", "quick", "divqat.alphas=[-1]", f"out_root={tmp_path}"]) == 2
-    for preset in ("quick", "full", "paper"):
+    # a transfer set smaller than the KnockoffNets budget stops before any victim is trained
+    assert main(_smoke(tmp_path, "knockoff.queries=1000")) == 2
+    assert not list(tmp_path.glob("smoke/seed-0/models/*/checkpoint.pt"))
+    for preset in ("smoke", "quick", "full", "paper"):
         assert load_study_config(preset_path(preset)).name == f"divqat-{preset}"
 
 
 def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statistics):
-    out = study / "tiny"
+    out, res = study
     per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
-    res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == [0, 1]
     assert seed_statistics(res["cells"], [r["cells"] for r in per_seed]) >= len(VICTIMS) * 3
     assert seed_statistics(res["victims"], [r["victims"] for r in per_seed]) >= len(VICTIMS)
@@ -133,3 +195,39 @@ def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statist
     accs = [r["victims"]["fp32"]["test_acc"] for r in per_seed]
     assert accs[0] != accs[1]
     assert "±" in (out / "results.md").read_text()
+
+
+# The paper preset (ResNet-18 victims and clones, CIFAR-10 victims, CIFAR-100 transfer set, DFME/MAZE
+# generators of the paper's size, the float model attacked too) for a few steps on synthetic data of
+# the paper's shape. Shrunk: epochs, batch sizes, data subsets, budgets; one seed, one alpha and no output
+# defense: a fake-quantized ResNet-18 forward costs ~0.1 s on one CPU thread, every cell makes several,
+# and the grid is a product (each defense would add 3 cells per victim). RS and DCP see only the victims'
+# 10-class probabilities, whatever the architecture; the smoke preset runs both.
+PAPER_ON_CPU = [
+    "device=cpu", "seeds=[0]", "divqat.alphas=[0.1]", "defense.names=['none']",
+    "data.name=synthetic-cifar10", "data.transfer=synthetic-cifar100", "data.transfer_subset=8",
+    "data.victim_fraction=0.02", "data.attacker_fraction=0.01", "data.val_fraction=0.02", "data.test_subset=2",
+    "fp.epochs=1", "fp.batch_size=8", "qat.epochs=1", "divqat.epochs=1", "divqat.max_acc_drop=1.0",
+    "knockoff.queries=4", "knockoff.epochs=1", "knockoff.batch_size=4",
+    "dfme.queries=6", "dfme.batch_size=2", "dfme.clone_steps=1",
+    "maze.queries=24", "maze.batch_size=2", "maze.clone_steps=1", "maze.replay_steps=1",
+]
+
+
+def test_paper_preset_runs_end_to_end_on_synthetic_data_of_its_shape(tmp_path):
+    cfg = load_study_config(preset_path("paper"), PAPER_ON_CPU)
+    assert (cfg.model.arch, cfg.model.clone_arch, cfg.attack.attack_float) == ("resnet18", "resnet18", True)
+    assert (cfg.dfme.generator_width, cfg.maze.num_directions, cfg.qat.backends) == (64, 10, ["server", "mobile"])
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", "divqat", "--preset", "paper", "--no-progress", "--out", str(tmp_path / "p"),
+                     *PAPER_ON_CPU]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert set(res["victims"]) == {"fp32", "qat-server", "qat-mobile", "divqat-0.1-server"}
+    assert res["transfer_set"] == "synthetic-cifar100"
+    assert sum(len(per_a) for per_d in res["cells"].values() for per_a in per_d.values()) == 4 * 5
+    for attack in ("knockoff", "knockoff-hard", "dfme", "maze", "noise"):
+        assert res["cells"]["fp32"]["none"][attack]["queries_used"]["mean"] > 0, attack
+    assert "| float | none |" in (tmp_path / "p" / "results.md").read_text()

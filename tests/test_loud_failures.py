@@ -307,7 +307,7 @@ def test_data_location_flags_do_not_make_a_different_run(tmp_path):
 
 
 def test_a_moved_study_folder_resumes(tmp_path):
-    from qrobust.studies.common import open_study
+    from qrobust.experiment import open_study
 
     qadtr = importlib.import_module("qrobust.studies.qadtr")
     cfg = qadtr.load_study_config(None, ["data.name=synthetic", f"out_root={tmp_path}", "name=first"])

@@ -1,34 +1,51 @@
-"""The QADT-R study end to end on a tiny synthetic set (through the CLI): files, tables, ASR ranges,
-resume, config errors."""
+"""The QADT-R study end to end: the smoke preset through the CLI (files, tables, ASR ranges, resume),
+the same numbers on the Ray executor, the paper preset for a few steps on synthetic data of CIFAR-10's
+shape, config errors."""
 
 import json
 import math
 
 import pytest
+import torch
 
 from qrobust.cli import main
 from qrobust.errors import ConfigError
-from qrobust.studies.qadtr import DEFENSES, load_study_config, preset_path
+from qrobust.studies.qadtr import DEFENSES, load_study_config, preset_path, run_study
 
-TINY = [
-    "data.name=synthetic", "data.train_subset=384", "data.attack_subset=128", "data.test_subset=128",
-    "model.width=8", "fp.epochs=2", "fp.batch_size=64", "qat.epochs=1", "defense.epochs=1",
-    "attack.steps=5", "attack.adaptive_steps=3", "attack.batch_size=64", "attack.draws=1",
-    "analysis.num_images=16", "analysis.pgd_steps=2", "progress=false", "threads=0", "name=tiny",
-    "patches.unseen=['circle:0.1']", "seeds=[0,1]",
-]
 NAMES = ["none", "pbat", "dwq", "aqapa", "aqapa+dbwt", "qadtr"]
+# What differs between two runs of the same study: timings, the executor, the machine.
+RUN_KEYS = {"seconds", "executor", "wall_seconds_this_call", "environment"}
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+    """The smoke preset (2 seeds, synthetic data) through the CLI, local executor."""
     root = tmp_path_factory.mktemp("runs")
-    assert main(["run", "qadtr", "--preset", "quick", *TINY, f"out_root={root}"]) == 0
-    return root / "tiny"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", "qadtr", "--preset", "smoke", "--no-progress", f"out_root={root}"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the preset's threads=1 applies to this process
+    return root / "qadtr-smoke"
 
 
 def _mean(cell):
     return cell["mean"] if isinstance(cell, dict) else cell
+
+
+def _without(results):
+    return {k: v for k, v in results.items() if k not in RUN_KEYS}
+
+
+def _same(a, b):
+    """Equal structure and numbers, NaN equal to NaN (an ASR with no eligible image is NaN)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
 
 
 def _rates(node):
@@ -44,13 +61,15 @@ def test_study_writes_results_tables_and_figures(study):
     for name in ("config.toml", "results.json", "results.md", "transfer_matrix.png", "table2_asr.png"):
         assert (study / name).is_file(), name
     seed = study / "seed-0"
-    for name in ("feature_maps.png", "gradient_maps.png", "table1.json", "table2.json", "gradients.json"):
+    for name in ("feature_maps.png", "gradient_maps.png", "float_patches.pt", "cells.json", "results.json",
+                 "timings.json"):
         assert (seed / name).is_file(), name
+    assert set(json.loads((seed / "results.json").read_text())) == {"seed", "table1", "table2", "gradients", "features"}
     for model in ("fp32", "qat8", "qat4", "qat2", "defense-pbat", "defense-dwq", "defense-qadtr"):
         assert (seed / "models" / model / "checkpoint.pt").is_file(), model
     md = (study / "results.md").read_text()
     for text in ("Table 1", "Table 2", "Gradient analysis", "Feature maps", "QADT-R", "PBAT", "DWQ",
-                 "A-QAPA+DBWT", "| patch from 2-bit |"):
+                 "A-QAPA+DBWT", "| patch from 2-bit |", "One 8-bit QAT model switched"):
         assert text in md, text
 
 
@@ -61,6 +80,18 @@ def test_table1_is_the_full_transfer_matrix_with_rates_in_unit_interval(study):
     assert set(t1["clean_acc"]) == widths and _mean(t1["clean_acc"]["32"]) > 0.5
     values = list(_rates(t1["asr"])) + list(_rates(t1["random_patch_asr"]))
     assert len(values) == 20 and all(0 <= v <= 1 for v in values)
+
+
+def test_switched_table1_is_the_8_bit_model_at_each_width(study):
+    """At 8 bits the switched model is the 8-bit QAT model itself: the same patch, places and kernels
+    give the same ASR exactly; at 4/2 bits it is another network than the QAT model of that width."""
+    for seed in (0, 1):
+        t1 = json.loads((study / f"seed-{seed}" / "results.json").read_text())["table1"]
+        assert set(t1["asr_switched"]) == {"32", "8", "4", "2"} and set(t1["clean_acc_switched"]) == {"8", "4", "2"}
+        assert t1["asr_switched"]["8"]["8"] == t1["asr"]["8"]["8"]
+        assert t1["asr_switched"]["32"]["32"] == t1["asr"]["32"]["32"]
+        assert t1["clean_acc_switched"]["8"] == t1["clean_acc"]["8"]
+        assert all(0 <= v <= 1 for row in t1["asr_switched"].values() for v in row.values())
 
 
 def test_table2_has_every_defense_width_and_metric(study):
@@ -89,13 +120,37 @@ def test_gradient_and_feature_tables(study):
 
 def test_rerun_skips_finished_stages(study):
     ckpt = study / "seed-0" / "models" / "defense-qadtr" / "checkpoint.pt"
-    before = ckpt.stat().st_mtime_ns, (study / "seed-0" / "table2.json").read_text()
-    assert main(["run", "qadtr", "--preset", "quick", *TINY, f"out_root={study.parent}"]) == 0
-    assert (ckpt.stat().st_mtime_ns, (study / "seed-0" / "table2.json").read_text()) == before
+    cells = study / "seed-0" / "cells.json"
+    before = ckpt.stat().st_mtime_ns, cells.stat().st_mtime_ns, cells.read_text()
+    results = json.loads((study / "results.json").read_text())
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", "qadtr", "--preset", "smoke", "--no-progress", f"out_root={study.parent}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (ckpt.stat().st_mtime_ns, cells.stat().st_mtime_ns, cells.read_text()) == before  # nothing recomputed
+    again = json.loads((study / "results.json").read_text())
+    assert _same(_without(again), _without(results))
+
+
+def test_cells_lost_in_a_crash_are_recomputed_equal_on_the_loaded_models(study):
+    """Resumed = uninterrupted: cells recomputed on models loaded from their run folders (not trained
+    in this call) give the records of the first run exactly (same kernels, shapes and memory format)."""
+    path = study / "seed-1" / "cells.json"
+    cells = json.loads(path.read_text())
+    lost = ["table2/qadtr/rand", "table2/dwq/2", "gradients/float", "gradients/alignment/aqapa+dbwt", "features"]
+    path.write_text(json.dumps({k: v for k, v in cells.items() if k not in lost}))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", "qadtr", "--preset", "smoke", "--no-progress", f"out_root={study.parent}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    again = json.loads(path.read_text())
+    assert set(again) == set(cells) and all(_same(again[k], cells[k]) for k in lost)
 
 
 def test_presets_load_and_a_missing_config_file_is_a_clear_error(capsys):
-    for preset in ("quick", "full", "paper"):
+    for preset in ("smoke", "quick", "full", "paper"):
         cfg = load_study_config(preset_path(preset))
         assert cfg.name == f"qadtr-{preset}"
     assert main(["run", "qadtr", "--config", "no-such-file.toml"]) == 2
@@ -149,3 +204,42 @@ def test_qat_models_can_learn_their_activation_ranges():
         acts = [m for m in qat_model(fp, 2, act_range).modules() if isinstance(m, ActQuant)]
         assert acts and all(a.learned is learned for a in acts)
         assert all(isinstance(a.hi, torch.nn.Parameter) is learned for a in acts)
+
+
+def test_ray_gives_the_same_numbers_as_the_local_run(study, tmp_path, ray_executor):
+    """Cells on Ray workers, in whatever order they finish, give the local run's records exactly (the
+    same kernels on the same shapes, one thread each: the preset sets threads=1, Ray gives a task its CPUs)."""
+    cfg = load_study_config(preset_path("smoke"), [f"out_root={tmp_path}", "progress=false"])
+    threads = torch.get_num_threads()
+    try:
+        remote = run_study(cfg, executor=ray_executor)
+    finally:
+        torch.set_num_threads(threads)
+    local = json.loads((study / "results.json").read_text())
+    assert remote["executor"] == "ray" and local["executor"] == "local"
+    assert _same(_without(json.loads(json.dumps(remote))), _without(local))
+    for seed in (0, 1):
+        a, b = (json.loads((root / f"seed-{seed}" / "results.json").read_text()) for root in (study, tmp_path / "qadtr-smoke"))
+        assert _same(a, b), seed
+
+
+PAPER_FEW_STEPS = [
+    "data.name=synthetic-cifar10", "data.train_subset=32", "data.attack_subset=8", "data.test_subset=8",
+    "fp.epochs=1", "fp.batch_size=32", "qat.epochs=1", "defense.epochs=1", "defense.patch_steps=1",
+    "defense.gir_batch=8", "attack.steps=1", "attack.adaptive_steps=1", "attack.batch_size=8", "attack.draws=1",
+    "analysis.num_images=2", "analysis.pgd_steps=1", "seeds=[0]", "device=cpu", "progress=false",
+    # one defense per code path (QADT-R's aqapa/dbwt/gir flags each on and off, GIR by bits and by noise)
+    "defense.names=['none','pbat','dwq','aqapa','dbwt+gir','qadtr-noise']", "patches.unseen=['circle:0.1']",
+]
+
+
+def test_paper_preset_runs_end_to_end_on_data_of_cifar10s_shape(tmp_path):
+    """The paper preset (ResNet-20, 3x32x32, 10 classes, its widths and settings) for a few steps on the
+    CPU, so that its first failure is found here rather than by the first user with CIFAR-10 and a GPU."""
+    cfg = load_study_config(preset_path("paper"), [*PAPER_FEW_STEPS, f"out_root={tmp_path}"])
+    assert cfg.model.arch == "resnet20" and cfg.attack.table1_switched and cfg.qat.bits == [8, 4, 2]
+    res = run_study(cfg)
+    assert (tmp_path / "qadtr-paper" / "results.md").read_text().startswith("# QADT-R patch study: qadtr-paper")
+    assert set(res["table1"]["asr"]) == {"32", "8", "4", "2"} and "asr_switched" in res["table1"]
+    assert list(res["table2"]) == ["none", "pbat", "dwq", "aqapa", "dbwt+gir", "qadtr-noise"]
+    assert set(res["table2"]["qadtr-noise"]) == {"8", "4", "2", "rand"}

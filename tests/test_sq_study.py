@@ -1,32 +1,44 @@
-"""The SQ white-box study end to end on a tiny synthetic set (through the CLI): result files and keys,
-rates in [0, 1], robust <= clean, EOT <= single-gradient PGD (+ tolerance), AUROC in [0, 1], resume,
-config errors."""
+"""The SQ white-box study end to end on its smoke preset (synthetic data, 2 seeds, through the CLI): result
+files and keys, rates in [0, 1], robust <= clean, EOT <= single-gradient PGD (+ tolerance), AUROC in [0, 1],
+resume, a recomputed cell equal to the first one, Ray == local, the paper preset on data of its shape,
+config errors. The library pieces it is built from are tested in test_sq_parts.py."""
 
 import json
+import math
 
 import pytest
 import torch
 
+import qrobust.experiment.stages as stages_module
 from qrobust.attacks.whitebox import pgd, robust_accuracy
 from qrobust.cli import main
 from qrobust.errors import ConfigError
-from qrobust.studies import common
-from qrobust.studies.sq import ATTACKS, calibrate_ranges, load_study_config, preset_path
+from qrobust.experiment.engine import seed_stages
+from qrobust.studies.sq import ATTACKS, SPEC, SQSpec, load_study_config, preset_path, run_study
 
-TINY = [
-    "data.name=synthetic", "data.train_subset=384", "data.val_subset=64", "data.test_subset=48",
-    "fp.epochs=4", "fp.batch_size=32", "fp.lr=0.05", "qat.epochs=1", "sq.epochs=1", "sq.n_draws=2",
-    "attack.steps=3", "attack.eot=2", "attack.draws=2", "attack.batch_size=48", "progress=false", "threads=0",
-    "name=tiny", "attack.eps=['0.05','0.2']", "ablation.beta=[0.5]", "attack.square_queries=40", "seeds=[0,1]",
-    "attack.apgd_steps=5",
-]
 MODELS = ["fp32", "qat2", "sq", "sq-mi"]
+CELLS = [f"eval/{m}" for m in MODELS] + ["adaptive", "ablation/sq-mi", "ablation/sq-mi-beta0.5"]
+# What differs between two runs of the same study by design: timings and where/how it ran.
+RUN_KEYS = ("seconds", "wall_seconds_this_call", "train_seconds_this_call", "train_seconds_total", "executor",
+            "environment")
+
+
+def _keep_threads():
+    """The smoke preset sets threads = 1 (what a 1-CPU Ray task has, so both executors run the same
+    kernels): give the other tests their thread count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+keep_threads = pytest.fixture(autouse=True)(_keep_threads)
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    assert main(["run", "sq", "--preset", "quick", *TINY, f"out_root={root}"]) == 0
+    for _ in _keep_threads():
+        assert main(["run", "sq", "--preset", "smoke", "--no-progress", f"out_root={root}", "name=tiny"]) == 0
     return root
 
 
@@ -47,26 +59,43 @@ def _m(cell):
     return cell["mean"] if isinstance(cell, dict) else cell
 
 
+def _without_run_keys(node):
+    """``node`` without timing / executor / environment keys, NaN as a string (NaN != NaN)."""
+    if isinstance(node, dict):
+        return {k: _without_run_keys(v) for k, v in node.items() if k not in RUN_KEYS}
+    if isinstance(node, list):
+        return [_without_run_keys(v) for v in node]
+    if isinstance(node, float) and math.isnan(node):
+        return "nan"
+    return node
+
+
+def _read(path):
+    return json.loads(path.read_text())
+
+
 def test_study_writes_results_tables_and_figures(study):
     root = study / "tiny"
     for name in ("config.toml", "results.json", "results.md", "robust_accuracy.png", "aip.png"):
         assert (root / name).is_file(), name
     seed = root / "seed-0"
-    for name in ("calibration.json", "adaptive.json", "ablation.json", *(f"eval-{m}.json" for m in MODELS)):
+    for name in ("calibration.json", "cells.json", "timings.json", "results.json"):
         assert (seed / name).is_file(), name
+    assert list(_read(seed / "cells.json")) == CELLS
     for model in MODELS + ["sq-mi-beta0.5"]:
         assert (seed / "models" / model / "checkpoint.pt").is_file(), model
     md = (root / "results.md").read_text()
     for text in ("Robust accuracy", "EOT-PGD", "transfer", "BPDA", "Square (black-box)", "worst case", "Attack-strength check", "AUROC",
-                 "Adaptive attack", "Ablations", "| APGD-CE | BPDA | Square | worst case |", "APGD-CE (5 steps",
+                 "Adaptive attack", "Ablations", "| APGD-CE | BPDA | Square | worst case |", "APGD-CE (4 steps",
                  "Reading"):
         assert text in md, text
 
 
 def test_accuracies_auroc_and_orderings(study):
-    res = json.loads((study / "tiny" / "results.json").read_text())
+    res = _read(study / "tiny" / "results.json")
     ev = res["evaluation"]
-    assert set(ev) == set(MODELS) and res["adaptive_done"]
+    assert set(ev) == set(MODELS) and res["adaptive_done"] and res["executor"] == "local"
+    assert res["eps"] == ["0.05", "0.2"] and res["eps_values"] == [0.05, 0.2]
     assert _m(ev["fp32"]["clean_acc"]) > 0.3  # the float model learned something
     for name in MODELS:
         e = ev[name]
@@ -90,67 +119,88 @@ def test_accuracies_auroc_and_orderings(study):
         row = res["adaptive"][label]
         assert all(0 <= _m(row[k]) <= 1 for k in ("robust_acc", "adv_acc", "auroc", "detection_rate",
                                                   "undetected_success"))
-    assert set(res["ablation"]["rows"]) == {"sq-mi", "sq-mi-beta0.5"}
+    assert res["ablation"]["eps"] == "0.2" and set(res["ablation"]["rows"]) == {"sq-mi", "sq-mi-beta0.5"}
     for row in res["ablation"]["rows"].values():
         assert {"pgd", "eot-pgd", "apgd-ce", "bpda", "square"} <= set(row)
 
 
-def test_resume_reuses_models_and_stages(study, monkeypatch):
+def test_resume_reuses_models_and_cells(study, monkeypatch):
     seed = study / "tiny" / "seed-0"
-    before = {p.name: p.stat().st_mtime_ns for p in seed.glob("*.json") if p.name not in ("models.json", "results.json")}
+    kept = ("cells.json", "calibration.json")
+    before = {name: (seed / name).stat().st_mtime_ns for name in kept}
     ckpt = {m: (seed / "models" / m / "checkpoint.pt").stat().st_mtime_ns for m in MODELS}
-    import qrobust.studies.sq as sq
+    results = _read(study / "tiny" / "results.json")
 
     def boom(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(sq.SQStudy, "evaluate_model", boom)
-    monkeypatch.setattr(sq.SQStudy, "adaptive", boom)
-    monkeypatch.setattr(sq.SQStudy, "ablation", boom)
-    monkeypatch.setattr(common, "fit", boom)
-    assert main(["run", "sq", "--preset", "quick", *TINY, f"out_root={study}"]) == 0
-    after = {p.name: p.stat().st_mtime_ns for p in seed.glob("*.json") if p.name not in ("models.json", "results.json")}
-    assert after == before
+    monkeypatch.setattr(SQSpec, "run_cell", boom)
+    monkeypatch.setattr(stages_module, "fit", boom)
+    assert main(["run", "sq", "--preset", "smoke", "--no-progress", f"out_root={study}", "name=tiny"]) == 0
+    assert {name: (seed / name).stat().st_mtime_ns for name in kept} == before
     assert ckpt == {m: (seed / "models" / m / "checkpoint.pt").stat().st_mtime_ns for m in MODELS}
+    assert _without_run_keys(_read(study / "tiny" / "results.json")) == _without_run_keys(results)
 
 
-def test_a_stage_written_before_an_attack_was_added_is_recomputed(study):
-    seed = study / "tiny" / "seed-0"
-    stale = json.loads((seed / "eval-fp32.json").read_text())
+def test_a_record_written_before_an_attack_was_added_is_recomputed_and_the_same(study, monkeypatch):
+    # eval/sq-mi draws SQ noise: recomputed alone, after a call that loaded the models instead of
+    # training them, it is the same record only because the cell seeds its own RNG. Same process, same
+    # kernels, same shapes: an exact comparison.
+    path = study / "tiny" / "seed-0" / "cells.json"
+    cells = _read(path)
+    original = json.loads(json.dumps(cells["eval/sq-mi"]))
     for key in ("robust", "adv_acc"):
-        stale[key].pop("apgd-ce")
-    (seed / "eval-fp32.json").write_text(json.dumps(stale))
-    untouched = (seed / "eval-qat2.json").stat().st_mtime_ns
-    assert main(["run", "sq", "--preset", "quick", *TINY, f"out_root={study}"]) == 0
-    fresh = json.loads((seed / "eval-fp32.json").read_text())
-    assert "apgd-ce" in fresh["robust"] and (seed / "eval-qat2.json").stat().st_mtime_ns == untouched
+        del cells["eval/sq-mi"][key]["apgd-ce"]
+    path.write_text(json.dumps(cells))
+    ran = []
+    run_cell = SQSpec.run_cell
+    monkeypatch.setattr(SQSpec, "run_cell", lambda self, cfg, ctx, cell: ran.append(cell.key) or run_cell(self, cfg, ctx, cell))
+    assert main(["run", "sq", "--preset", "smoke", "--no-progress", f"out_root={study}", "name=tiny"]) == 0
+    assert ran == ["eval/sq-mi"]
+    fresh = _read(path)
+    assert "apgd-ce" in fresh["eval/sq-mi"]["robust"]
+    assert _without_run_keys(fresh["eval/sq-mi"]) == _without_run_keys(original)
+    assert fresh["eval/qat2"] == cells["eval/qat2"]
 
 
 def test_robust_accuracy_matches_whitebox_robust_accuracy_for_deterministic_models(study):
-    # The study attacks every image once (to reuse the examples); for a deterministic model and the same
-    # random start this is exactly robust_accuracy's number.
-    from qrobust.studies.sq import SQStudy
-
-    cfg = load_study_config(preset_path("quick"), TINY + [f"out_root={study}"])
-    s = SQStudy(cfg, study / "tiny" / "seed-0", 0)
-    s.train_models()
-    ours = s.evaluate_model("fp32")["robust"]["pgd"]["0.05"]
-    fp = s.models["fp32"].net
+    # The study attacks every image once (to reuse the examples); robust_accuracy attacks the clean-correct
+    # ones only, so from the first clean-wrong image on the random starts come from other stretches of
+    # the generator's stream (and batches of other shapes): the two agree up to a few images.
+    cfg = load_study_config(preset_path("smoke"), ["progress=false", f"out_root={study}", "name=tiny"])
+    _, ctx = SPEC.prepare(cfg, 0, seed_stages(SPEC, cfg, study / "tiny", 0))
+    ours = _read(study / "tiny" / "seed-0" / "cells.json")["eval/fp32"]["robust"]["pgd"]["0.05"]
+    fp = ctx["models"]["fp32"].net
     gen = torch.Generator().manual_seed(17)
-    ref = robust_accuracy(fp, s.data.test_x, s.data.test_y, pgd, eps=0.05, steps=3, generator=gen, batch_size=48)
-    assert ours == pytest.approx(ref, abs=0.03)  # random starts differ only on the clean-wrong images
+    ref = robust_accuracy(fp, ctx["test_x"], ctx["test_y"], pgd, eps=0.05, steps=3, generator=gen, batch_size=32)
+    assert 0 < ref < 1 and ours == pytest.approx(ref, abs=2.5 / 32)
 
 
-def test_calibrated_ranges_cover_the_activations():
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
-    x = torch.rand(200, 4)
-    (low, high), = calibrate_ranges(net, x, ["1"], 99.9).values()
-    with torch.no_grad():
-        acts = net(x)
-    assert low == 0.0 and 0 < high <= float(acts.max()) + 1e-6
-    assert float((acts <= high).float().mean()) >= 0.99
-    with pytest.raises(ConfigError, match="unknown module"):
-        calibrate_ranges(net, x, ["7"], 99.9)
+def test_ray_gives_the_same_results_as_local(study, tmp_path, ray_executor):
+    cfg = load_study_config(preset_path("smoke"), ["progress=false", f"out_root={tmp_path}", "name=tiny"])
+    remote = run_study(cfg, executor=ray_executor)
+    local = _read(study / "tiny" / "results.json")
+    assert remote["executor"] == "ray"
+    assert _without_run_keys(remote) == _without_run_keys(local)
+    for seed in (0, 1):
+        a, b = (_read(root / "tiny" / f"seed-{seed}" / "results.json") for root in (study, tmp_path))
+        assert _without_run_keys(a) == _without_run_keys(b)
+
+
+def test_paper_preset_runs_end_to_end_on_data_of_its_shape(tmp_path):
+    # the paper's architecture (ResNet-20), SQ placement, budgets and attack set on synthetic 3x32x32
+    # images, every size shrunk to a few: the first failure of `--preset paper` should be ours
+    overrides = ["data.name=synthetic-cifar10", "device=cpu", "progress=false", f"out_root={tmp_path}",
+                 "data.train_subset=128", "data.val_subset=16", "data.test_subset=4", "fp.epochs=1", "qat.epochs=1",
+                 "sq.epochs=1", "sq.n_draws=2", "attack.eot=2", "attack.draws=2", "attack.steps=1",
+                 "attack.apgd_steps=1", "attack.square_queries=4"]
+    cfg = load_study_config(preset_path("paper"), overrides)
+    assert cfg.model.arch == "resnet20" and cfg.attack.eps == ["2/255", "5/255", "8/255"]
+    res = run_study(cfg)
+    assert res["complete"] and set(res["evaluation"]) == {"fp32", "qat2", "sq", "sq-mi"} and res["adaptive_done"]
+    assert set(res["evaluation"]["sq-mi"]["robust"]) == set(ATTACKS)
+    md = (tmp_path / "sq-paper" / "results.md").read_text()
+    assert "model resnet20" in md and "eps=5/255" in md
 
 
 @pytest.mark.parametrize("override, match", [
@@ -182,8 +232,8 @@ def test_bad_setting_through_the_cli_is_a_clean_error(capsys):
 
 def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statistics):
     out = study / "tiny"
-    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
-    res = json.loads((out / "results.json").read_text())
+    per_seed = [_read(out / f"seed-{s}" / "results.json") for s in (0, 1)]
+    res = _read(out / "results.json")
     assert res["seeds"] == [0, 1]
     for key in ("evaluation", "ablation"):
         assert seed_statistics(res[key], [r[key] for r in per_seed]) > 0, key
@@ -192,38 +242,8 @@ def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statist
 
 
 def test_bpda_attacks_the_float_twin_and_is_pgd_for_the_float_model(study):
-    ev = json.loads((study / "tiny" / "seed-0" / "results.json").read_text())["evaluation"]
+    ev = _read(study / "tiny" / "seed-0" / "results.json")["evaluation"]
     # no quantizers: the study copies PGD's numbers into BPDA's column (not recomputed), so exact
     assert ev["fp32"]["robust"]["bpda"] == ev["fp32"]["robust"]["pgd"]
     for name in ("qat2", "sq", "sq-mi"):
         assert set(ev[name]["robust"]["bpda"]) == {"0.05", "0.2"}
-
-
-def test_float_twin_has_no_quantizer_and_matches_the_float_forward():
-    from qrobust.models import build_model
-    from qrobust.quant import quantize, set_quantization_enabled
-    from qrobust.quant.stochastic import StochasticQuantizer, insert_stochastic_quantizers
-    from qrobust.studies.sq import float_twin
-
-    torch.manual_seed(0)
-    net = build_model("lenet5", channels=1, num_classes=10, image_size=(28, 28)).eval()
-    qat = quantize(net, inplace=False)
-    x = torch.rand(8, 1, 28, 28)
-    qat(x)  # observe activation ranges
-    twin = float_twin(qat)
-    # two module structures for one computation: a tolerance for kernels that may round differently
-    # (logits are O(0.1); fake quantization changes them by far more than 1e-5)
-    assert torch.allclose(twin(x), set_quantization_enabled(qat, False)(x), rtol=1e-5, atol=1e-6)
-    set_quantization_enabled(qat, True)
-    assert not torch.allclose(twin(x), qat(x), rtol=1e-5, atol=1e-6), "the twin must differ from the quantized model"
-    sq_net = insert_stochastic_quantizers(copy_of(net), at_input=True, num_bins=4)
-    sq_twin = float_twin(sq_net)
-    assert not any(isinstance(m, StochasticQuantizer) for m in sq_twin.modules())
-    assert any(isinstance(m, StochasticQuantizer) for m in sq_net.modules()), "the original is left alone"
-    assert torch.allclose(sq_twin(x), net(x), rtol=1e-5, atol=1e-6)
-
-
-def copy_of(module):
-    import copy
-
-    return copy.deepcopy(module)

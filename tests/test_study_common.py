@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from qrobust.studies.common import aggregate_seeds, is_stat, mean_std
+from qrobust.experiment import aggregate_seeds, is_stat, mean_std
 
 
 def test_mean_std_is_the_sample_statistic():

@@ -30,6 +30,7 @@ _API: dict[str, str] = {
     "set_bit_width": "qrobust.quant", "get_bit_width": "qrobust.quant", "is_quantized": "qrobust.quant",
     "set_quantization_enabled": "qrobust.quant", "activation_quantizers": "qrobust.quant",
     "export_int8": "qrobust.quant.deploy", "twin_agreement": "qrobust.quant.deploy",
+    "export_onnx": "qrobust.quant.onnx", "OrtModel": "qrobust.quant.onnx", "to_art": "qrobust.interop",
     "SQConfig": "qrobust.quant.stochastic", "StochasticQuantizer": "qrobust.quant.stochastic",
     "insert_stochastic_quantizers": "qrobust.quant.stochastic", "EnsembleSQ": "qrobust.quant.stochastic",
     "ensemble_predict": "qrobust.quant.stochastic", "ensemble_entropies": "qrobust.quant.stochastic",

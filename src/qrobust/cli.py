@@ -63,7 +63,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from qrobust import pipeline
 
-    result = pipeline.export(args.run, args.backend, measure_speed=not args.no_speed)
+    result = pipeline.export(args.run, args.backend, measure_speed=not args.no_speed, format=args.format)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -89,8 +89,8 @@ def study_folder_name(study, path, overrides: list[str], flags: list[str]) -> tu
     import hashlib
 
     from qrobust.config import parse_overrides
+    from qrobust.experiment import study_toml
     from qrobust.runs import without_keys
-    from qrobust.studies.common import study_toml
 
     cfg = study.load_study_config(path, overrides + flags)
     if set(parse_overrides(overrides + flags)) & {"name", "out_root"}:  # the folder is chosen
@@ -121,12 +121,7 @@ def cmd_run(args) -> int:
     """Run (or resume) a study, then print its report (results.md) and where everything is."""
     import importlib
 
-    if args.study not in ("divqat", "qadtr", "sq"):
-        raise QrobustError(
-            f"study '{args.study}' ({STUDIES[args.study]}) is not implemented yet; its building blocks are in "
-            "qrobust.attacks / qrobust.defenses. Use `qrobust train`, `eval` and `export` meanwhile."
-        )
-    study = importlib.import_module(f"qrobust.studies.{args.study}")
+    study = importlib.import_module(f"qrobust.studies.{args.study}")  # argparse admits only STUDIES' names
     flags = _data_overrides(args) + (["progress=false"] if args.no_progress else [])
     if args.out:
         out = Path(args.out) if Path(args.out).name else Path(args.out).resolve()  # "." has no name
@@ -135,7 +130,8 @@ def cmd_run(args) -> int:
     folder = Path(cfg.out_root) / cfg.name
     from qrobust.experiment import make_executor
 
-    executor = make_executor(args.executor, address=args.ray_address or "", num_cpus=args.ray_cpus)
+    executor = make_executor(args.executor, address=args.ray_address or "", num_cpus=args.ray_cpus,
+                             task_gpus=args.ray_gpus_per_task)
     print(f"study folder: {folder}" + (f" ({note})" if note else "")
           + (f"; executor: {args.executor}" if args.executor != "local" else ""), flush=True)
     try:
@@ -165,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export an 8-bit QAT run to a real int8 model and check it")
     p.add_argument("run", help="run folder of an 8-bit QAT run")
+    p.add_argument("--format", choices=["torch", "onnx"], default="torch",
+                   help="torch: torch.ao int8 modules (int8-<backend>.pt); onnx: QDQ ONNX graph for ONNX Runtime "
+                        "(model-int8.onnx, export-onnx.json)")
     p.add_argument("--backend", choices=["server", "mobile"], help="int8 target (default: the run's)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
     p.set_defaults(func=cmd_export)
@@ -187,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://host:10001); default: start "
                                          "a local Ray on this machine")
     p.add_argument("--ray-cpus", type=int, default=0, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--ray-gpus-per-task", type=float, default=0.0,
+                   help="GPU share each Ray task reserves (e.g. 1, or 0.25 for four tasks per GPU); needed for "
+                        "device=cuda on Ray")
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "qrobust.train.sq_objective",
     "qrobust.attacks.whitebox",
     "qrobust.attacks.blackbox",
+    "qrobust.attacks.adaptive",
     "qrobust.attacks.patch",
     "qrobust.attacks.extraction.knockoff",
     "qrobust.attacks.extraction.dfme",

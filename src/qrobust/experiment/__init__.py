@@ -5,12 +5,21 @@ progress, seed aggregation and atomic writes. See docs/ARCHITECTURE.md, "How to 
 from qrobust.experiment.aggregate import aggregate_seeds, is_stat, mean_std
 from qrobust.experiment.engine import run_study
 from qrobust.experiment.executors import EXECUTORS, LocalExecutor, RayExecutor, make_executor
-from qrobust.experiment.settings import PRESETS, StudyBase, load_study, open_study, study_preset
+from qrobust.experiment.settings import (
+    PRESETS,
+    QAT_EDGES,
+    StudyBase,
+    act_range_tag,
+    load_study,
+    open_study,
+    study_preset,
+    study_toml,
+)
 from qrobust.experiment.spec import Cell, StudySpec, cell_seed
 from qrobust.experiment.stages import CellStore, Stages
 
 __all__ = [
-    "EXECUTORS", "PRESETS", "Cell", "CellStore", "LocalExecutor", "RayExecutor", "Stages", "StudyBase", "StudySpec",
-    "aggregate_seeds", "cell_seed", "is_stat", "load_study", "make_executor", "mean_std", "open_study",
-    "run_study", "study_preset",
+    "EXECUTORS", "PRESETS", "QAT_EDGES", "Cell", "CellStore", "LocalExecutor", "RayExecutor", "Stages", "StudyBase", "StudySpec",
+    "act_range_tag", "aggregate_seeds", "cell_seed", "is_stat", "load_study", "make_executor", "mean_std", "open_study",
+    "run_study", "study_preset", "study_toml",
 ]

@@ -54,18 +54,23 @@ class RayExecutor:
 
     ``address``: an existing cluster (``"auto"`` or ``"ray://host:10001"``); empty starts a local Ray
     with ``num_cpus`` CPUs (0 = all). ``prepare_cpus``/``prepare_gpus``: what a ``prepare`` task
-    reserves (training runs there).
+    reserves (training runs there). ``task_gpus``: the GPU share every task reserves at least (e.g.
+    0.25: four tasks share one GPU); give it with ``device=cuda`` or ``auto``, or tasks get no GPU.
     """
 
     name = "ray"
 
-    def __init__(self, address: str = "", num_cpus: int = 0, prepare_cpus: float = 1.0, prepare_gpus: float = 0.0):
+    def __init__(self, address: str = "", num_cpus: int = 0, prepare_cpus: float = 1.0, prepare_gpus: float = 0.0,
+                 task_gpus: float = 0.0):
+        if min(prepare_cpus, prepare_gpus, task_gpus) < 0:
+            raise ConfigError("Ray task resources must be >= 0")
         try:
             import ray
         except ModuleNotFoundError:
             raise ConfigError("--executor ray needs Ray: pip install 'ray>=2.9' (make setup installs it)") from None
         self.ray = ray
-        self.prepare_cpus, self.prepare_gpus = prepare_cpus, prepare_gpus
+        self.prepare_cpus, self.prepare_gpus = prepare_cpus, max(prepare_gpus, task_gpus)
+        self.task_gpus = task_gpus
         self._started = False
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
@@ -94,7 +99,7 @@ class RayExecutor:
                   ) -> Iterator[tuple[int, Cell, dict]]:
         pending = {}
         for seed, ctx_ref, cell in work:
-            task = self._task.options(num_cpus=cell.cpus, num_gpus=cell.gpus)
+            task = self._task.options(num_cpus=cell.cpus, num_gpus=max(cell.gpus, self.task_gpus))
             pending[task.remote(fn, cell.cpus, ctx_ref, cell)] = (seed, cell)
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
@@ -115,10 +120,10 @@ class RayExecutor:
 
 
 def make_executor(name: str, *, address: str = "", num_cpus: int = 0, prepare_cpus: float = 1.0,
-                  prepare_gpus: float = 0.0):
+                  prepare_gpus: float = 0.0, task_gpus: float = 0.0):
     """``local`` or ``ray`` (see :class:`RayExecutor` for the Ray settings)."""
     if name == "local":
         return LocalExecutor()
     if name == "ray":
-        return RayExecutor(address, num_cpus, prepare_cpus, prepare_gpus)
+        return RayExecutor(address, num_cpus, prepare_cpus, prepare_gpus, task_gpus)
     raise ConfigError(f"executor '{name}' is unknown; use one of: {', '.join(EXECUTORS)}")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qrobust.experiment.settings import flat_section
-from qrobust.runs import RunDir, atomic_write_text, environment
+from qrobust.runs import DATA_LOCATION_KEYS, RunDir, atomic_write_text, environment
 from qrobust.train.loop import fit, resolve_device
 
 _LOOP_KEYS = ("epoch", "train_loss", "train_acc", "lr", "epoch_seconds")  # what fit's rows hold besides evaluate's
@@ -106,7 +106,7 @@ class Stages:
             "stage": name, "seed": self.seed, **self.describe,
             "train": flat_section(dataclasses.asdict(train)),
             "objective": flat_section(objective.config() | describe),
-        }, meta=environment(str(self.device)))
+        }, meta=environment(str(self.device)), ignore=DATA_LOCATION_KEYS)
 
 
 class CellStore:

@@ -33,7 +33,8 @@ with its SQs is an ensemble of quantized networks, one member per draw). ``deter
 **Ensembles.** :func:`ensemble_forward` runs ``N`` draws as one batched forward pass (the input repeated
 ``N`` times), :func:`ensemble_predict` averages the draws' probabilities, :class:`EnsembleSQ` wraps a
 model so that ``forward`` returns the log of that average (a logits-like output for losses and attacks),
-:func:`ensemble_entropies` gives ``H(T)``, ``H(T|X)`` and their difference, the mutual information.
+:func:`ensemble_entropies` gives ``H(T)``, ``H(T|X)`` and their difference, the mutual information;
+:func:`ensemble_stats` and :func:`correct_on_all_draws` evaluate an ensemble per input.
 
 **Memory.** The SQ materialises ``[..., K]`` tensors per quantized element (logits, noise, relaxed
 sample; autograd keeps about three of them): roughly ``3 * K * 4`` bytes per element on top of the
@@ -67,6 +68,8 @@ __all__ = [
     "ensemble_log_probs",
     "ensemble_predict",
     "ensemble_entropies",
+    "ensemble_stats",
+    "correct_on_all_draws",
     "EnsembleSQ",
 ]
 
@@ -445,6 +448,37 @@ def ensemble_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     h_mean = -(log_mean.exp() * log_mean).sum(-1)  # [B]
     h_cond = h_draws.mean(0)
     return h_mean, h_cond, h_mean - h_cond
+
+
+@torch.no_grad()
+def ensemble_stats(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_draws: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input: ensemble correctness (the argmax of one ``n_draws``-draw ensemble's averaged
+    probabilities, bool ``[B]``) and its MI ``I(x)`` (nats, ``[B]``, clamped at 0 against round-off),
+    in batches of ``batch_size`` inputs. Runs in the model's current mode; draws from the global RNG."""
+    correct, mi = [], []
+    for s in range(0, len(y), batch_size):
+        logits = ensemble_forward(model, x[s : s + batch_size], n_draws)
+        correct.append(ensemble_log_probs(logits).argmax(1) == y[s : s + batch_size])
+        mi.append(ensemble_entropies(logits)[2].clamp_min(0.0))
+    return torch.cat(correct), torch.cat(mi)
+
+
+@torch.no_grad()
+def correct_on_all_draws(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, batch_size: int
+) -> torch.Tensor:
+    """Per input: classified correctly on every one of ``draws`` forward passes of ``model`` (bool
+    ``[B]``), in batches of ``batch_size``; a randomised model gets no credit for lucky draws (the rule
+    of :func:`qrobust.attacks.whitebox.robust_accuracy`). Runs in the model's current mode."""
+    out = []
+    for s in range(0, len(y), batch_size):
+        ok = torch.ones_like(y[s : s + batch_size], dtype=torch.bool)
+        for _ in range(draws):
+            ok &= model(x[s : s + batch_size]).argmax(1) == y[s : s + batch_size]
+        out.append(ok)
+    return torch.cat(out)
 
 
 class EnsembleSQ(nn.Module):

@@ -45,7 +45,7 @@ from qrobust.quant.stochastic import (
 from qrobust.registry import OBJECTIVES
 from qrobust.train.objectives import Objective
 
-__all__ = ["MIEnsembleLoss"]
+__all__ = ["MIEnsembleLoss", "SQEnsembleObjective"]
 
 _CE_ON = ("draws", "mean")
 _METRICS = ("loss", "ce", "mi", "h_t", "h_t_given_x", "spacing", "accuracy")
@@ -114,3 +114,24 @@ class MIEnsembleLoss(Objective):
             f"MIEnsembleLoss(beta={self.beta}, spacing_weight={self.spacing_weight}, "
             f"n_draws={self.n_draws}, ce_on={self.ce_on!r})"
         )
+
+
+class SQEnsembleObjective(Objective):
+    """:class:`MIEnsembleLoss` as an :class:`Objective` of the one loop (``qrobust.train.loop.fit``):
+    the same loss and metrics plus ``correct`` (images whose averaged prediction is right), which the
+    loop sums into ``train_acc``, and a :meth:`config` with the loss's settings (what a run folder stores).
+    """
+
+    name = "mi-ensemble"
+
+    def __init__(self, loss: MIEnsembleLoss):
+        self.loss = loss
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        loss, metrics = self.loss(model, x, y)
+        return loss, {**metrics, "correct": metrics["accuracy"] * len(y)}
+
+    def config(self) -> dict:
+        m = self.loss
+        return {"name": self.name, "beta": m.beta, "spacing_weight": m.spacing_weight, "n_draws": m.n_draws,
+                "ce_on": m.ce_on}

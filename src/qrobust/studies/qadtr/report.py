@@ -1,0 +1,217 @@
+"""The QADT-R study's report: ``results.md`` (Tables 1 and 2, gradient and feature analysis), the study's
+figures (``transfer_matrix.png``, ``table2_asr.png``) and each seed's (``gradient_maps.png``,
+``feature_maps.png``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qrobust.studies.qadtr.cells import input_grad, layer_outputs
+from qrobust.studies.qadtr.config import StudyConfig
+from qrobust.studies.qadtr.defenses import LABELS
+from qrobust.studies.tables import fmt, mean_of
+
+KINDS = ("transfer_seen", "transfer_unseen", "adaptive_seen", "adaptive_unseen")
+
+
+def _pct(cell: Any, seeds: int) -> str:
+    return fmt(cell, seeds)
+
+
+def _num(cell: Any, seeds: int) -> str:
+    """3 significant digits (gradient and feature tables)."""
+    return fmt(cell, seeds, percent=False, spec=".3g")
+
+
+def compute_seconds(results: dict) -> float:
+    """Seconds of every seed's ``prepare`` and cells, summed over calls and seeds."""
+    return sum(v for per in results.get("seconds", {}).values() for k, v in per.items()
+               if k == "prepare" or k.startswith("cell "))
+
+
+def results_markdown(cfg: StudyConfig, results: dict) -> str:
+    t1, t2, grads, feats = results["table1"], results["table2"], results["gradients"], results["features"]
+    seeds = len(cfg.seeds)
+    widths = cfg.widths()
+    seen_spec = cfg.seen_specs()[0]
+    seen = ", ".join(f"{s.shape} {s.size:g}" for s in cfg.seen_specs())
+    unseen = ", ".join(f"{s.shape} {s.size:g}" for s in cfg.unseen_specs())
+    lines = [
+        f"# QADT-R patch study: {cfg.name}",
+        "",
+        f"{cfg.data.name}, {cfg.model.arch} (width {cfg.model.width}), seeds {cfg.seeds}; "
+        "ASR in % (untargeted, on clean-correct held-out test images, "
+        f"{cfg.attack.draws} placement draw(s) per image){'; mean ± std over seeds' if seeds > 1 else ''}. "
+        f"Compute time of all stages (summed over calls and seeds): {compute_seconds(results) / 60:.1f} min.",
+        "",
+        f"## Table 1: patch transfer across bit widths ({seen_spec.shape} patch, "
+        f"{seen_spec.size:g} of the image, {cfg.attack.steps} Adam steps, random places)",
+        "",
+        "| source \\ target | " + " | ".join(f"{w}-bit" for w in widths) + " |",
+        "|---|" + "---|" * len(widths),
+        "| clean accuracy | " + " | ".join(_pct(t1["clean_acc"][w], seeds) for w in widths) + " |",
+        "| tie rate (top-1 logit tied) | " + " | ".join(
+            _pct(t1["tie_rate"][w], seeds) if "tie_rate" in t1 else "-" for w in widths) + " |",
+    ]
+    for src in widths:
+        lines.append(f"| patch from {src}-bit | " + " | ".join(_pct(t1["asr"][src][w], seeds) for w in widths) + " |")
+    lines.append("| random patch (0 steps) | " + " | ".join(_pct(t1["random_patch_asr"][w], seeds) for w in widths)
+                 + " |")
+    if "asr_switched" in t1:
+        lines += ["", "One 8-bit QAT model switched between widths (clean accuracy, then ASR):", "",
+                  "| source \\ target | " + " | ".join(f"{w}-bit" for w in widths) + " |",
+                  "|---|" + "---|" * len(widths),
+                  "| clean accuracy | " + _pct(t1["clean_acc"]["32"], seeds) + " | "
+                  + " | ".join(_pct(t1["clean_acc_switched"][w], seeds) for w in widths[1:]) + " |"]
+        for src in widths:
+            lines.append(f"| patch from {src}-bit | "
+                         + " | ".join(_pct(t1["asr_switched"][src][w], seeds) for w in widths) + " |")
+    lines += [
+        "",
+        "## Table 2: defenses x bit width",
+        "",
+        f"Seen = {seen} at places in the training region {cfg.patches.region}; unseen = {unseen} at places "
+        f"{cfg.patches.unseen_region} (outside it). Transfer = patch made on the float model; adaptive = "
+        f"patch made against the defended model at that width ({cfg.attack.adaptive_steps} steps; "
+        "`rand` = random precision inference, the attack sees a random width per step). Lower ASR is better.",
+        "",
+        "| defense | width | clean acc | tie rate | transfer seen | transfer unseen | adaptive seen | adaptive unseen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in cfg.defense.names:
+        for width, row in t2.get(name, {}).items():
+            cells = [_pct(row["clean_acc"], seeds), _pct(row["tie_rate"], seeds) if "tie_rate" in row else "-"]
+            cells += [_pct(row[k], seeds) if k in row else "-" for k in KINDS]
+            lines.append(f"| {LABELS[name]} | {width} | " + " | ".join(cells) + " |")
+    lines += _analysis_markdown(cfg, grads, feats, seeds)
+    return "\n".join(lines)
+
+
+def _analysis_markdown(cfg: StudyConfig, grads: dict, feats: dict, seeds: int) -> list[str]:
+    bits = cfg.qat.bits
+    lines = [
+        "",
+        "## Gradient analysis: float vs quantized input gradients",
+        "",
+        f"Mean per-image cosine similarity and MSE between grad_x CE of the float model and of the QAT model, "
+        f"on {mean_of(grads['num_images']):.0f} "
+        f"test images: clean, with the float model's patch, and after PGD (L-inf {cfg.analysis.pgd_eps:g}, "
+        f"{cfg.analysis.pgd_steps} steps, made on the float model).",
+        "",
+        "| input | " + " | ".join(f"cos 32 vs {b}" for b in bits) + " | " + " | ".join(f"MSE 32 vs {b}" for b in bits)
+        + " |",
+        "|---|" + "---|" * (2 * len(bits)),
+    ]
+    for attack, per in grads["float_vs_quantized"].items():
+        lines.append(f"| {attack} | " + " | ".join(_num(per[str(b)]["cos"], seeds) for b in bits)
+                     + " | " + " | ".join(_num(per[str(b)]["mse"], seeds) for b in bits) + " |")
+    align = grads["defense_width_alignment"]
+    keys = sorted({k for per in align.values() for k in per})
+    if keys:
+        lines += ["", "Input-gradient cosine between a defense's own widths (lower = less aligned; GIR's target):",
+                  "", "| defense | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, per in align.items():
+            lines.append(f"| {LABELS[name]} | " + " | ".join(_num(per[k], seeds) if k in per else "-" for k in keys)
+                         + " |")
+    shift = feats["relative_shift"]
+    layer_keys = list(next(iter(shift.values())).keys())
+    lines += ["", "## Feature maps: relative change ||F(x_patch) - F(x)|| / ||F(x)|| (see feature_maps.png)", "",
+              "| width | " + " | ".join(layer_keys) + " |", "|---|" + "---|" * len(layer_keys)]
+    for w, per in shift.items():
+        lines.append(f"| {w}-bit | " + " | ".join(_num(per[k], seeds) for k in layer_keys) + " |")
+    lines += ["", "Figures: transfer_matrix.png, table2_asr.png, seed-*/feature_maps.png, seed-*/gradient_maps.png.", ""]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _save(fig, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
+def study_figures(cfg: StudyConfig, results: dict, root: Path) -> None:
+    """``transfer_matrix.png`` (Table 1 as a heat map) and ``table2_asr.png`` (Table 2's ASRs as bars)."""
+    widths = cfg.widths()
+    t1 = results["table1"]
+    fig = _figure(4.2, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    grid = [[100 * mean_of(t1["asr"][s][t]) for t in widths] for s in widths]
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="magma")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
+    ax.set_xticks(range(len(widths)), [f"{w}" for w in widths])
+    ax.set_yticks(range(len(widths)), [f"{w}" for w in widths])
+    ax.set_xlabel("target bits")
+    ax.set_ylabel("source bits")
+    ax.set_title("patch ASR (%)")
+    fig.colorbar(im, ax=ax)
+    _save(fig, root / "transfer_matrix.png")
+
+    t2 = results["table2"]
+    kinds = [k for k in KINDS if any(k in row for per in t2.values() for row in per.values())]
+    labels, values = [], {k: [] for k in kinds}
+    for name in cfg.defense.names:
+        for width, row in t2.get(name, {}).items():
+            labels.append(f"{name} @ {width}")
+            for k in kinds:
+                values[k].append(100 * mean_of(row[k]) if k in row else float("nan"))
+    fig = _figure(max(6.0, 0.45 * len(labels)), 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    step = 0.8 / max(1, len(kinds))
+    for i, k in enumerate(kinds):
+        ax.bar([j + i * step for j in range(len(labels))], values[k], width=step, label=k.replace("_", " "))
+    ax.set_xticks([j + 0.4 - step / 2 for j in range(len(labels))], labels, fontsize=7, rotation=90)
+    ax.set_ylabel("ASR (%)")
+    ax.legend(fontsize=7)
+    _save(fig, root / "table2_asr.png")
+
+
+def seed_figures(cfg: StudyConfig, ctx: dict, root: Path) -> None:
+    """A seed's ``gradient_maps.png`` (|grad_x| of the first analysis image per width, patched and PGD
+    inputs; paper Fig. 4) and ``feature_maps.png`` (first layers' channel means, clean vs patched; Fig. 3)."""
+    inputs, models, widths = ctx["inputs"], ctx["models"], cfg.widths()
+    attacks = ["patch", "pixel"]
+    fig = _figure(2.0 * len(widths), 2.1 * len(attacks))
+    for r, attack in enumerate(attacks):
+        for c, w in enumerate(widths):
+            g = input_grad(models[w], inputs[attack][:1], inputs["y"][:1])[0].abs().sum(0).cpu()
+            ax = fig.add_subplot(len(attacks), len(widths), r * len(widths) + c + 1)
+            ax.imshow(g.numpy(), cmap="inferno")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{attack}, {w}-bit", fontsize=8)
+    _save(fig, root / "gradient_maps.png")
+
+    layers = cfg.analysis.feature_layers
+    maps = {}
+    for w in widths:
+        clean = layer_outputs(models[w], inputs["clean"], layers)
+        patched = layer_outputs(models[w], inputs["patch"], layers)
+        maps[w] = [(c[0].mean(0).cpu(), p[0].mean(0).cpu()) for c, p in zip(clean, patched, strict=True)]
+    cols = 2 + 2 * len(next(iter(maps.values())))
+    fig = _figure(1.6 * cols, 1.7 * len(widths))
+    for r, w in enumerate(widths):
+        panels = [("clean", inputs["clean"][0].mean(0).cpu()), ("patched", inputs["patch"][0].mean(0).cpu())]
+        for i, (c, p) in enumerate(maps[w]):
+            panels += [(f"L{i + 1} clean", c), (f"L{i + 1} patched", p)]
+        for c_idx, (title, img) in enumerate(panels):
+            ax = fig.add_subplot(len(widths), cols, r * cols + c_idx + 1)
+            ax.imshow(img.numpy(), cmap="gray" if c_idx < 2 else "viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{w}-bit {title}" if c_idx == 0 else title, fontsize=7)
+    _save(fig, root / "feature_maps.png")

@@ -1,0 +1,166 @@
+"""The SQ study's library pieces on their own: range calibration and SQ insertion, the float twin,
+per-input ensemble evaluation, the MI-adaptive attack and the ensemble objective of the training loop."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.attacks.adaptive import mi_adaptive_pgd
+from qrobust.errors import ConfigError
+from qrobust.models import build_model
+from qrobust.quant import quantize, set_quantization_enabled
+from qrobust.quant.sq_model import build_sq_model, calibrate_ranges, float_twin, has_quantizers
+from qrobust.quant.stochastic import (
+    StochasticQuantizer,
+    correct_on_all_draws,
+    ensemble_entropies,
+    ensemble_forward,
+    ensemble_log_probs,
+    ensemble_stats,
+    insert_stochastic_quantizers,
+    stochastic_quantizers,
+)
+from qrobust.registry import ATTACKS
+from qrobust.train.sq_objective import MIEnsembleLoss, SQEnsembleObjective
+
+SETTINGS = {"num_bins": 4, "alpha": 4.0, "tau": 1.0, "learnable": True}
+
+
+def _lenet():
+    torch.manual_seed(0)
+    return build_model("lenet5", channels=1, num_classes=10, image_size=(28, 28)).eval()
+
+
+def _sq_classifier(alpha=1.0):
+    """A linear classifier on 2x4x4 images with a noisy SQ on its input: a quick randomised model."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(32, 5))
+    return insert_stochastic_quantizers(net, at_input=True, num_bins=4, alpha=alpha).eval()
+
+
+def test_calibrated_ranges_cover_the_activations_and_leave_the_mode():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).train()
+    x = torch.rand(200, 4)
+    (low, high), = calibrate_ranges(net, x, ["1"], 99.9).values()
+    with torch.no_grad():
+        acts = net(x)
+    assert low == 0.0 and 0 < high <= float(acts.max()) + 1e-6
+    assert float((acts <= high).float().mean()) >= 0.99
+    assert net.training and net[0].training
+    with pytest.raises(ConfigError, match="unknown module"):
+        calibrate_ranges(net, x, ["7"], 99.9)
+    dead = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    with torch.no_grad():
+        dead[0].weight.zero_()
+        dead[0].bias.fill_(-1.0)  # every ReLU output is 0
+    with pytest.raises(ConfigError, match="constant"):
+        calibrate_ranges(dead, x, ["1"], 99.9)
+
+
+def test_build_sq_model_inserts_calibrated_sqs_into_a_copy():
+    fp = _lenet()
+    x = torch.rand(64, 1, 28, 28)
+    ranges = calibrate_ranges(fp, x, ["body.0"], 99.0)
+    sq = build_sq_model(fp, ranges, {**SETTINGS, "beta": 0.5}, at_input=True)
+    sqs = list(stochastic_quantizers(sq))
+    assert len(sqs) == 2 and not has_quantizers(fp), "two SQs in the copy, none in the float model"
+    assert isinstance(sq.sq_input, StochasticQuantizer)
+    assert (sq.sq_input.config.low, sq.sq_input.config.high) == (0.0, 1.0)
+    inner = sq.net.get_submodule("body.0")[1]
+    assert isinstance(inner, StochasticQuantizer) and [inner.config.low, inner.config.high] == ranges["body.0"]
+    assert all(q.config.num_bins == 4 and q.config.learnable for q in sqs)
+    # the same weights: with the SQs as identities the copy computes the float model's function
+    assert torch.equal(float_twin(sq)(x), fp(x))
+    without_input = build_sq_model(fp, ranges, SETTINGS, at_input=False)
+    assert len(list(stochastic_quantizers(without_input))) == 1
+
+
+def test_float_twin_has_no_quantizer_and_matches_the_float_forward():
+    net = _lenet()
+    qat = quantize(net, inplace=False)
+    x = torch.rand(8, 1, 28, 28)
+    qat(x)  # observe activation ranges
+    twin = float_twin(qat)
+    # two module structures for one computation: a tolerance for kernels that may round differently
+    # (logits are O(0.1); fake quantization changes them by far more than 1e-5)
+    assert torch.allclose(twin(x), set_quantization_enabled(qat, False)(x), rtol=1e-5, atol=1e-6)
+    set_quantization_enabled(qat, True)
+    assert not torch.allclose(twin(x), qat(x), rtol=1e-5, atol=1e-6), "the twin must differ from the quantized model"
+    assert has_quantizers(qat) and not has_quantizers(net)
+    sq_net = insert_stochastic_quantizers(copy.deepcopy(net), at_input=True, num_bins=4)
+    sq_twin = float_twin(sq_net)
+    assert not any(isinstance(m, StochasticQuantizer) for m in sq_twin.modules())
+    assert any(isinstance(m, StochasticQuantizer) for m in sq_net.modules()), "the original is left alone"
+    assert torch.allclose(sq_twin(x), net(x), rtol=1e-5, atol=1e-6)
+    assert has_quantizers(sq_net) and not has_quantizers(sq_twin)
+
+
+def test_ensemble_evaluation_per_input():
+    net = _lenet()
+    x, y = torch.rand(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    plain = net(x).argmax(1) == y
+    # a deterministic model: every draw is the same, the MI is 0, the ensemble is the model
+    assert torch.equal(correct_on_all_draws(net, x, y, 3, 4), plain)
+    ok, mi = ensemble_stats(net, x, y, 4, 3)
+    assert torch.equal(ok, plain) and torch.equal(mi, torch.zeros(10))
+    # a randomised model: all draws correct implies the first draw correct (one batch: the first draw
+    # comes first in the RNG stream either way)
+    sq = _sq_classifier()
+    xs, ys = torch.rand(200, 2, 4, 4), torch.randint(0, 5, (200,))
+    torch.manual_seed(1)
+    first = correct_on_all_draws(sq, xs, ys, 1, 256)
+    torch.manual_seed(1)
+    every = correct_on_all_draws(sq, xs, ys, 6, 256)
+    assert every.sum() < first.sum() and not (every & ~first).any()
+    torch.manual_seed(2)
+    ok, mi = ensemble_stats(sq, xs, ys, 4, 64)
+    torch.manual_seed(2)
+    with torch.no_grad():  # the SQ samples by another path (same law, other stream) when a gradient is wanted
+        logits = torch.cat([ensemble_forward(sq, xs[s : s + 64], 4) for s in range(0, 200, 64)], dim=1)
+    assert torch.equal(ok, ensemble_log_probs(logits).argmax(1) == ys)
+    assert torch.equal(mi, ensemble_entropies(logits)[2].clamp_min(0.0)) and mi.max() > 0
+
+
+def _attack_loss(model, x, y, n, lam):
+    torch.manual_seed(5)
+    logits = ensemble_forward(model, x.repeat(8, 1, 1, 1), n)
+    ce = F.nll_loss(ensemble_log_probs(logits), y.repeat(8))
+    return float((ce - lam * ensemble_entropies(logits)[2].mean()).detach())
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_mi_adaptive_pgd_stays_in_the_ball_and_raises_its_objective(lam):
+    model = _sq_classifier()
+    x, y = torch.rand(64, 2, 4, 4), torch.randint(0, 5, (64,))
+    state = copy.deepcopy(model.state_dict())
+    torch.manual_seed(0)
+    x_adv = mi_adaptive_pgd(model, x, y, 0.1, n_draws=4, steps=5, eot=2, lam=lam,
+                            generator=torch.Generator().manual_seed(3))
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not x_adv.requires_grad and not model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert _attack_loss(model, x_adv, y, 4, lam) > _attack_loss(model, x, y, 4, lam) + 0.05
+    torch.manual_seed(0)  # the same seeds, the same examples
+    again = mi_adaptive_pgd(model, x, y, 0.1, n_draws=4, steps=5, eot=2, lam=lam,
+                            generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, x_adv)
+    assert torch.equal(mi_adaptive_pgd(model, x, y, 0.0, n_draws=4), x)
+    assert ATTACKS.get("mi-adaptive-pgd") is mi_adaptive_pgd
+
+
+def test_sq_ensemble_objective_is_the_mi_loss_with_a_correct_count():
+    model = _sq_classifier(alpha=4.0)
+    x, y = torch.rand(16, 2, 4, 4), torch.randint(0, 5, (16,))
+    loss = MIEnsembleLoss(beta=0.3, spacing_weight=0.02, n_draws=3, ce_on="mean")
+    objective = SQEnsembleObjective(loss)
+    torch.manual_seed(4)
+    value, metrics = objective(model, x, y)
+    torch.manual_seed(4)
+    ref_value, ref_metrics = loss(model, x, y)
+    assert torch.equal(value, ref_value) and metrics == {**ref_metrics, "correct": ref_metrics["accuracy"] * 16}
+    assert objective.config() == {"name": "mi-ensemble", "beta": 0.3, "spacing_weight": 0.02, "n_draws": 3,
+                                  "ce_on": "mean"}
