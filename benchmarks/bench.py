@@ -19,7 +19,8 @@ Ratios, not absolute times, are the contract (they transfer across machines bett
   the papers' settings (DFME: B 256, m 1, n_S 5; MAZE: B 128, m 10, n_S 5, 10 replay steps) and the
   divqat study's networks (convnet width 16 clone, generator width 16, latent 64) against an 8-bit QAT
   convnet (width 16) that answers from its int8 model; float32 (the default). ``..._bf16_...``: the same
-  with ``precision="bf16"`` (bfloat16 autocast of clone training and generator). Target (issue 12):
+  with ``precision="bf16"`` (bfloat16 autocast of clone training and generator). ``dfme_gen64_...``:
+  DFME (fp32) with the paper's generator (width 64, latent 256) instead of width 16. Target (issue 12):
   >= 5,000 on the project's 2-core CPU. The threads are the process's (``environment.threads``).
 - ``sq_ensemble16_over_single_forward``: a 16-draw stochastic-quantizer ensemble forward over one
   deterministic forward (the same network and weights without SQs), batch 256; "well under 16" is the
@@ -290,6 +291,11 @@ def bench_extraction(min_seconds: float) -> dict:
             key = f"{name}_queries_per_s" if precision == "fp32" else f"{name}_bf16_queries_per_s"
             out[key] = cost / seconds
             out["extraction_victim_answers_from"] = victim.answers_from
+    # DFME with its paper generator (width 64, latent 256), which learns far more per query than width 16
+    victim = Victim(twin, budget=10**12)
+    attack = DFME(victim, convnet(), generator=Generator(SHAPE, latent_dim=256, width=64), latent_dim=256, seed=0)
+    cost = attack.cost_per_iteration
+    out["dfme_gen64_queries_per_s"] = cost / timeit(lambda: attack.run(cost), min_seconds, warmup=1)
     return out
 
 
