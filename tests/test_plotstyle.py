@@ -24,3 +24,21 @@ def test_legend_below_stays_inside_the_figure(width):
 def test_wrap_labels_and_colors():
     assert plotstyle.wrap_labels(["a long tick label here"], 10) == ["a long\ntick label\nhere"]
     assert plotstyle.colors(10)[8] == plotstyle.PALETTE[0]
+
+
+def test_save_png_writes_one_file_and_styled_applies_the_style(tmp_path):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    @plotstyle.styled
+    def draw(path):
+        fig = Figure(figsize=(3, 2), layout="constrained")
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot([0, 1], [0, 1])
+        plotstyle.save_png(fig, path)
+        return ax.spines["top"].get_visible(), matplotlib.rcParams["axes.grid"]
+
+    top_spine, grid = draw(tmp_path / "f.png")
+    assert not top_spine and grid  # matplotlib defaults: top spine shown, no grid
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temporary file left
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

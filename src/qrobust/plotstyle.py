@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 # Okabe-Ito: distinguishable with every common colour-vision deficiency, and in grey print
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -60,6 +61,19 @@ def style():
 
     with matplotlib.rc_context(_rc()):
         yield
+
+
+def styled(function):
+    """Decorator: ``function`` runs inside :func:`style` (figures and axes it makes with matplotlib's
+    object API get this style; a study's plotting function needs only this line)."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with style():
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def colors(n: int) -> list[str]:
@@ -111,6 +125,18 @@ def wrap_labels(labels: Sequence[str], width: int = 12) -> list[str]:
     return ["\n".join(textwrap.wrap(str(t), width)) or str(t) for t in labels]
 
 
+def legend_entries(axes: Iterable, order: Sequence[str] | None = None) -> tuple[list, list[str]]:
+    """Handles and labels of all ``axes``, one per label, in ``order`` (labels not in it last) or first
+    seen first: for one figure legend when some panels lack a series."""
+    entries: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    rank = {name: i for i, name in enumerate(order or [])}
+    labels = sorted(entries, key=lambda k: rank.get(k, len(rank)))  # sorted() is stable: first seen first
+    return [entries[k] for k in labels], labels
+
+
 def legend_below(fig, handles: Sequence, labels: Sequence[str]) -> None:
     """A figure legend under the axes, in as many columns as fit the figure's width (rows of entries
     otherwise run off the edge: matplotlib does not wrap a legend)."""
@@ -135,5 +161,22 @@ def png_bytes(fig, dpi: int = DPI) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["DPI", "MARKERS", "PALETTE", "RC", "colors", "figure", "label_bars", "legend_below", "percent_axis",
-           "png_bytes", "style", "wrap_labels"]
+def save_png(fig, path) -> None:
+    """Write the figure as a PNG file at ``path`` (through a temporary file and a rename, so a reader never
+    sees half a file; this module sits below ``qrobust.runs`` in the layers and does not import it)."""
+    import os
+    import tempfile
+
+    path, data = Path(path), png_bytes(fig)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["DPI", "MARKERS", "PALETTE", "RC", "colors", "figure", "label_bars", "legend_below", "legend_entries",
+           "percent_axis", "png_bytes", "save_png", "style", "styled", "wrap_labels"]

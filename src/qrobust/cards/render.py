@@ -75,17 +75,6 @@ def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
-def _legend_entries(axes, order: list[str] | None = None) -> tuple[list, list[str]]:
-    """Handles and labels of all ``axes``, one per label, in ``order`` (default: first seen first): one
-    model may lack a curve the other has."""
-    entries: dict = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            entries.setdefault(label, handle)
-    labels = sorted(entries, key=(order or list(entries)).index)
-    return [entries[k] for k in labels], labels
-
-
 def fig_whitebox(models: list[dict]) -> bytes:
     labels = ["clean"] + list(models[0]["whitebox"]["curves"])
     fig, axes = plotstyle.figure(1, len(models), width=4.6 * len(models) + 0.4, height=3.6, sharey=True)
@@ -109,7 +98,7 @@ def fig_whitebox(models: list[dict]) -> bytes:
         ax.set_title(_short(m["name"]))
         plotstyle.percent_axis(ax)
     axes[0][0].set_ylabel("robust accuracy (strict)")
-    plotstyle.legend_below(fig, *_legend_entries(axes[0], [name for _, name in attacks]))
+    plotstyle.legend_below(fig, *plotstyle.legend_entries(axes[0], [name for _, name in attacks]))
     return plotstyle.png_bytes(fig)
 
 
@@ -141,7 +130,7 @@ def fig_patches(models: list[dict]) -> bytes:
         ax.set_title(_short(m["name"]))
         plotstyle.percent_axis(ax)
     axes[0][0].set_ylabel("attack success rate")
-    plotstyle.legend_below(fig, *_legend_entries(axes[0]))
+    plotstyle.legend_below(fig, *plotstyle.legend_entries(axes[0]))
     return plotstyle.png_bytes(fig)
 
 
