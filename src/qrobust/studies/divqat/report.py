@@ -227,6 +227,7 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     v_info, defenses, cells = agg["victims"], agg["defenses"], agg["cells"]
     attacks = [a for a in cfg.attack.names if not EXTRACTION_ATTACKS[a].reference]
@@ -247,7 +248,7 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
         if i == 0:
             ax.set_ylabel("defender accuracy (%)", fontsize=8)
         ax.set_title(ATTACK_LABELS[attack], fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
     handles = [Line2D([], [], linestyle="", marker="o", color=colors[name], label=_short_label(v_info[name]))
                for name in names]
     handles += [Line2D([], [], linestyle="", marker=markers.get(d, "o"), color="gray", label=f"defense: {d}")
@@ -266,19 +267,33 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
             cell = cells.get(name, {}).get(defense, {}).get(attack)
             if cell is None:
                 continue
-            points = [(q, a) for q, a in cell["history"][0] if a is not None]
+            points = [(q, a) for q, a in cell["history"][0] if a is not None and q > 0]  # log x: no 0
             if points:
                 ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", color=colors[name])
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(_queries_label))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: _queries_label(v) if _leading_digit(v) in (2, 5) else ""))
         ax.set_xlabel("queries", fontsize=8)
         if i == 0:
             ax.set_ylabel("clone accuracy (%)", fontsize=8)
         ax.set_title(f"{ATTACK_LABELS[attack]} ({defense}, seed {cfg.seeds[0]})", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
     handles = [Line2D([], [], marker=".", color=colors[name], label=_short_label(v_info[name])) for name in names]
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 2.2 / (3.3 * n + 2.2), 1))
     FigureCanvasAgg(fig).print_png(str(root / "clone_vs_queries.png"))
+
+
+def _leading_digit(value: float) -> int:
+    return int(f"{value:.0e}"[0]) if value > 0 else 0
+
+
+def _queries_label(value: float, _position=None) -> str:
+    """A compact query count for a log axis: 500, 2k, 50k, 1M."""
+    for unit, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= unit:
+            return f"{value / unit:g}{suffix}"
+    return f"{value:g}"
 
 
 def transition_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
@@ -315,7 +330,7 @@ def transition_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("alpha", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
         ax.legend(fontsize=6)
     fig.suptitle(f"DivQAT transition ({cfg.data.name}, seed {seed}, validation images)", fontsize=9)
     fig.tight_layout()
