@@ -90,3 +90,35 @@ def test_input_gradient_with_a_custom_loss_is_that_loss_gradient():
     assert torch.allclose(input_gradient(net, x, y, loss=loss), expected)
     assert not torch.allclose(input_gradient(net, x, y), expected)
     assert EVASION.get("bpda") is bpda
+
+
+def test_apgd_fooled_decision_with_several_draws():
+    from qrobust.attacks.whitebox import apgd_ce
+
+    x, y = _data()
+    net = _net()
+
+    def run(model, **kw):
+        return apgd_ce(model, x, y, 0.1, steps=4, generator=torch.Generator().manual_seed(2), check=False, **kw)
+
+    # a deterministic model misclassifies on every draw alike: the decision, and the result, are the same
+    assert torch.equal(run(net), run(net, fooled_draws=3))
+
+    class Rows(nn.Module):  # counts the rows each forward pass sees
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.rows = inner, []
+
+        def forward(self, z):
+            self.rows.append(len(z))
+            return self.inner(z)
+
+    sq = Rows(_net(sq=True))
+    run(sq)
+    one = len(sq.rows)
+    sq.rows.clear()
+    run(sq, fooled_draws=3)
+    # further evaluations, each on the points that still look fooled only (here never the whole batch)
+    assert len(sq.rows) > one and any(r < len(y) for r in sq.rows)
+    with pytest.raises(ConfigError, match="fooled_draws"):
+        run(net, fooled_draws=0)

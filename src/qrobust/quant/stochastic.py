@@ -72,6 +72,12 @@ __all__ = [
     "EnsembleStats",
     "ensemble_stats",
     "correct_per_draw",
+    "MI_READINGS",
+    "mi_sqs",
+    "sq_bin_probs",
+    "representation_entropies",
+    "disagreement_rate",
+    "diversity_stats",
     "EnsembleSQ",
 ]
 
@@ -506,6 +512,106 @@ def correct_per_draw(
         xb, yb = x[s : s + step], y[s : s + step]
         out.append(torch.stack([model(xb).argmax(1) == yb for _ in range(draws)]))
     return torch.cat(out, dim=1)
+
+
+# Which T the MI term of the ensemble objective is about (docs/CHOICES.md, "Which MI"): "output" = the
+# class output of each draw, X = the draw (:func:`ensemble_entropies`); "last-sq" = the quantized
+# representation at the last SQ (the one before the classifier in the paper's pipeline), X = the input;
+# "every-sq" = the quantized values of every SQ (:func:`representation_entropies`).
+MI_READINGS = ("output", "last-sq", "every-sq")
+
+
+def mi_sqs(model: nn.Module, mi_on: str) -> list[StochasticQuantizer]:
+    """The SQs whose quantized values are ``T`` in reading ``mi_on`` (:data:`MI_READINGS`): the last SQ
+    in module order (the deepest: before the classifier) for ``"last-sq"``, all for ``"every-sq"``, none
+    for ``"output"``. A ConfigError when a representation reading meets a model without SQs."""
+    if mi_on not in MI_READINGS:
+        raise ConfigError(f"the MI reading must be one of {', '.join(MI_READINGS)}, got {mi_on!r}")
+    if mi_on == "output":
+        return []
+    sqs = list(stochastic_quantizers(model))
+    if not sqs:
+        raise ConfigError(f"MI reading {mi_on!r} needs a model with stochastic quantizers; this one has none")
+    return sqs[-1:] if mi_on == "last-sq" else sqs
+
+
+@contextmanager
+def sq_bin_probs(sqs: list[StochasticQuantizer], n_draws: int):
+    """Collect, while active, each SQ's sampling law per draw: a list that gets, per forward of an SQ in
+    ``sqs`` on ``N * B`` rows (as :func:`ensemble_forward` runs them), its bin probabilities
+    ``softmax(l(v))`` shaped ``[N, B, E, K]`` (``E`` values per input; differentiable). The law given the
+    draw's input ``v`` is known exactly, so averaging it over the draws estimates the law of ``T`` given the
+    image without sampling noise (Rao-Blackwellised)."""
+    collected: list[torch.Tensor] = []
+
+    def keep(module, args, _out):
+        v = args[0]
+        collected.append(module.probs(v).reshape(n_draws, v.shape[0] // n_draws, -1, module.config.num_bins))
+
+    handles = [sq.register_forward_hook(keep) for sq in sqs]
+    try:
+        yield collected
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def representation_entropies(probs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``H(T)``, ``H(T|X)`` and the pointwise MI per image (``[B]`` each, nats per quantized value) with
+    ``T`` the quantized values of the SQs whose per-draw laws ``probs`` holds (:func:`sq_bin_probs`) and
+    ``X`` the input image, estimated on the batch.
+
+    Per value ``j`` of image ``x``: ``p_j(k|x) = mean_n p_j^(n)(k)`` over the ``N`` draws (earlier SQs'
+    noise makes each draw's input differ); the batch marginal ``p_j(k) = mean_x p_j(k|x)``. With values
+    treated as independent (a mean-field factorisation: the joint law of thousands of values is out of
+    reach), ``H(T|X) = mean_j H(p_j(.|x))`` (the draws' diversity on ``x``), ``H(T) = mean_j H(p_j)``
+    (the same for every image) and ``i(x) = mean_j KL(p_j(.|x) || p_j)``, whose batch mean is exactly
+    ``H(T) - mean_x H(T|X=x)``. Averages over values (not sums) keep ``beta`` independent of the layer's
+    size. Differentiable."""
+    if not probs:
+        raise ConfigError("representation_entropies needs the laws of at least one SQ (sq_bin_probs)")
+    cond = torch.cat([p.mean(0) for p in probs], dim=1)  # [B, E_total, K]
+    marginal = cond.mean(0, keepdim=True)  # [1, E_total, K]
+    h_cond = _entropy(cond).mean(1)
+    h_t = _entropy(marginal).mean(1).expand_as(h_cond)
+    kl = (cond * (cond.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(-1).mean(1)
+    return h_t, h_cond, kl
+
+
+def disagreement_rate(logits: torch.Tensor) -> torch.Tensor:
+    """Per image (``[B]``), the share of the ``N`` draws (``[N, B, C]`` logits) whose top-1 class differs
+    from the ensemble's (the argmax of the averaged probabilities): 0 when all draws agree."""
+    ensemble = ensemble_log_probs(logits).argmax(-1)
+    return (logits.argmax(-1) != ensemble).float().mean(0)
+
+
+@torch.no_grad()
+def diversity_stats(model: nn.Module, x: torch.Tensor, n_draws: int, batch_size: int = 64) -> dict[str, float]:
+    """The diversity of ``n_draws`` SQ draws on images ``x`` in both readings (means over the images):
+    ``h_t``, ``h_t_given_x``, ``mi`` with ``T`` the quantized representation at the last SQ and ``X`` the
+    image (:func:`representation_entropies`, ``H(T)`` over all of ``x``), ``output_mi`` (the class-output
+    reading, :func:`ensemble_entropies`) and ``disagreement`` (:func:`disagreement_rate`). Runs in the
+    model's current mode, draws from the global RNG."""
+    check_num_draws(n_draws)
+    sqs = mi_sqs(model, "last-sq")
+    cond_sum, count, h_cond, out_mi, disagree = None, 0, [], [], []
+    for s in range(0, len(x), batch_size):
+        with sq_bin_probs(sqs, n_draws) as probs:
+            logits = ensemble_forward(model, x[s : s + batch_size], n_draws, max_rows=None)
+        cond = probs[0].mean(0)  # [b, E, K]
+        cond_sum = cond.sum(0) if cond_sum is None else cond_sum + cond.sum(0)
+        count += cond.shape[0]
+        h_cond.append(_entropy(cond).mean(1))
+        out_mi.append(ensemble_entropies(logits)[2].clamp_min(0.0))
+        disagree.append(disagreement_rate(logits))
+    h_t = _entropy(cond_sum / count).mean().item()
+    h_t_given_x = torch.cat(h_cond).mean().item()
+    return {"h_t": h_t, "h_t_given_x": h_t_given_x, "mi": h_t - h_t_given_x,
+            "output_mi": torch.cat(out_mi).mean().item(), "disagreement": torch.cat(disagree).mean().item()}
 
 
 class EnsembleSQ(nn.Module):

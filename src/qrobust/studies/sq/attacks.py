@@ -69,8 +69,10 @@ ATTACKS: dict[str, StudyAttack] = {
     "pgd": StudyAttack("pgd", "PGD", lambda a, r: {"steps": a.steps}),
     # the same with the gradient averaged over ``attack.eot`` draws of the deployed model per step
     "eot-pgd": StudyAttack("pgd", "EOT-PGD", lambda a, r: {"steps": a.steps, "eot": a.eot}),
-    # one gradient of the deployed model per step, as PGD (see docs/CHOICES.md)
-    "apgd-ce": StudyAttack("apgd-ce", "APGD-CE", lambda a, r: {"steps": a.apgd_steps}),
+    # one gradient of the deployed model per step, as PGD (see docs/CHOICES.md); on a randomised model a
+    # point counts as fooling only if attack.draws evaluations all misclassify it
+    "apgd-ce": StudyAttack("apgd-ce", "APGD-CE", lambda a, r: {"steps": a.apgd_steps,
+                                                              "fooled_draws": a.draws if r else 1}),
     # PGD made on the float model (a black-box check), the same examples for every target
     "transfer": StudyAttack("pgd", "transfer (PGD on float)", lambda a, r: {"steps": a.steps}, on="float"),
     # BPDA: PGD on the model's float twin (quantizers off, SQs as the identity)

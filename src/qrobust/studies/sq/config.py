@@ -44,10 +44,13 @@ class SQCfg:
     tau: float = 1.0  # Gumbel-softmax temperature (shapes the straight-through gradient only)
     learnable: bool = True  # learnable bin offset and gaps (+ spacing regulariser)
     at_input: bool = True  # an SQ on the input pixels, range [0, 1]
-    after: list[str] = field(default_factory=lambda: ["body.0"])  # SQs after these modules
+    # SQs after these modules: the paper's pipeline input -> SQ -> features -> SQ -> classifier (LeNet-5's
+    # features end with body.1, its second conv block)
+    after: list[str] = field(default_factory=lambda: ["body.1"])
     percentile: float = 99.9  # calibrated range: [min(0, q_(100-p)), q_p] of the float activations
-    n_draws: int = 4  # N: ensemble draws per training step and at inference
+    n_draws: int = 16  # N: ensemble draws per training step and at inference (the paper's 16)
     beta: float = 0.1  # MI weight of the sq-mi model (the sq model has beta = 0)
+    mi_on: str = "last-sq"  # which MI: output (T = class output, X = draw) | last-sq | every-sq (T = quantized values)
     spacing_weight: float = 0.01
     ce_on: str = "draws"  # draws | mean (see MIEnsembleLoss)
     epochs: int = 2
@@ -91,6 +94,7 @@ class AblationCfg:
     tau: list[float] = field(default_factory=list)
     n_draws: list[int] = field(default_factory=list)
     beta: list[float] = field(default_factory=list)
+    mi_on: list[str] = field(default_factory=list)  # other MI readings (MI_READINGS)
     eps: str = ""  # one eps for the ablation table; empty = the middle one of attack.eps
 
 
@@ -192,6 +196,7 @@ class StudyConfig(StudyBase):
             beta=s.beta,
             spacing_weight=s.spacing_weight,
             ce_on=s.ce_on,
+            mi_on=s.mi_on,
         )
         return base | changes
 
@@ -205,6 +210,8 @@ class StudyConfig(StudyBase):
             out.append((f"sq-mi-N{n}", self.sq_settings(n_draws=n)))
         for b in a.beta:
             out.append((f"sq-mi-beta{b:g}", self.sq_settings(beta=b)))
+        for reading in a.mi_on:
+            out.append((f"sq-mi-{reading}", self.sq_settings(mi_on=reading)))
         return out
 
 
@@ -246,6 +253,7 @@ def _check_sq(settings: dict, variant: str) -> None:
             spacing_weight=settings["spacing_weight"],
             n_draws=settings["n_draws"],
             ce_on=settings["ce_on"],
+            mi_on=settings["mi_on"],
         )
     except ConfigError as err:
         raise ConfigError(f"{variant} (config section [sq] / [ablation]): {err}") from None
@@ -253,4 +261,4 @@ def _check_sq(settings: dict, variant: str) -> None:
 
 def model_names(cfg: StudyConfig) -> list[str]:
     """The models every seed trains and evaluates, in table order (ablation variants come on top)."""
-    return ["fp32", f"qat{cfg.qat_bits}", "sq", "sq-mi"]
+    return ["fp32", "fp32-ft", f"qat{cfg.qat_bits}", "sq", "sq-mi"]
