@@ -232,26 +232,30 @@ class ActQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """Move the range towards this batch's min/max by ``momentum`` (EMA; the first batch sets it)."""
         lo, hi = torch.aminmax(x.detach().float())
-        if not bool(self.initialized):
-            self.lo.copy_(lo)
-            self.hi.copy_(hi)
-            self.initialized.fill_(True)
-        else:
-            self.lo.lerp_(lo, self.momentum)
-            self.hi.lerp_(hi, self.momentum)
+        if self._first_range(lo, hi):
+            return
+        self.lo.lerp_(lo, self.momentum)
+        self.hi.lerp_(hi, self.momentum)
 
     @torch.no_grad()
     def observe_min_max(self, x: torch.Tensor) -> None:
         """Widen the range to the running min/max of everything seen (what :func:`calibrate` uses)."""
         lo, hi = torch.aminmax(x.detach().float())
-        if not bool(self.initialized):
-            self.lo.copy_(lo)
-            self.hi.copy_(hi)
-            self.initialized.fill_(True)
-        else:
-            self.lo.copy_(torch.minimum(self.lo, lo))
-            self.hi.copy_(torch.maximum(self.hi, hi))
+        if self._first_range(lo, hi):
+            return
+        self.lo.copy_(torch.minimum(self.lo, lo))
+        self.hi.copy_(torch.maximum(self.hi, hi))
+
+    def _first_range(self, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+        """Set the range to ``[lo, hi]`` if none was observed yet; True when it did."""
+        if bool(self.initialized):
+            return False
+        self.lo.copy_(lo)
+        self.hi.copy_(hi)
+        self.initialized.fill_(True)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
