@@ -199,9 +199,10 @@ def bench_attacks(min_seconds: float) -> dict:
 def bench_patch_defenses(min_seconds: float, steps: int = 6, batch: int = 128) -> dict:
     """Seconds of one epoch of ``steps`` batches through ``fit`` per objective; QADT-R / PBAT as a ratio."""
     try:
+        from qrobust.attacks.patch import PatchConfig
         from qrobust.config import TrainSection
         from qrobust.data import BatchLoader
-        from qrobust.defenses.patch_training import PBAT, QADTR, PatchSpec
+        from qrobust.defenses.patch_training import PBAT, QADTR
         from qrobust.train.loop import fit
     except ImportError:
         return {}
@@ -209,10 +210,10 @@ def bench_patch_defenses(min_seconds: float, steps: int = 6, batch: int = 128) -
     x = torch.randint(0, 256, (steps * batch, *SHAPE), dtype=torch.uint8, generator=gen)
     y = torch.randint(0, 10, (steps * batch,), generator=gen)
     cfg = TrainSection(epochs=1, batch_size=batch, lr=0.01, warmup_epochs=0.0)
-    spec = PatchSpec("square", 0.08, (0.0, 0.6))
+    spec = PatchConfig("square", 0.08, region=(0.0, 0.6))
     makers = {
-        "pbat": lambda: PBAT([spec], patch_steps=2),
-        "qadtr": lambda: QADTR(True, True, True, sizes=(0.06, 0.08, 0.1), region=(0.0, 0.6), patch_steps=2),
+        "pbat": lambda: PBAT(specs=[spec], patch_steps=2),
+        "qadtr": lambda: QADTR(sizes=(0.06, 0.08, 0.1), region=(0.0, 0.6), patch_steps=2),
     }
     seconds = {}
     for name, make in makers.items():

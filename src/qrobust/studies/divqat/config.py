@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qrobust.errors import ConfigError
-from qrobust.experiment import StudyBase, load_study, study_preset
+from qrobust.experiment import DataSection, FloatSection, StudyBase, load_study, study_preset
 from qrobust.studies.divqat.attacks import EXTRACTION_ATTACKS
 
 ATTACKS = tuple(EXTRACTION_ATTACKS)  # the attacks a cell can run, in table order (attacks.py)
@@ -16,11 +16,7 @@ DEFENSES = ("none", "rs", "dcp")
 
 
 @dataclass
-class DataCfg:
-    name: str = "fashion-mnist"
-    dir: str = ""  # empty = $QROBUST_DATA or the data set's default place
-    download: bool = False
-    augment: bool = True
+class DataCfg(DataSection):
     victim_fraction: float = 0.2  # of the training images: the victim trains on these
     attacker_fraction: float = 0.2  # disjoint: the attacker's pool (KnockoffNets' default transfer set)
     val_fraction: float = 0.05  # disjoint: defense calibration (l1 budget)
@@ -34,13 +30,6 @@ class ModelCfg:
     arch: str = "convnet"
     width: int = 16  # convnet only: channels of the first block (the registered convnet has 32)
     clone_arch: str = ""  # attacker's clone architecture ("" = same as the victim)
-
-
-@dataclass
-class FloatCfg:
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05  # peak LR, Nesterov SGD, 0.5 epoch warm-up then cosine
 
 
 @dataclass
@@ -137,7 +126,7 @@ class StudyConfig(StudyBase):
     name: str = "divqat-quick"
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
-    fp: FloatCfg = field(default_factory=FloatCfg)
+    fp: FloatSection = field(default_factory=FloatSection)
     qat: QATCfg = field(default_factory=QATCfg)
     divqat: DivQATCfg = field(default_factory=DivQATCfg)
     defense: DefenseCfg = field(default_factory=DefenseCfg)
