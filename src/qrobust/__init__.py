@@ -44,7 +44,7 @@ _API: dict[str, str] = {
     "DWQConfig": "qrobust.defenses.patch_training", "QADTRConfig": "qrobust.defenses.patch_training",
     # evaluation
     "accuracy": "qrobust.metrics", "predict": "qrobust.metrics", "predict_logits": "qrobust.metrics",
-    "tie_rate": "qrobust.metrics",
+    "tie_rate": "qrobust.metrics", "expected_calibration_error": "qrobust.metrics", "nll": "qrobust.metrics",
     # white-box and score-based attacks
     "fgsm": "qrobust.attacks.whitebox", "pgd": "qrobust.attacks.whitebox", "apgd_ce": "qrobust.attacks.whitebox",
     "robust_accuracy": "qrobust.attacks.whitebox", "input_gradient": "qrobust.attacks.whitebox",
@@ -56,11 +56,16 @@ _API: dict[str, str] = {
     # extraction
     "Victim": "qrobust.attacks.extraction.victim", "KnockoffNets": "qrobust.attacks.extraction.knockoff",
     "DFME": "qrobust.attacks.extraction.dfme", "MAZE": "qrobust.attacks.extraction.maze",
-    "clone_accuracy": "qrobust.attacks.extraction.metrics",
+    "clone_accuracy": "qrobust.attacks.extraction.metrics", "agreement": "qrobust.attacks.extraction.metrics",
+    "RandomNoise": "qrobust.attacks.extraction.knockoff", "KnockoffConfig": "qrobust.attacks.extraction.knockoff",
+    "DFMEConfig": "qrobust.attacks.extraction.dfme", "MAZEConfig": "qrobust.attacks.extraction.maze",
+    "make_extraction_attack": "qrobust.attacks.extraction.base", "CountingModule": "qrobust.attacks.extraction.victim",
     # defenses
     "make_defense": "qrobust.defenses.output", "calibrate_defense": "qrobust.defenses.output",
     "reverse_sigmoid": "qrobust.defenses.output", "dcp": "qrobust.defenses.output",
     "MIDetector": "qrobust.defenses.detection", "mutual_information": "qrobust.defenses.detection",
+    # the robustness card
+    "card": "qrobust.cards",
     # studies
     "run_study": "qrobust.experiment", "StudySpec": "qrobust.experiment", "Cell": "qrobust.experiment",
     # errors

@@ -8,15 +8,11 @@ from pathlib import Path
 from qrobust.attacks.patch import PatchConfig
 from qrobust.config import check_act_range
 from qrobust.errors import ConfigError
-from qrobust.experiment import StudyBase, load_study, study_preset
+from qrobust.experiment import DataSection, FloatSection, StudyBase, load_study, study_preset
 
 
 @dataclass
-class DataCfg:
-    name: str = "fashion-mnist"
-    dir: str = ""  # empty = $QROBUST_DATA or the data set's default place
-    download: bool = False
-    augment: bool = True
+class DataCfg(DataSection):
     train_subset: int = 12000  # images the models train on (0 = all the rest)
     attack_subset: int = 2000  # other train images, used by the attacker to optimise patches
     test_subset: int = 1000  # held-out test images on which ASR and accuracy are measured (0 = all)
@@ -26,13 +22,6 @@ class DataCfg:
 class ModelCfg:
     arch: str = "convnet"
     width: int = 16  # convnet only: channels of the first block (the registered convnet has 32)
-
-
-@dataclass
-class FloatCfg:
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05  # peak LR, Nesterov SGD, cosine schedule
 
 
 @dataclass
@@ -105,7 +94,7 @@ class StudyConfig(StudyBase):
     name: str = "qadtr-quick"
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
-    fp: FloatCfg = field(default_factory=FloatCfg)
+    fp: FloatSection = field(default_factory=FloatSection)
     qat: QATCfg = field(default_factory=QATCfg)
     defense: DefenseCfg = field(default_factory=DefenseCfg)
     patches: PatchCfg = field(default_factory=PatchCfg)
