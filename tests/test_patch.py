@@ -429,3 +429,14 @@ def test_patch_attacks_are_built_by_name_from_a_dict_of_settings(trained):
 def test_bad_patch_attack_settings_are_config_errors(name, settings, message):
     with pytest.raises(ConfigError, match=message):
         make_patch_attack(name, PatchConfig(size=0.1), **settings)
+
+
+def test_on_step_sees_every_step_and_does_not_change_the_patch(trained):
+    net, x, y, _, _ = trained
+    cfg = PatchConfig(size=0.2)
+    seen: dict[int, torch.Tensor] = {}
+    patch = train_patch(net, x, y, cfg, steps=5, batch_size=32, generator=gen(1),
+                        on_step=lambda t, p: seen.__setitem__(t, p))
+    assert list(seen) == [1, 2, 3, 4, 5] and torch.equal(seen[5], patch)
+    assert not torch.equal(seen[1], seen[5])  # snapshots, not the live tensor
+    assert torch.equal(patch, train_patch(net, x, y, cfg, steps=5, batch_size=32, generator=gen(1)))
