@@ -1,4 +1,4 @@
-"""``qrobust`` command line: train / eval / export / demo / run <study>.
+"""``qrobust`` command line: train / eval / export / card / demo / run <study>.
 
 Configs: ``--config FILE.toml`` fills the defaults and ``section.key=value`` arguments override it
 (e.g. ``qrobust train train.epochs=3 quant.bits=4``). User errors print one clear line (exit 2), never a
@@ -65,6 +65,18 @@ def cmd_export(args) -> int:
 
     result = pipeline.export(args.run, args.backend, measure_speed=not args.no_speed, format=args.format)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_card(args) -> int:
+    from qrobust.cards import card_folders
+
+    result, out = card_folders(args.runs, args.budget, args.out, progress=not args.no_progress)
+    for m in result["models"]:
+        for warning in m["warnings"]:
+            print(f"warning ({m['name']}): {warning}", file=sys.stderr)
+    print(f"card: {out / 'card.html'} (and card.md, card.json) in {result['seconds_total']:.0f} s "
+          f"({result['cpu_seconds_total']:.0f} s of CPU time)")
     return 0
 
 
@@ -167,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["server", "mobile"], help="int8 target (default: the run's)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("card", help="robustness card of one or two trained models (deployment, extraction, "
+                                    "patches, white-box): card.md, card.html, card.json")
+    p.add_argument("runs", nargs="+", metavar="RUN_FOLDER",
+                   help="a `qrobust train` run folder or a study's model stage (<study>/seed-<s>/models/<stage>, "
+                        "@<bits> or @rand for a qadtr defense); two for a side-by-side card")
+    p.add_argument("--budget", default="quick", metavar="{quick,standard}",
+                   help="quick: ~2 min for a Fashion-MNIST convnet on 2 CPU cores; standard: ~10 min "
+                        "(docs/card.md lists every setting)")
+    p.add_argument("--out", help="folder for the card (default: the run folder; for two, <first>/card-vs-<second>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("demo", help="float -> 8-bit QAT -> int8 on Fashion-MNIST, with a summary table")
     _config_args(p)

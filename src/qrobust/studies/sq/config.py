@@ -12,17 +12,13 @@ from typing import Any
 from qrobust.attacks.whitebox import parse_eps
 from qrobust.config import check_act_range
 from qrobust.errors import ConfigError
-from qrobust.experiment import StudyBase, load_study, study_preset
+from qrobust.experiment import DataSection, FloatSection, StudyBase, load_study, study_preset
 from qrobust.quant.stochastic import SQConfig, check_num_draws
 from qrobust.train.sq_objective import MIEnsembleLoss
 
 
 @dataclass
-class DataCfg:
-    name: str = "fashion-mnist"
-    dir: str = ""  # empty = $QROBUST_DATA or the data set's default place
-    download: bool = False
-    augment: bool = True
+class DataCfg(DataSection):
     train_subset: int = 10000  # training images (0 = all but the validation ones)
     val_subset: int = 500  # other train images: calibration of the SQ ranges, detector threshold
     test_subset: int = 200  # held-out test images every attack runs on (0 = all)
@@ -31,13 +27,6 @@ class DataCfg:
 @dataclass
 class ModelCfg:
     arch: str = "lenet5"
-
-
-@dataclass
-class FloatCfg:
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05  # peak LR, Nesterov SGD, 0.5 epoch warm-up then cosine
 
 
 @dataclass
@@ -114,7 +103,7 @@ class StudyConfig(StudyBase):
     name: str = "sq-quick"
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
-    fp: FloatCfg = field(default_factory=FloatCfg)
+    fp: FloatSection = field(default_factory=FloatSection)
     qat: QATCfg = field(default_factory=QATCfg)
     sq: SQCfg = field(default_factory=SQCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
