@@ -37,7 +37,6 @@ def test_importing_qrobust_loads_no_torch():
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 in progress: attacks and studies still import private helpers")
 def test_no_private_name_is_imported_across_modules():
     """``from qrobust.x import _name`` couples a module to another's internals (issue 11)."""
     offenders = []

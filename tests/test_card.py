@@ -203,7 +203,7 @@ def _fake_stage(root, study: str, stage: str, model: nn.Module, extra: dict | No
 
 
 def test_study_stages_are_rebuilt_from_their_stored_config(tmp_path, synthetic):
-    from qrobust.defenses.patch_training import RandomPrecision, make_switchable_bn
+    from qrobust.quant import RandomPrecision, make_switchable_bn
     from qrobust.quant.sq_model import build_sq_model
     from qrobust.studies.divqat.data import build_model
     from qrobust.studies.qadtr.defenses import DEFENSES, build_float_model, qat_model

@@ -66,6 +66,33 @@ def test_loss_is_ce_minus_alpha_kl(trained, synthetic):
     assert "divqat" in OBJECTIVES.names() and OBJECTIVES.get("divqat") is DivQATLoss
 
 
+def test_hinge_variant_rewards_each_images_kl_only_up_to_the_cap(trained, synthetic):
+    """Beyond the paper: ``kl_cap`` = a hinge on the per-image KL (no reward, no gradient past the cap)."""
+    teacher, _ = trained
+    student = quantize(teacher, QuantConfig(8, 8))
+    x, y = synthetic.train_x[:32].float() / 255, synthetic.train_y[:32]
+    with torch.no_grad():
+        student.train()(x)
+        student.eval()
+        for p in student.parameters():  # move the student away so that some images pass the cap
+            p.add_(0.05 * torch.randn_like(p))
+        per_image = kl_q_fp(student(x), teacher(x), 1e-6)
+    cap = float(per_image.median())
+    assert (per_image > cap).any() and (per_image < cap).any()
+    loss, stats = DivQATLoss(teacher, alpha=0.3, kl_cap=cap)(student, x, y)
+    ce = torch.nn.functional.cross_entropy(student(x), y)
+    assert loss.item() == pytest.approx((ce - 0.3 * per_image.clamp(max=cap).mean()).item(), abs=1e-5)
+    assert stats["kl"].item() == pytest.approx(per_image.mean().item(), abs=1e-5)  # logged KL: uncapped
+    # with a cap above every image's KL it is the paper's loss; the cap is part of the run's identity
+    paper, _ = DivQATLoss(teacher, alpha=0.3)(student, x, y)
+    loose, _ = DivQATLoss(teacher, alpha=0.3, kl_cap=float(per_image.max()) + 1)(student, x, y)
+    assert loose.item() == pytest.approx(paper.item(), abs=1e-6)
+    assert "kl_cap" in DivQATLoss(teacher, 0.3, kl_cap=cap).config() and "kl_cap" not in DivQATLoss(teacher, 0.3).config()
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ConfigError, match="kl_cap"):
+            DivQATLoss(teacher, alpha=0.3, kl_cap=bad)
+
+
 def test_teacher_frozen_and_gradients_reach_the_student_only(trained, synthetic):
     teacher, loader = trained
     teacher.zero_grad(set_to_none=True)  # leftovers of its own training

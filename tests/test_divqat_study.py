@@ -15,8 +15,12 @@ from qrobust.experiment import Cell
 from qrobust.experiment import stages as engine_stages
 from qrobust.experiment.engine import seed_stages
 from qrobust.studies.divqat import SPEC, DivQATSpec, cell_plan, load_study_config, preset_path, run_study
+from qrobust.studies.divqat.report import mean_error_gains, results_markdown
+from qrobust.studies.divqat.spec import aggregate
+from qrobust.studies.divqat.victims import select_operating_point
 
-VICTIMS = ["qat-server", "qat-mobile", "divqat-0.1-server"]
+VICTIMS = ["qat-server", "qat-mobile", "divqat-0.1-server", "divqat-op-server"]
+N_CELLS = len(VICTIMS) * (5 + 4 + 4)  # none: 5 attacks; rs, dcp: knockoff, defense-aware, DFME, MAZE
 RUN_KEYS = ("seconds", "executor", "wall_seconds_this_call", "environment")  # how and how fast, not what
 
 
@@ -44,16 +48,18 @@ def study(tmp_path_factory):
 
 def test_study_writes_results_tables_and_figures(study):
     out, _ = study
-    for name in ("config.toml", "results.json", "results.md", "defender_vs_clone.png", "clone_vs_queries.png"):
+    for name in ("config.toml", "results.json", "results.md", "defender_vs_clone.png", "clone_vs_queries.png",
+                 "divqat_transition.png"):
         assert (out / name).is_file(), name
     seed = out / "seed-0"
     for name in ("victims.json", "defenses.json", "cells.json", "results.json", "timings.json"):
         assert (seed / name).is_file(), name
-    for model in ("fp32", *VICTIMS):
+    for model in ("fp32", *VICTIMS[:-1], "divqat-0.5-server"):  # the operating point is one of the sweep's
         assert (seed / "models" / model / "checkpoint.pt").is_file(), model
     md = (out / "results.md").read_text()
     for text in ("QAT (server)", "QAT (mobile)", "DivQAT(α=0.1, server)", "KnockoffNets (hard label)", "DFME",
-                 "MAZE", "noise floor", "far below the papers'", "mean KL(f_q", "| dcp |", "| rs |"):
+                 "MAZE", "noise floor", "far below the papers'", "mean KL(f_q", "| dcp |", "| rs |",
+                 "KnockoffNets (defense-aware)", "| ECE | NLL |", "DivQAT op. point", "## DivQAT's operating point"):
         assert text in md, text
 
 
@@ -68,7 +74,7 @@ def test_results_keys_and_value_ranges(study):
         assert (meta["kl_to_fp"]["mean"] == 0) == (name == "fp32")
     cfg = load_study_config(preset_path("smoke"))
     plan = cell_plan(cfg)
-    assert len(plan) == 3 * (3 * 3 + 2)
+    assert len(plan) == N_CELLS
     for victim, defense, attack in plan:
         cell = res["cells"][victim][defense][attack]
         for key in ("defender_acc", "clone_acc", "agreement"):
@@ -81,7 +87,10 @@ def test_results_keys_and_value_ranges(study):
     for victim in VICTIMS:
         for defense in ("rs", "dcp"):
             assert res["defenses"][victim][defense]["l1_val"]["mean"] <= 0.6 + 1e-9
-    assert set(res["error_gain_over_qat"]) == {"divqat-0.1-server"}
+        for defense in ("none", "rs", "dcp"):
+            row = res["defenses"][victim][defense]
+            assert 0 <= row["ece"]["mean"] <= 1 and row["nll"]["mean"] > 0, (victim, defense)
+    assert set(res["error_gain_over_qat"]) == {"divqat-0.1-server", "divqat-op-server"}
     gains = res["error_gain_over_qat"]["divqat-0.1-server"]["none"]
     assert set(gains) == {"knockoff", "knockoff-hard", "dfme", "maze", "noise"}
     assert all(-1 <= g <= 1 for g in gains.values())
@@ -91,11 +100,67 @@ def test_results_keys_and_value_ranges(study):
 def test_ledger_equals_queries_in_every_stored_cell(study):
     out, _ = study
     cells = json.loads((out / "seed-0" / "cells.json").read_text())
-    assert len(cells) == 33
+    assert len(cells) == N_CELLS
     for key, cell in cells.items():
         assert sum(cell["ledger"].values()) == cell["queries_used"] == cell["victim_ledger_total"], key
+        counts = cell["independent_counts"]  # counted where the rows are computed, not from the ledger
+        assert counts["model_rows"] == counts["defense_rows"] == cell["queries_used"] and cell["counts_agree"], key
         assert cell["queries_used"] <= cell["budget"]
         assert all(math.isfinite(a) for _, a in cell["history"] if a is not None)
+    # KnockoffNets' curve: a ladder of budgets (knockoff.ladder = 1: half the budget, then all of it)
+    assert [q for q, _ in cells["qat-server/none/knockoff"]["history"]] == [32, 64]
+
+
+def test_the_query_count_check_can_fail(study):
+    out, _ = study
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert aggregate(per_seed)["cells"]["qat-server"]["rs"]["dfme"]["ledger_matches_queries"]
+    per_seed[1]["cells"]["qat-server"]["rs"]["dfme"]["counts_agree"] = False  # e.g. rows computed off the ledger
+    agg = aggregate(per_seed)
+    assert not agg["cells"]["qat-server"]["rs"]["dfme"]["ledger_matches_queries"]
+    assert agg["cells"]["qat-server"]["rs"]["maze"]["ledger_matches_queries"]
+    cfg = load_study_config(preset_path("smoke"))
+    full = SPEC.aggregate(cfg, per_seed) | {"seconds": {}}
+    md = results_markdown(cfg, full, full["error_gain_over_qat"], 2, 0.0, full["splits"], full["transfer_set"])
+    assert "in every cell: **NO**" in md
+
+
+def test_the_noise_floor_is_left_out_of_the_mean_error_gain():
+    cfg = load_study_config(preset_path("smoke"))
+    gains = {"divqat-0.1-server": {"none": {"knockoff": 0.02, "noise": 0.5}, "rs": {"knockoff": 0.04}}}
+    mean = mean_error_gains(cfg, gains)
+    assert mean == pytest.approx({"knockoff": 0.03}) and "noise" not in mean
+
+
+def test_the_operating_point_is_the_largest_kl_within_the_accuracy_cost():
+    sweep = [  # a tiny fake sweep: flat, then a run-away KL with a collapse of accuracy, epoch by epoch
+        {"alpha": 0.1, "epoch": 1, "acc": 0.90, "kl": 0.010}, {"alpha": 0.1, "epoch": 2, "acc": 0.91, "kl": 0.011},
+        {"alpha": 0.5, "epoch": 1, "acc": 0.89, "kl": 0.020}, {"alpha": 0.5, "epoch": 2, "acc": 0.875, "kl": 0.200},
+        {"alpha": 0.6, "epoch": 1, "acc": 0.83, "kl": 0.900}, {"alpha": 0.6, "epoch": 2, "acc": 0.16, "kl": 5.000},
+    ]
+    op = select_operating_point(sweep, acc_qat=0.905, kl_qat=0.009, max_acc_cost=3.66)
+    assert op == {"alpha": 0.5, "epoch": 2, "kl": 0.2, "kl_qat": 0.009, "acc": 0.875, "acc_qat": 0.905,
+                  "within_cost": True}
+    # a tighter cost excludes that checkpoint; a cost nothing meets returns the most accurate, flagged
+    tight = select_operating_point(sweep, 0.905, 0.009, 2.0)
+    assert (tight["alpha"], tight["epoch"], tight["within_cost"]) == (0.5, 1, True)
+    none = select_operating_point(sweep, 0.99, 0.009, 1.0)
+    assert (none["alpha"], none["epoch"], none["within_cost"]) == (0.1, 2, False)
+
+
+def test_results_hold_the_operating_point_per_seed(study):
+    out, res = study
+    for seed in ("0", "1"):
+        op = res["divqat_operating_point"][seed]
+        assert set(op) == {"alpha", "epoch", "kl", "kl_qat", "acc", "acc_qat", "within_cost"}
+        assert op["alpha"] in (0.1, 0.5) and op["epoch"] == 1
+        sweep = res["divqat_sweep"][seed]
+        assert {(r["alpha"], r["epoch"]) for r in sweep} == {(0.1, 1), (0.5, 1)}
+        chosen = next(r for r in sweep if (r["alpha"], r["epoch"]) == (op["alpha"], op["epoch"]))
+        assert (chosen["kl"], chosen["acc"]) == (op["kl"], op["acc"])
+        per_seed = json.loads((out / f"seed-{seed}" / "results.json").read_text())
+        assert per_seed["divqat_operating_point"] == op
+        assert per_seed["victims"]["divqat-op-server"]["alpha"] == op["alpha"]
 
 
 def test_ray_gives_the_same_results_as_local(study, tmp_path, ray_executor):
@@ -231,3 +296,26 @@ def test_paper_preset_runs_end_to_end_on_synthetic_data_of_its_shape(tmp_path):
     for attack in ("knockoff", "knockoff-hard", "dfme", "maze", "noise"):
         assert res["cells"]["fp32"]["none"][attack]["queries_used"]["mean"] > 0, attack
     assert "| float | none |" in (tmp_path / "p" / "results.md").read_text()
+
+
+def test_the_hinge_variant_is_searched_and_attacked_at_the_same_accuracy_cost(tmp_path):
+    """Beyond the paper: DivQAT-hinge (divqat.hinge_cap) over the same alphas and epochs, the same cost."""
+    extra = ["seeds=[0]", "attack.names=['knockoff']", "defense.names=['none']", "divqat.hinge_cap=0.02"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(_smoke(tmp_path, *extra)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "smoke"
+    res = json.loads((out / "results.json").read_text())
+    assert {"divqat-op-server", "divqat-hinge-op-server"} <= set(res["victims"])
+    assert res["victims"]["divqat-hinge-op-server"]["kl_cap"] == 0.02
+    hinge, paper = res["divqat_hinge_operating_point"]["0"], res["divqat_operating_point"]["0"]
+    assert hinge["acc_qat"] == paper["acc_qat"] and hinge["kl_qat"] == paper["kl_qat"]  # one reference
+    assert {(r["alpha"], r["epoch"]) for r in res["divqat_hinge_sweep"]["0"]} == {(0.1, 1), (0.5, 1)}
+    assert (out / "seed-0" / "models" / "divqat-hinge-0.5-server" / "epoch-1.pt").is_file()
+    assert res["cells"]["divqat-hinge-op-server"]["none"]["knockoff"]["queries_used"]["mean"] > 0
+    md = (out / "results.md").read_text()
+    assert "DivQAT-hinge op. point, beyond paper" in md and "| DivQAT-hinge (beyond paper) | 0 |" in md
+    with pytest.raises(ConfigError, match="needs divqat.search_alphas"):
+        load_study_config(preset_path("smoke"), ["divqat.search_alphas=[]", "divqat.hinge_cap=0.1"])

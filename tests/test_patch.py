@@ -9,16 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from qrobust.attacks.patch import (
+    PatchAttack,
     PatchConfig,
     UniversalPatch,
     apply_patch,
     attack_success_rate,
+    make_patch_attack,
     patch_mask,
     patch_transfer_matrix,
     train_patch,
 )
 from qrobust.errors import ConfigError
-from qrobust.registry import ATTACKS
+from qrobust.registry import PATCH_ATTACKS
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -396,11 +398,45 @@ def test_target_out_of_range_raises(trained, target):
         attack_success_rate(net, x, y, random_patch(cfg, (16, 16)), cfg, target=target)
 
 
-def test_registered_as_patch_attack(trained):
+def test_patch_attacks_are_built_by_name_from_a_dict_of_settings(trained):
     net, x, y, xt, yt = trained
-    attack = ATTACKS.get("patch")({"size": 0.3}, target=0, steps=60, lr=0.1, batch_size=64)
-    assert isinstance(attack, UniversalPatch)
+    attack = make_patch_attack("universal", {"size": 0.3}, target=0, steps=60, lr=0.1, batch_size=64)
+    assert isinstance(attack, UniversalPatch) and isinstance(attack, PatchAttack)
+    assert PATCH_ATTACKS.get("universal") is UniversalPatch and attack.config.steps == 60
     with pytest.raises(ConfigError, match="call fit"):
         attack.evaluate(net, xt, yt)
     attack.fit(net, x, y, progress=False)
     assert attack.evaluate(net, xt, yt)["asr"] > 0.5
+    # the random baseline is the universal patch's starting point (the same draw), not optimised
+    baseline = make_patch_attack("random", attack.spec, target=0)
+    assert isinstance(baseline, PatchAttack)
+    start = train_patch(net, x, y, attack.spec, target=0, steps=0, generator=gen(3))
+    assert torch.equal(baseline.fit(net, x, y, generator=gen(3)), start)
+    assert baseline.evaluate(net, xt, yt)["asr"] < 0.5
+
+
+@pytest.mark.parametrize(
+    "name, settings, message",
+    [
+        ("universal", {"stpes": 10}, "UniversalPatchConfig has no setting stpes; its settings: init, target, steps"),
+        ("random", {"steps": 10}, "RandomPatchConfig has no setting steps"),
+        ("universal", {"steps": -1}, "steps must be a whole number >= 0"),
+        ("universal", {"lr": 0}, "lr must be a number > 0"),
+        ("universal", {"init": "zeros"}, "unknown patch init"),
+        ("adversarial", {}, "unknown patch attack 'adversarial'; choose one of: random, universal"),
+    ],
+)
+def test_bad_patch_attack_settings_are_config_errors(name, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        make_patch_attack(name, PatchConfig(size=0.1), **settings)
+
+
+def test_on_step_sees_every_step_and_does_not_change_the_patch(trained):
+    net, x, y, _, _ = trained
+    cfg = PatchConfig(size=0.2)
+    seen: dict[int, torch.Tensor] = {}
+    patch = train_patch(net, x, y, cfg, steps=5, batch_size=32, generator=gen(1),
+                        on_step=lambda t, p: seen.__setitem__(t, p))
+    assert list(seen) == [1, 2, 3, 4, 5] and torch.equal(seen[5], patch)
+    assert not torch.equal(seen[1], seen[5])  # snapshots, not the live tensor
+    assert torch.equal(patch, train_patch(net, x, y, cfg, steps=5, batch_size=32, generator=gen(1)))

@@ -1,33 +1,33 @@
 """Patch defenses (PBAT, DWQ, QADT-R parts): they train with the one loop, DBWT switches widths,
 switchable BN keeps per-width statistics, GIR decorrelates input gradients, state resumes, bad input."""
 
+import copy
+
 import pytest
 import torch
 
+from qrobust.attacks.patch import PatchConfig, attack_success_rate, patch_mask
 from qrobust.config import TrainSection
 from qrobust.data import BatchLoader, load_dataset
-from qrobust.defenses.patch_training import (
-    DWQ,
-    PBAT,
-    QADTR,
-    BitWidthSchedule,
-    PatchSpec,
-    RandomPrecision,
-    SwitchableBatchNorm2d,
-    check_bit_width,
-    gir_penalty,
-    input_gradient_cosine,
-    make_switchable_bn,
-    patch_asr,
-)
+from qrobust.defenses.patch_training import DWQ, PBAT, QADTR, gir_penalty, input_gradient_cosine
 from qrobust.errors import ConfigError
 from qrobust.metrics import accuracy
 from qrobust.models import QNet, _convnet
-from qrobust.quant import ActQuant, get_bit_width, quantize, set_bit_width
+from qrobust.quant import (
+    ActQuant,
+    BitWidthSchedule,
+    RandomPrecision,
+    SwitchableBatchNorm2d,
+    check_bit_width,
+    get_bit_width,
+    make_switchable_bn,
+    quantize,
+    set_bit_width,
+)
 from qrobust.runs import RunDir, safe_load
 from qrobust.train.loop import fit
 
-SPEC = PatchSpec("square", 0.08, (0.0, 0.6))
+SPEC = PatchConfig("square", 0.08, region=(0.0, 0.6))
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,11 @@ CFG = TrainSection(epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.0, channels
 
 # ------------------------------------------------------------------ each objective trains a tiny model
 OBJECTIVES = {
-    "pbat": lambda: (PBAT([SPEC], patch_steps=1), None),
-    "dwq": lambda: (DWQ((2, 4, 8), adversary="fgsm"), (2, 4, 8)),
-    "aqapa": lambda: (QADTR(True, False, False, sizes=(0.06, 0.08), patch_steps=1), None),
-    "aqapa+dbwt": lambda: (QADTR(True, True, False, sizes=(0.06, 0.08), patch_steps=1), None),
-    "qadtr": lambda: (QADTR(True, True, True, sizes=(0.06, 0.08), patch_steps=1), None),
+    "pbat": lambda: (PBAT(specs=[SPEC], patch_steps=1), None),
+    "dwq": lambda: (DWQ(bit_widths=(2, 4, 8), adversary="fgsm"), (2, 4, 8)),
+    "aqapa": lambda: (QADTR(dbwt=False, gir=False, sizes=(0.06, 0.08), patch_steps=1), None),
+    "aqapa+dbwt": lambda: (QADTR(gir=False, sizes=(0.06, 0.08), patch_steps=1), None),
+    "qadtr": lambda: (QADTR(sizes=(0.06, 0.08), patch_steps=1), None),
 }
 
 
@@ -90,9 +90,9 @@ def test_dbwt_cycles_the_bit_width_across_steps(data):
 
 
 def test_dbwt_random_mode_visits_several_widths_and_off_means_fixed(data):
-    widths = list(_widths_seen(QADTR(False, True, False, dbwt_mode="random", seed=3), tiny(data.info), data, 12))
+    widths = list(_widths_seen(QADTR(aqapa=False, gir=False, dbwt_mode="random", seed=3), tiny(data.info), data, 12))
     assert set(widths) == {2, 4, 8}
-    fixed = list(_widths_seen(QADTR(False, False, False), tiny(data.info, bits=4), data, 4))
+    fixed = list(_widths_seen(QADTR(aqapa=False, dbwt=False, gir=False), tiny(data.info, bits=4), data, 4))
     assert fixed == [4, 4, 4, 4]
 
 
@@ -111,7 +111,7 @@ def test_aqapa_makes_patches_at_the_quantized_widths(data):
         gen_widths.append(get_bit_width(m))
         return orig(self, m, spec, x, y)
 
-    objective = QADTR(True, False, False, patch_steps=1, seed=0)
+    objective = QADTR(dbwt=False, gir=False, patch_steps=1, seed=0)
     objective._patched_batch = spy.__get__(objective)
     x, y = next(iter(loader(data)))
     for _ in range(9):
@@ -121,7 +121,7 @@ def test_aqapa_makes_patches_at_the_quantized_widths(data):
 
 
 def test_aqapa_size_schedule_grows_when_the_model_resists(data):
-    objective = QADTR(True, False, False, sizes=(0.04, 0.06, 0.08), asr_low=0.99, asr_high=1.0,
+    objective = QADTR(dbwt=False, gir=False, sizes=(0.04, 0.06, 0.08), asr_low=0.99, asr_high=1.0,
                       asr_momentum=0.0, patch_steps=1)
     model = tiny(data.info)
     x, y = next(iter(loader(data)))
@@ -129,7 +129,7 @@ def test_aqapa_size_schedule_grows_when_the_model_resists(data):
     for _ in range(3):
         objective(model, x, y)
     assert objective.level == 2 and objective.level_history[-1] == 2
-    shrink = QADTR(True, False, False, sizes=(0.04, 0.06, 0.08), asr_low=0.0, asr_high=0.001,
+    shrink = QADTR(dbwt=False, gir=False, sizes=(0.04, 0.06, 0.08), asr_low=0.0, asr_high=0.001,
                    asr_momentum=0.0, patch_steps=1)
     for _ in range(3):
         shrink(model, x, torch.roll(y, 1))  # wrong labels: the patched images always count as fooled
@@ -187,8 +187,8 @@ def test_random_precision_draws_a_width_per_forward(data):
 def test_dwq_refuses_a_shared_batchnorm(data):
     x, y = next(iter(loader(data)))
     with pytest.raises(ConfigError, match="make_switchable_bn"):
-        DWQ((2, 4, 8))(tiny(data.info), x, y)
-    DWQ((2, 4, 8), require_switchable_bn=False)(tiny(data.info), x, y)  # allowed when asked for
+        DWQ(bit_widths=(2, 4, 8))(tiny(data.info), x, y)
+    DWQ(bit_widths=(2, 4, 8), require_switchable_bn=False)(tiny(data.info), x, y)  # allowed when asked for
 
 
 # ------------------------------------------------------------------ GIR
@@ -216,25 +216,69 @@ def test_gir_lowers_the_input_gradient_cosine_between_widths(data):
     assert cosines[5.0] < cosines[0.0] - 0.1, cosines
 
 
+@pytest.mark.parametrize("widths", [None, (2, 8)], ids=["shared-bn", "switchable-bn"])
+def test_gir_extra_forward_leaves_batchnorm_statistics_and_ranges_untouched(data, widths):
+    x, y = data.train_x[:32].float() / 255, data.train_y[:32]
+    model = tiny(data.info, widths=widths).train()
+    model(x)  # activation ranges and BN statistics exist
+    reference = copy.deepcopy(model)
+    set_bit_width(reference, 8)
+    reference(x)  # one plain training forward at the trained width: all the statistics may see
+    gir_penalty(model, x, y, 8, 2)
+    # same kernels, same shapes as the reference's forward: the statistics agree exactly
+    for (name, got), (_, want) in zip(model.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(got, want), name
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    gir_penalty(model, x, y, 8, 2, update_statistics=False)  # QADT-R's sub-batch estimate: no update at all
+    gir_penalty(model, x, y, None, None, sigma=0.1, generator=torch.Generator().manual_seed(0),
+                update_statistics=False)  # gir_mode="noise"
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    set_bit_width(model, 2)
+    model(x)  # what the old second forward did: the 2-bit activations move the statistics
+    assert any(not torch.equal(v, before[k]) for k, v in model.named_buffers())
+
+
+def test_random_precision_asr_takes_clean_and_patched_predictions_at_one_width_per_image(data):
+    model = tiny(data.info, widths=(2, 8)).train()
+    model(data.train_x[:64].float() / 255)
+    model.eval()
+    spec = PatchConfig("square", 0.1, placement="fixed", location=(0, 0))
+    side, _ = patch_mask(spec, (16, 16))
+    x = data.test_x[:128].float() / 255
+    x[:, :, :side, :side] = 0.0  # the patch pastes zeros there: every patched image IS its clean image
+    patch = torch.zeros(data.info.channels, side, side)
+    with torch.no_grad():
+        set_bit_width(model, 8)
+        at8 = model(x).argmax(1)
+        set_bit_width(model, 2)
+        at2 = model(x).argmax(1)
+    assert (at2 != at8).any()  # the widths disagree: a second width draw for the patched images would flip
+    rp = RandomPrecision(model, (2, 8), generator=torch.Generator().manual_seed(0))
+    res = attack_success_rate(rp, x, at8, patch, spec, draws=3, batch_size=16)
+    assert res["asr"] == 0.0  # a patch that changes nothing succeeds nowhere
+    assert 0 < res["num_eligible"] < 128  # images drawn at 2 bits where the widths disagree are not eligible
+    assert get_bit_width(model) == 2  # the wrapped network is left at its width
+
+
 # ------------------------------------------------------------------ patches: places and ASR
 def test_patch_spec_locations_stay_in_the_region():
-    spec = PatchSpec("square", 0.1, (0.75, 1.0))
+    spec = PatchConfig("square", 0.1, region=(0.75, 1.0))
     locs = spec.locations(500, (28, 28), torch.Generator().manual_seed(0))
     side = 9  # round(sqrt(0.1 * 784)) = 9
     assert locs.min() >= 0.75 * (28 - side) - 1e-9 and locs.max() <= 28 - side
-    seen = PatchSpec("square", 0.1, (0.0, 0.5)).locations(500, (28, 28), torch.Generator().manual_seed(0))
+    seen = PatchConfig("square", 0.1, region=(0.0, 0.5)).locations(500, (28, 28), torch.Generator().manual_seed(0))
     assert seen.max() <= 0.5 * (28 - side)
 
 
-def test_patch_asr_counts_only_clean_correct_images_and_is_a_rate(data):
+def test_asr_counts_only_clean_correct_images_and_is_a_rate(data):
     model = tiny(data.info).train()
     x, y = data.test_x[:64].float() / 255, data.test_y[:64]
     model(x)
     model.eval()
     patch = torch.rand(1, 5, 5)
-    spec = PatchSpec("square", 0.1)
-    res = patch_asr(model, x, y, patch, spec)
-    # eligible = correct when clean, from the forward patch_asr itself runs (64 rows, this memory
+    spec = PatchConfig("square", 0.1)
+    res = attack_success_rate(model, x, y, patch, spec)
+    # eligible = correct when clean, from the forward attack_success_rate itself runs (64 rows, this memory
     # format): a quantized model's logits tie often, so another batching or kernel could flip an argmax
     with torch.no_grad():
         clean_pred = model(x).argmax(1)
@@ -242,11 +286,11 @@ def test_patch_asr_counts_only_clean_correct_images_and_is_a_rate(data):
     assert res["clean_acc"] == pytest.approx(res["num_eligible"] / 64)
     assert res["asr"] != res["asr"] or 0 <= res["asr"] <= 1
     wrong = (clean_pred + 1) % data.info.num_classes  # nothing classified correctly
-    assert patch_asr(model, x, wrong, patch, spec)["num_eligible"] == 0
+    assert attack_success_rate(model, x, wrong, patch, spec)["num_eligible"] == 0
 
 
 # ------------------------------------------------------------------ resume
-@pytest.mark.parametrize("make", [lambda: PBAT([SPEC], patch_steps=1), lambda: QADTR(patch_steps=1, gir=False)])
+@pytest.mark.parametrize("make", [lambda: PBAT(specs=[SPEC], patch_steps=1), lambda: QADTR(patch_steps=1, gir=False)])
 def test_objective_state_round_trips_through_a_checkpoint(data, tmp_path, make):
     model = tiny(data.info)
     objective = make()
@@ -286,22 +330,20 @@ def test_fit_resumes_a_patch_defense_exactly(data, tmp_path):
 
 def test_foreign_state_is_a_config_error():
     with pytest.raises(ConfigError, match="another objective"):
-        PBAT([SPEC]).load_state_dict({"step": 1})
+        PBAT(specs=[SPEC]).load_state_dict({"step": 1})
 
 
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: PBAT([SPEC], fraction=0), "fraction"),
-        (lambda: PBAT([SPEC], patch_steps=0), "patch_steps"),
-        (lambda: PBAT([SPEC], patch_lr=-1), "patch_lr"),
-        (lambda: PBAT([], patch_steps=1), "specs is empty"),
-        (lambda: PBAT([SPEC], generate_on="gpu"), "generate_on"),
-        (lambda: PatchSpec("triangle", 0.1), "unknown patch shape"),
-        (lambda: PatchSpec("square", 0.0), "size"),
-        (lambda: PatchSpec("square", 1.5), "larger than the image"),
-        (lambda: PatchSpec("square", 0.1, (0.8, 0.2)), "region"),
+        (lambda: PBAT(specs=[SPEC], fraction=0), "fraction"),
+        (lambda: PBAT(specs=[SPEC], patch_steps=0), "patch_steps"),
+        (lambda: PBAT(specs=[SPEC], patch_lr=-1), "patch_lr"),
+        (lambda: PBAT(specs=[], patch_steps=1), "specs is empty"),
+        (lambda: PBAT(specs=[SPEC], generate_on="gpu"), "generate_on"),
+        (lambda: PatchConfig("square", 0.1, region=(0.8, 0.2)), "region"),
+        (lambda: PatchConfig("square", 0.1, placement="fixed", region=(0.0, 0.5)), "region"),
         (lambda: QADTR(bit_widths=()), "empty"),
         (lambda: QADTR(bit_widths=(2, 9)), "from 2 to 8"),
         (lambda: QADTR(dbwt_mode="zigzag"), "schedule"),
@@ -312,12 +354,26 @@ def test_foreign_state_is_a_config_error():
         (lambda: QADTR(gir_batch=-1), "gir_batch"),
         (lambda: DWQ(adversary="cw"), "adversary"),
         (lambda: DWQ(eps=0), "eps"),
+        (lambda: QADTR(gir_wieght=1.0), "QADTRConfig has no setting gir_wieght; its settings: fraction"),
+        (lambda: PBAT({"specs": [SPEC], "fraction": 0.5, "magic": 1}), "no setting magic"),
         (lambda: make_switchable_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), (2, 4)), "quantize"),
     ],
 )
 def test_bad_settings_raise_config_error(build, message):
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def test_objectives_are_built_from_a_config_object_a_mapping_or_keywords():
+    from qrobust.defenses.patch_training import QADTRConfig
+
+    settings = QADTRConfig(dbwt=False, gir=False, sizes=(0.1, 0.06), patch_steps=3)
+    for objective in (QADTR(settings), QADTR({"dbwt": False, "gir": False, "sizes": [0.06, 0.1], "patch_steps": 3}),
+                      QADTR(dbwt=False, gir=False, sizes=(0.06, 0.1), patch_steps=3)):
+        assert objective.settings == settings and objective.sizes == (0.06, 0.1)
+        assert objective.config()["name"] == "qadtr" and objective.config()["sizes"] == [0.06, 0.1]
+    assert QADTR(settings, patch_steps=1).settings.patch_steps == 1  # keywords override the config object
+    assert PBAT(specs=[SPEC]).config()["specs"] == [{"shape": "square", "size": 0.08, "region": [0.0, 0.6]}]
 
 
 def test_qadtr_refuses_a_float_model(data):

@@ -13,6 +13,7 @@ from qrobust.errors import ConfigError
 from qrobust.studies.qadtr import DEFENSES, load_study_config, preset_path, run_study
 
 NAMES = ["none", "pbat", "dwq", "aqapa", "aqapa+dbwt", "qadtr"]
+FACTORS = ("seen", "unseen_size", "unseen_shape", "unseen_place", "unseen_all")
 # What differs between two runs of the same study: timings, the executor, the machine.
 RUN_KEYS = {"seconds", "executor", "wall_seconds_this_call", "environment"}
 
@@ -58,18 +59,22 @@ def _rates(node):
 
 
 def test_study_writes_results_tables_and_figures(study):
-    for name in ("config.toml", "results.json", "results.md", "transfer_matrix.png", "table2_asr.png"):
+    for name in ("config.toml", "results.json", "results.md", "transfer_matrix.png", "table2_asr.png",
+                 "size_curve.png", "heatmap.png"):
         assert (study / name).is_file(), name
     seed = study / "seed-0"
     for name in ("feature_maps.png", "gradient_maps.png", "float_patches.pt", "cells.json", "results.json",
                  "timings.json"):
         assert (seed / name).is_file(), name
-    assert set(json.loads((seed / "results.json").read_text())) == {"seed", "table1", "table2", "gradients", "features"}
+    assert set(json.loads((seed / "results.json").read_text())) == {"seed", "table1", "table2", "gradients", "features",
+                                                                   "figures"}
     for model in ("fp32", "qat8", "qat4", "qat2", "defense-pbat", "defense-dwq", "defense-qadtr"):
         assert (seed / "models" / model / "checkpoint.pt").is_file(), model
     md = (study / "results.md").read_text()
     for text in ("Table 1", "Table 2", "Gradient analysis", "Feature maps", "QADT-R", "PBAT", "DWQ",
-                 "A-QAPA+DBWT", "| patch from 2-bit |", "One 8-bit QAT model switched"):
+                 "A-QAPA+DBWT", "| patch from 2-bit |", "One 8-bit QAT model switched", "Adaptive ASR:",
+                 "Adaptive ASR against Adam steps", "ASR against patch size", "ASR over patch positions",
+                 "square 8x8 px = 8.2% of the image", "What each defense buys and costs", "- **QADT-R**: seen"):
         assert text in md, text
 
 
@@ -101,10 +106,40 @@ def test_table2_has_every_defense_width_and_metric(study):
         expected = {"8", "4", "2"} | ({"rand"} if DEFENSES[name].randomised else set())
         assert set(rows) == expected, name
         for row in rows.values():
-            for key in ("clean_acc", "transfer_seen", "transfer_unseen", "adaptive_seen", "adaptive_unseen"):
+            keys = ["clean_acc"] + [f"{a}_{f}" for a in ("transfer", "adaptive") for f in FACTORS]
+            for key in keys:
                 value = _mean(row[key])
                 assert math.isnan(value) or 0 <= value <= 1, (name, key, value)
-            assert set(row["per_spec"]) == {"seen:square@0.08", "unseen:circle@0.1"}
+            assert set(row["per_spec"]) == {"seen:square@0.08", *FACTORS[1:]}
+
+
+def test_unseen_patches_change_one_factor_at_a_time_then_all():
+    cfg = load_study_config(preset_path("quick"))
+    seen, unseen = cfg.seen_specs()[0], cfg.unseen_specs()
+    assert list(unseen) == list(FACTORS[1:])
+    changed = {name: {f for f in ("shape", "size", "region") if getattr(spec, f) != getattr(seen, f)}
+               for name, spec in unseen.items()}
+    assert changed == {"unseen_size": {"size"}, "unseen_shape": {"shape"}, "unseen_place": {"region"},
+                       "unseen_all": {"shape", "size", "region"}}
+
+
+def test_adaptive_attack_gets_at_least_the_transfer_steps_and_its_curve_is_reported(study):
+    for preset in ("smoke", "quick", "full", "paper"):
+        a = load_study_config(preset_path(preset)).attack
+        assert a.adaptive_steps >= a.steps, preset
+    with pytest.raises(ConfigError, match=r"adaptive_steps \(99\) < attack.steps \(100\)"):
+        load_study_config(None, ["attack.steps=100", "attack.adaptive_steps=99"])
+    load_study_config(None, ["attack.steps=100", "attack.adaptive_steps=99", "attack.adaptive=false"])  # no adaptive
+    figures = json.loads((study / "results.json").read_text())["figures"]
+    steps = load_study_config(preset_path("smoke")).attack.adaptive_steps
+    assert set(figures["steps_curve"]) == set(NAMES)
+    for curve in figures["steps_curve"].values():
+        assert {str(steps), str(2 * steps)} <= set(curve["asr"])  # the Table-2 budget and twice it
+        assert all(0 <= _mean(v) <= 1 for v in curve["asr"].values())
+    sizes = figures["size_curve"]["2"]
+    assert [round(_mean(sizes[k]["area"]), 3) for k in sizes] == [0.046, 0.128]  # 6x6 and 10x10 px of 28x28
+    heat = figures["heatmap"]
+    assert set(heat["asr"]) == {"32", "8", "4", "2"} and len(heat["asr"]["2"]) == len(heat["rows"]) * len(heat["cols"])
 
 
 def test_gradient_and_feature_tables(study):
@@ -162,7 +197,9 @@ def test_presets_load_and_a_missing_config_file_is_a_clear_error(capsys):
     [
         ("defense.names=['none','magic']", "unknown defense"),
         ("qat.bits=[8,9]", "2..8"),
-        ("patches.unseen=['circle']", "shape:size"),
+        ("patches.unseen_shape=triangle", "unknown patch shape"),
+        ("patches.size_curve=[1.5]", "larger than the image"),
+        ("attack.heatmap_grid=1", "heatmap_grid"),
         ("patches.region=[0.5]", r"\[lo, hi\]"),
         ("patches.unseen_region=[0.9,0.1]", "region"),
         ("attack.steps=0", "attack.steps"),
@@ -229,7 +266,8 @@ PAPER_FEW_STEPS = [
     "defense.gir_batch=8", "attack.steps=1", "attack.adaptive_steps=1", "attack.batch_size=8", "attack.draws=1",
     "analysis.num_images=2", "analysis.pgd_steps=1", "seeds=[0]", "device=cpu", "progress=false",
     # one defense per code path (QADT-R's aqapa/dbwt/gir flags each on and off, GIR by bits and by noise)
-    "defense.names=['none','pbat','dwq','aqapa','dbwt+gir','qadtr-noise']", "patches.unseen=['circle:0.1']",
+    "defense.names=['none','pbat','dwq','aqapa','dbwt+gir','qadtr-noise']", "patches.size_curve=[0.08]",
+    "attack.heatmap_grid=2",
 ]
 
 

@@ -3,11 +3,12 @@
 import pytest
 
 from qrobust.errors import ConfigError
-from qrobust.registry import ATTACKS, DATASETS, DEFENSES, MODELS, OBJECTIVES
+from qrobust.registry import ATTACKS, DATASETS, DEFENSES, MODELS, OBJECTIVES, PATCH_ATTACKS
 
 
 def test_builtin_components_are_registered_by_name():
-    assert {"fgsm", "pgd", "apgd-ce", "patch"} <= set(ATTACKS.names())
+    assert {"fgsm", "pgd", "apgd-ce"} <= set(ATTACKS.names())
+    assert {"universal", "random"} <= set(PATCH_ATTACKS.names())
     assert {"knockoff", "dfme", "maze", "noise"} <= set(ATTACKS.names())
     assert {"none", "rs", "dcp", "round", "topk", "label", "mi-detector"} <= set(DEFENSES.names())
     assert {"ce", "mi-ensemble", "pbat", "dwq", "qadtr"} <= set(OBJECTIVES.names())

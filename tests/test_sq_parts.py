@@ -2,6 +2,7 @@
 per-input ensemble evaluation, the MI-adaptive attack and the ensemble objective of the training loop."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,15 +16,20 @@ from qrobust.quant import quantize, set_quantization_enabled
 from qrobust.quant.sq_model import build_sq_model, calibrate_ranges, float_twin, has_quantizers
 from qrobust.quant.stochastic import (
     StochasticQuantizer,
-    correct_on_all_draws,
+    correct_per_draw,
+    disagreement_rate,
+    diversity_stats,
     ensemble_entropies,
     ensemble_forward,
     ensemble_log_probs,
     ensemble_stats,
     insert_stochastic_quantizers,
+    mi_sqs,
+    representation_entropies,
     stochastic_quantizers,
 )
-from qrobust.registry import ATTACKS
+from qrobust.registry import ATTACKS, EVASION
+from qrobust.studies.sq.evaluate import counts
 from qrobust.train.sq_objective import MIEnsembleLoss, SQEnsembleObjective
 
 SETTINGS = {"num_bins": 4, "alpha": 4.0, "tau": 1.0, "learnable": True}
@@ -103,24 +109,26 @@ def test_ensemble_evaluation_per_input():
     x, y = torch.rand(10, 1, 28, 28), torch.randint(0, 10, (10,))
     plain = net(x).argmax(1) == y
     # a deterministic model: every draw is the same, the MI is 0, the ensemble is the model
-    assert torch.equal(correct_on_all_draws(net, x, y, 3, 4), plain)
-    ok, mi = ensemble_stats(net, x, y, 4, 3)
-    assert torch.equal(ok, plain) and torch.equal(mi, torch.zeros(10))
+    per_draw = correct_per_draw(net, x, y, 3, 4)
+    assert per_draw.shape == (3, 10) and all(torch.equal(row, plain) for row in per_draw)
+    ok, all_ok, mi = ensemble_stats(net, x, y, 4, 3)
+    assert torch.equal(ok, plain) and torch.equal(all_ok, plain) and torch.equal(mi, torch.zeros(10))
     # a randomised model: all draws correct implies the first draw correct (one batch: the first draw
     # comes first in the RNG stream either way)
     sq = _sq_classifier()
     xs, ys = torch.rand(200, 2, 4, 4), torch.randint(0, 5, (200,))
     torch.manual_seed(1)
-    first = correct_on_all_draws(sq, xs, ys, 1, 256)
+    first = correct_per_draw(sq, xs, ys, 1, 256).all(0)
     torch.manual_seed(1)
-    every = correct_on_all_draws(sq, xs, ys, 6, 256)
+    every = correct_per_draw(sq, xs, ys, 6, 256).all(0)
     assert every.sum() < first.sum() and not (every & ~first).any()
     torch.manual_seed(2)
-    ok, mi = ensemble_stats(sq, xs, ys, 4, 64)
+    ok, all_ok, mi = ensemble_stats(sq, xs, ys, 4, 64)
     torch.manual_seed(2)
     with torch.no_grad():  # the SQ samples by another path (same law, other stream) when a gradient is wanted
         logits = torch.cat([ensemble_forward(sq, xs[s : s + 64], 4) for s in range(0, 200, 64)], dim=1)
     assert torch.equal(ok, ensemble_log_probs(logits).argmax(1) == ys)
+    assert torch.equal(all_ok, (logits.argmax(-1) == ys).all(0)) and not (all_ok & ~ok).any()
     assert torch.equal(mi, ensemble_entropies(logits)[2].clamp_min(0.0)) and mi.max() > 0
 
 
@@ -149,7 +157,7 @@ def test_mi_adaptive_pgd_stays_in_the_ball_and_raises_its_objective(lam):
                             generator=torch.Generator().manual_seed(3))
     assert torch.equal(again, x_adv)
     assert torch.equal(mi_adaptive_pgd(model, x, y, 0.0, n_draws=4), x)
-    assert ATTACKS.get("mi-adaptive-pgd") is mi_adaptive_pgd
+    assert ATTACKS.get("mi-adaptive-pgd") is mi_adaptive_pgd and EVASION.get("mi-adaptive-pgd") is mi_adaptive_pgd
 
 
 def test_sq_ensemble_objective_is_the_mi_loss_with_a_correct_count():
@@ -163,4 +171,82 @@ def test_sq_ensemble_objective_is_the_mi_loss_with_a_correct_count():
     ref_value, ref_metrics = loss(model, x, y)
     assert torch.equal(value, ref_value) and metrics == {**ref_metrics, "correct": ref_metrics["accuracy"] * 16}
     assert objective.config() == {"name": "mi-ensemble", "beta": 0.3, "spacing_weight": 0.02, "n_draws": 3,
-                                  "ce_on": "mean"}
+                                  "ce_on": "mean", "mi_on": "output"}
+
+
+def _two_sq_classifier(alpha=1.0):
+    """Input SQ -> linear features -> SQ -> linear classifier (the paper's pipeline, in miniature)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(32, 6), nn.ReLU(), nn.Linear(6, 5))
+    net = insert_stochastic_quantizers(net, after=["2"], num_bins=4, low=0.0, high=2.0, alpha=alpha)
+    return insert_stochastic_quantizers(net, at_input=True, num_bins=4, alpha=alpha).eval()
+
+
+def test_representation_entropies_by_hand():
+    # one value, K = 2, two images, two draws: image 0's draws give laws (1, 0) and (0, 1) -> (0.5, 0.5);
+    # image 1's both (1, 0). H(T|x0) = log 2, H(T|x1) = 0; the marginal is (0.75, 0.25).
+    probs = torch.tensor([[[[1.0, 0.0]], [[1.0, 0.0]]], [[[0.0, 1.0]], [[1.0, 0.0]]]])  # [N=2, B=2, E=1, K=2]
+    h_t, h_cond, kl = representation_entropies([probs])
+    h_marg = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert torch.allclose(h_cond, torch.tensor([math.log(2), 0.0]))
+    assert torch.allclose(h_t, torch.full((2,), h_marg))
+    # the batch mean of the pointwise KL is H(T) - mean H(T|X): the plug-in MI
+    assert kl.mean().item() == pytest.approx(h_marg - math.log(2) / 2, abs=1e-6)
+    with pytest.raises(ConfigError, match="at least one SQ"):
+        representation_entropies([])
+
+
+def test_mi_sqs_picks_the_sq_before_the_classifier():
+    model = _two_sq_classifier()
+    sqs = list(stochastic_quantizers(model))
+    assert mi_sqs(model, "last-sq") == sqs[-1:] and mi_sqs(model, "every-sq") == sqs and mi_sqs(model, "output") == []
+    assert sqs[-1] is model.net[2][1]  # after the features, before the classifier
+    with pytest.raises(ConfigError, match="needs a model with stochastic quantizers"):
+        mi_sqs(nn.Linear(2, 2), "last-sq")
+    with pytest.raises(ConfigError, match="MI reading must be one of"):
+        mi_sqs(model, "logits")
+
+
+@pytest.mark.parametrize("mi_on", ["last-sq", "every-sq"])
+def test_representation_mi_loss_is_ce_plus_beta_i_and_reaches_the_features(mi_on):
+    model = _two_sq_classifier().train()
+    x, y = torch.rand(16, 2, 4, 4), torch.randint(0, 5, (16,))
+    results = {}
+    for beta in (0.0, 2.0):
+        torch.manual_seed(5)
+        loss, m = MIEnsembleLoss(beta=beta, spacing_weight=0.0, n_draws=4, mi_on=mi_on)(model, x, y)
+        results[beta] = (loss, m)
+    (l0, m0), (l2, m2) = results[0.0], results[2.0]
+    assert m0["mi"] == pytest.approx(m2["mi"]) and 0 < m2["mi"] <= math.log(4)  # same draws: same I
+    assert 0 < m2["h_t_given_x"] <= m2["h_t"] <= math.log(4) + 1e-6 and 0 <= m2["disagreement"] <= 1
+    assert l2.item() == pytest.approx(l0.item() + 2.0 * m2["mi"], rel=1e-5)  # L = CE + beta I(X; T)
+    model.zero_grad()
+    torch.manual_seed(5)
+    MIEnsembleLoss(beta=2.0, spacing_weight=0.0, n_draws=4, ce_on="mean", mi_on=mi_on)(model, x, y)[0].backward()
+    # the MI term's gradient reaches the feature layer and the last SQ's bins
+    assert model.net[1].weight.grad.abs().sum() > 0 and model.net[2][1].raw_gaps.grad.abs().sum() > 0
+    assert "mi_on" in SQEnsembleObjective(MIEnsembleLoss(mi_on=mi_on)).config()
+
+
+def test_diversity_stats_of_a_deterministic_and_a_noisy_sq_model():
+    model = _two_sq_classifier(alpha=0.5)
+    x = torch.rand(20, 2, 4, 4)
+    torch.manual_seed(0)
+    noisy = diversity_stats(model, x, 8, batch_size=7)
+    assert 0 < noisy["h_t_given_x"] <= noisy["h_t"] + 1e-6 and noisy["disagreement"] > 0 and noisy["output_mi"] > 0
+    assert noisy["mi"] == pytest.approx(noisy["h_t"] - noisy["h_t_given_x"])
+    for sq in stochastic_quantizers(model):
+        sq.deterministic = True
+    still = diversity_stats(model, x, 8, batch_size=7)
+    assert still["disagreement"] == 0 and still["output_mi"] == pytest.approx(0, abs=1e-6)
+    # the Rao-Blackwellised law still has entropy (the SQ law is soft); it no longer varies across draws,
+    # and a sharper law (larger alpha) has less
+    assert still["h_t_given_x"] > 0
+    assert disagreement_rate(torch.zeros(3, 4, 5)).tolist() == [0.0] * 4
+
+
+def test_counts_expected_and_strict():
+    correct = torch.tensor([[True, True, False, True], [True, False, False, True]])  # [E=2, B=4]
+    assert counts(correct) == (pytest.approx(5 / 8), pytest.approx(2 / 4))
+    same = torch.tensor([[True, False, True]] * 3)  # a deterministic model: its evaluations agree
+    assert counts(same)[0] == pytest.approx(counts(same)[1])

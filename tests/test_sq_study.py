@@ -16,7 +16,7 @@ from qrobust.errors import ConfigError
 from qrobust.experiment.engine import seed_stages
 from qrobust.studies.sq import ATTACKS, SPEC, SQSpec, load_study_config, preset_path, run_study
 
-MODELS = ["fp32", "qat2", "sq", "sq-mi"]
+MODELS = ["fp32", "fp32-ft", "qat2", "sq", "sq-mi"]
 CELLS = [f"eval/{m}" for m in MODELS] + ["adaptive", "ablation/sq-mi", "ablation/sq-mi-beta0.5"]
 # What differs between two runs of the same study by design: timings and where/how it ran.
 RUN_KEYS = ("seconds", "wall_seconds_this_call", "train_seconds_this_call", "train_seconds_total", "executor",
@@ -124,6 +124,34 @@ def test_accuracies_auroc_and_orderings(study):
         assert {"pgd", "eot-pgd", "apgd-ce", "bpda", "square"} <= set(row)
 
 
+def test_one_counting_rule_for_every_model(study):
+    # expected (mean over the evaluations) and strict (all evaluations) for every model and attack; a
+    # deterministic model's evaluations agree; the worst case is per image, so it is at most every
+    # attack's figure and can be below their minimum
+    ev = _read(study / "tiny" / "seed-0" / "results.json")["evaluation"]
+    some_gap = False
+    for name in MODELS:
+        e = ev[name]
+        exp, strict = e["accuracy_expected"], e["accuracy_strict"]
+        assert strict["attacks"] == e["robust"] and strict["clean"] == e["clean_acc_all_draws"]
+        assert set(exp["attacks"]) == set(strict["attacks"]) == set(ATTACKS)
+        for spec in ("0.05", "0.2"):
+            per_attack = [strict["attacks"][k][spec] for k in ATTACKS]
+            assert strict["worst"][spec] <= min(per_attack) + 1e-9
+            assert exp["worst"][spec] <= min(exp["attacks"][k][spec] for k in ATTACKS) + 1e-9
+            for k in ATTACKS:
+                assert strict["attacks"][k][spec] <= exp["attacks"][k][spec] + 1e-9
+                if name in ("fp32", "fp32-ft", "qat2"):
+                    assert strict["attacks"][k][spec] == exp["attacks"][k][spec]
+                some_gap |= exp["attacks"][k][spec] > strict["attacks"][k][spec]
+        if name in ("sq", "sq-mi"):
+            assert 0 <= e["diversity"]["h_t_given_x"] <= e["diversity"]["h_t"] + 1e-6 <= 1.3863 + 1e-6  # log K
+            assert 0 <= e["diversity"]["disagreement"] <= 1 and e["sq_gaps"]
+            for attack, by_eps in e["detector"]["auroc_successful"].items():
+                assert all(math.isnan(v) or 0 <= v <= 1 for v in by_eps.values()), attack
+    assert some_gap  # randomised models do pay for lucky draws in the strict count
+
+
 def test_resume_reuses_models_and_cells(study, monkeypatch):
     seed = study / "tiny" / "seed-0"
     kept = ("cells.json", "calibration.json")
@@ -197,7 +225,7 @@ def test_paper_preset_runs_end_to_end_on_data_of_its_shape(tmp_path):
     cfg = load_study_config(preset_path("paper"), overrides)
     assert cfg.model.arch == "resnet20" and cfg.attack.eps == ["2/255", "5/255", "8/255"]
     res = run_study(cfg)
-    assert res["complete"] and set(res["evaluation"]) == {"fp32", "qat2", "sq", "sq-mi"} and res["adaptive_done"]
+    assert res["complete"] and set(res["evaluation"]) == set(MODELS) and res["adaptive_done"]
     assert set(res["evaluation"]["sq-mi"]["robust"]) == set(ATTACKS)
     md = (tmp_path / "sq-paper" / "results.md").read_text()
     assert "model resnet20" in md and "eps=5/255" in md

@@ -231,7 +231,7 @@ def test_robust_accuracy_rejects_bad_arguments(model, data):
     x, y = data
     with pytest.raises(ConfigError, match="needs the attack budget"):
         robust_accuracy(model, x, y, "pgd")
-    with pytest.raises(ConfigError, match="unknown attack 'pgd2'; choose one of: apgd-ce, .*fgsm, .*pgd"):
+    with pytest.raises(ConfigError, match="unknown evasion attack 'pgd2'; choose one of: apgd-ce, .*fgsm, .*pgd"):
         robust_accuracy(model, x, y, "pgd2", eps=0.1)
     with pytest.raises(ConfigError, match="draws must be an integer >= 1"):
         robust_accuracy(model, x, y, "pgd", eps=0.1, draws=0)

@@ -34,16 +34,17 @@ _API: dict[str, str] = {
     "SQConfig": "qrobust.quant.stochastic", "StochasticQuantizer": "qrobust.quant.stochastic",
     "insert_stochastic_quantizers": "qrobust.quant.stochastic", "EnsembleSQ": "qrobust.quant.stochastic",
     "ensemble_predict": "qrobust.quant.stochastic", "ensemble_entropies": "qrobust.quant.stochastic",
-    "SwitchableBatchNorm2d": "qrobust.defenses.patch_training", "RandomPrecision": "qrobust.defenses.patch_training",
-    "make_switchable_bn": "qrobust.defenses.patch_training",
+    "SwitchableBatchNorm2d": "qrobust.quant", "RandomPrecision": "qrobust.quant",
+    "make_switchable_bn": "qrobust.quant", "BitWidthSchedule": "qrobust.quant",
     # training
     "fit": "qrobust.train.loop", "TrainSection": "qrobust.config", "CrossEntropy": "qrobust.train.objectives",
     "DivQATLoss": "qrobust.train.divqat", "MIEnsembleLoss": "qrobust.train.sq_objective",
     "PBAT": "qrobust.defenses.patch_training", "DWQ": "qrobust.defenses.patch_training",
-    "QADTR": "qrobust.defenses.patch_training",
+    "QADTR": "qrobust.defenses.patch_training", "PBATConfig": "qrobust.defenses.patch_training",
+    "DWQConfig": "qrobust.defenses.patch_training", "QADTRConfig": "qrobust.defenses.patch_training",
     # evaluation
     "accuracy": "qrobust.metrics", "predict": "qrobust.metrics", "predict_logits": "qrobust.metrics",
-    "tie_rate": "qrobust.metrics",
+    "tie_rate": "qrobust.metrics", "expected_calibration_error": "qrobust.metrics", "nll": "qrobust.metrics",
     # white-box and score-based attacks
     "fgsm": "qrobust.attacks.whitebox", "pgd": "qrobust.attacks.whitebox", "apgd_ce": "qrobust.attacks.whitebox",
     "robust_accuracy": "qrobust.attacks.whitebox", "input_gradient": "qrobust.attacks.whitebox",
@@ -51,10 +52,14 @@ _API: dict[str, str] = {
     # patches
     "PatchConfig": "qrobust.attacks.patch", "apply_patch": "qrobust.attacks.patch", "train_patch": "qrobust.attacks.patch",
     "attack_success_rate": "qrobust.attacks.patch", "patch_transfer_matrix": "qrobust.attacks.patch",
+    "make_patch_attack": "qrobust.attacks.patch", "UniversalPatch": "qrobust.attacks.patch",
     # extraction
     "Victim": "qrobust.attacks.extraction.victim", "KnockoffNets": "qrobust.attacks.extraction.knockoff",
     "DFME": "qrobust.attacks.extraction.dfme", "MAZE": "qrobust.attacks.extraction.maze",
-    "clone_accuracy": "qrobust.attacks.extraction.metrics",
+    "clone_accuracy": "qrobust.attacks.extraction.metrics", "agreement": "qrobust.attacks.extraction.metrics",
+    "RandomNoise": "qrobust.attacks.extraction.knockoff", "KnockoffConfig": "qrobust.attacks.extraction.knockoff",
+    "DFMEConfig": "qrobust.attacks.extraction.dfme", "MAZEConfig": "qrobust.attacks.extraction.maze",
+    "make_extraction_attack": "qrobust.attacks.extraction.base", "CountingModule": "qrobust.attacks.extraction.victim",
     # defenses
     "make_defense": "qrobust.defenses.output", "calibrate_defense": "qrobust.defenses.output",
     "reverse_sigmoid": "qrobust.defenses.output", "dcp": "qrobust.defenses.output",

@@ -285,3 +285,49 @@ def to_toml(values: dict) -> str:
         if isinstance(body, dict):
             lines += ["", f"[{section}]"] + [f"{k} = {scalar(v)}" for k, v in body.items()]
     return "\n".join(lines) + "\n"
+
+
+S = typing.TypeVar("S", bound="Settings")
+
+
+class Settings:
+    """Base of a component's settings dataclass (an attack's, an objective's): each setting is listed once,
+    with its default and meaning, in the subclass; ``__post_init__`` validates it.
+
+    ``Cls.build(config, **overrides)`` takes an instance, a mapping of settings (e.g. a config section)
+    or None (the defaults), applies ``overrides`` and validates; an unknown name is a ConfigError that
+    lists the valid ones. ``to_dict()`` gives the settings as plain values (tuples as lists), e.g. for a
+    run folder's config.
+    """
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def build(cls: type[S], config: S | typing.Mapping[str, Any] | None = None, **overrides: Any) -> S:
+        if config is None:
+            settings: dict[str, Any] = {}
+        elif isinstance(config, cls):
+            settings = {name: getattr(config, name) for name in cls.setting_names()}
+        elif isinstance(config, typing.Mapping):
+            settings = dict(config)
+        else:
+            raise ConfigError(f"settings must be a {cls.__name__}, a mapping of its settings or None, "
+                              f"got {type(config).__name__}")
+        settings.update(overrides)
+        unknown = sorted(set(settings) - set(cls.setting_names()))
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no setting {', '.join(unknown)}; "
+                              f"its settings: {', '.join(cls.setting_names())}")
+        return cls(**settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(value: Any) -> Any:
+            if hasattr(value, "to_dict"):
+                return value.to_dict()
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+
+        return {name: plain(getattr(self, name)) for name in self.setting_names()}

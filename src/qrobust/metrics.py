@@ -113,5 +113,51 @@ def accuracy_and_tie_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ba
     return {"acc": float((logits.argmax(1) == y.cpu()).float().mean()), "tie_rate": tie_rate(logits)}
 
 
-__all__ = ["accuracy", "accuracy_and_tie_rate", "as_float_images", "check_images", "predict", "predict_logits",
-           "tie_rate"]
+def _check_probs_and_labels(probs: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(probs, torch.Tensor) or probs.ndim != 2 or len(probs) == 0 or not probs.is_floating_point():
+        shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise ConfigError(f"probs must be a non-empty float (N, classes) tensor of probabilities, got {shape}")
+    if not isinstance(y, torch.Tensor) or y.shape != probs.shape[:1] or y.is_floating_point():
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ConfigError(f"y must be an integer tensor of shape ({len(probs)},) (one label per row), got {shape}")
+    if int(y.min()) < 0 or int(y.max()) >= probs.shape[1]:
+        raise ConfigError(f"labels must lie in 0..{probs.shape[1] - 1} (one column of probs per class), "
+                          f"got values in {int(y.min())}..{int(y.max())}")
+
+
+def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error of probability rows ``probs`` for labels ``y`` (Guo et al. 2017, Eq. 3).
+
+    Each row's confidence ``c_i = max_k p_ik`` and prediction ``argmax_k p_ik`` (ties: lowest index); rows
+    fall in ``bins`` equal-width bins ``B_m = ((m-1)/M, m/M]`` (a confidence of 0 in the first), and
+    ``ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)|`` with ``acc`` the bin's accuracy and ``conf`` its mean
+    confidence. In [0, 1]; 0 = calibrated. Computed in float64.
+    """
+    _check_probs_and_labels(probs, y)
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 1:
+        raise ConfigError(f"bins must be an integer >= 1, got {bins!r}")
+    p = probs.detach().double().cpu()
+    confidence, prediction = p.max(dim=1)
+    correct = (prediction == y.cpu()).double()
+    index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)  # (m-1)/M < c <= m/M -> m-1
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    return float((conf_sum - acc_sum).abs().sum() / len(p))  # sum_m |B_m|/n |acc - conf| = sum_m |S_acc - S_conf|/n
+
+
+def nll(probs: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood ``-1/n sum_i log p_{i, y_i}`` of probability rows for labels ``y``.
+
+    Probabilities are clamped at ``eps`` (default 1e-12) before the log, so a row that gives its true class
+    exactly 0 (a label-only or top-k answer, a reverse-sigmoid zero) costs ``-log(eps)`` (27.6) instead of
+    infinity. Computed in float64.
+    """
+    _check_probs_and_labels(probs, y)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+        raise ConfigError(f"eps must be a number in (0, 1), got {eps!r}")
+    p = probs.detach().double().cpu().gather(1, y.cpu().long().view(-1, 1)).squeeze(1)
+    return float(-p.clamp_min(eps).log().mean())
+
+
+__all__ = ["accuracy", "accuracy_and_tie_rate", "as_float_images", "check_images", "expected_calibration_error", "nll",
+           "predict", "predict_logits", "tie_rate"]

@@ -86,6 +86,9 @@ class Registry:
 
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
+EVASION = Registry("evasion attack")  # one call shape: qrobust.attacks.evasion
 ATTACKS = Registry("attack")
+EXTRACTION = Registry("extraction attack")  # classes with a config_class: qrobust.attacks.extraction.base
 DEFENSES = Registry("defense")
 OBJECTIVES = Registry("objective")
+PATCH_ATTACKS = Registry("patch attack")  # classes with a config_class: qrobust.attacks.patch.PatchAttack

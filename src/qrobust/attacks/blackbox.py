@@ -37,9 +37,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qrobust.attacks.whitebox import _budget, _check_inputs, _check_int
+from qrobust.attacks.evasion import register_evasion
+from qrobust.attacks.whitebox import budget_value, check_attack_inputs
+from qrobust.checks import check_int
 from qrobust.errors import ConfigError
-from qrobust.registry import ATTACKS
 
 __all__ = ["square_attack", "margin"]
 
@@ -67,7 +68,7 @@ def _scores(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> Tensor:
     return total / draws
 
 
-@ATTACKS.register("square")
+@register_evasion("square")
 def square_attack(
     model: nn.Module,
     x: Tensor,
@@ -88,11 +89,11 @@ def square_attack(
     models; two queries per step), ``stop_after`` consecutive misclassified steps end an image then."""
     if norm != "linf":
         raise ConfigError(f"square_attack implements the L-inf attack only, got norm={norm!r}; use norm='linf'")
-    eps = _budget(eps, "linf")
-    _check_inputs(x, y)
-    queries = _check_int("queries", queries, 1)
-    draws = _check_int("draws", draws, 1)
-    stop_after = _check_int("stop_after", stop_after, 1)
+    eps = budget_value(eps, "linf")
+    check_attack_inputs(x, y)
+    queries = check_int("queries", queries, 1)
+    draws = check_int("draws", draws, 1)
+    stop_after = check_int("stop_after", stop_after, 1)
     if not 0 < p_init <= 1:
         raise ConfigError(f"p_init (share of the image a square covers at first) must be in (0, 1], got {p_init}")
     x = x.detach()

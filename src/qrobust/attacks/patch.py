@@ -5,9 +5,10 @@ Papers: T. B. Brown, D. Mane, A. Roy, M. Abadi, J. Gilmer, "Adversarial Patch", 
 Quantization-Aware Defenses: QADT-R for Robustness Against Patch-Based Adversarial Attacks in QNNs",
 arXiv:2503.07058 (2025).
 
-Threat model: the attacker prints one image-independent patch and pastes it anywhere (``placement =
-"random"``) or at one place (``"fixed"``) on any input; pixels outside the patch are untouched and
-there is no norm bound inside it. The patch is made white-box on a source model (e.g. the 8-bit twin)
+Threat model: the attacker prints one image-independent patch and pastes it anywhere, or anywhere in a
+region (``placement = "random"``, ``region``), or at one place (``"fixed"``) on any input; pixels outside
+the patch are untouched and there is no norm bound inside it. One :class:`PatchConfig` describes the
+patch (shape, size) and where it goes: the same object is used to optimise the patch and to evaluate it. The patch is made white-box on a source model (e.g. the 8-bit twin)
 and may be applied to a target model at another bit width (:func:`patch_transfer_matrix`).
 
 Patch operator (Brown et al., "Approach"): a transformation ``t`` (rotation, scale) and a location ``l``
@@ -26,36 +27,42 @@ classified clean* images that the patch flips (untargeted) or sends to the targe
 images whose true class is the target are left out, they cannot be "sent" there).
 
 Model convention: an ``nn.Module`` taking inputs in [0, 1] (NCHW) and returning logits. Attacks run the
-model in eval mode (batch-norm statistics must not learn from patched images) and restore every
-module's train/eval flag afterwards; gradients go to the patch only (``torch.autograd.grad``), never
-into ``.grad`` of model parameters, and ``requires_grad`` flags are left alone.
+model in eval mode (batch-norm statistics must not learn from patched images; ``qrobust.utils.eval_mode``)
+and restore every module's train/eval flag afterwards; gradients go to the patch only
+(``torch.autograd.grad``), never into ``.grad`` of model parameters, and ``requires_grad`` flags are left
+alone.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from qrobust.config import Settings
 from qrobust.errors import ConfigError
-from qrobust.registry import ATTACKS
+from qrobust.quant import RandomPrecision, get_bit_width, set_bit_width
+from qrobust.registry import PATCH_ATTACKS
+from qrobust.utils import eval_mode
 
 SHAPES = ("square", "circle")
 PLACEMENTS = ("random", "fixed")
 DEFAULT_SEED = 0  # used when no generator is passed, so that results are reproducible by default
 
 
+ANYWHERE = (0.0, 1.0)  # the region of every valid position
+
+
 @dataclass
 class PatchConfig:
-    """Shape, size and placement of a universal patch.
+    """Shape, size and placement of a universal patch (one spec for optimising and for evaluating it).
 
     Args:
         shape: ``"square"`` or ``"circle"`` (a disc inscribed in the square ``s x s`` patch tensor).
@@ -63,8 +70,8 @@ class PatchConfig:
             square of side ``sqrt(0.05 * H * W)``). The side ``s`` is the integer whose mask pixel count
             is closest to ``size * H * W`` (see :func:`patch_mask`); a circle covers at most
             ``pi / 4`` of a square image.
-        placement: ``"random"`` (a fresh uniform location per image, the patch fully inside the image)
-            or ``"fixed"`` (every image at ``location``).
+        placement: ``"random"`` (a fresh uniform location per image, the patch fully inside the image,
+            its top-left corner in ``region``) or ``"fixed"`` (every image at ``location``).
         location: ``(row, col)`` of the top-left pixel of the (untransformed) patch, for ``"fixed"``;
             ``None`` means the centre of the image. Must be ``None`` for ``"random"``.
         max_rotation: rotations are drawn uniformly from ``[-max_rotation, max_rotation]`` degrees,
@@ -72,6 +79,11 @@ class PatchConfig:
         scale_range: ``(lo, hi)``; the patch side is multiplied by a factor drawn uniformly from it.
             ``(1, 1)`` = no scaling. With no rotation and no scaling the patch is pasted pixel-exactly
             at integer positions; otherwise it is resampled bilinearly and its mask edge is soft.
+        region: ``(lo, hi)``, for ``"random"``: the top-left corner is uniform over the box
+            ``[lo, hi] x [lo, hi]`` of the valid positions, as fractions of ``H - s`` and ``W - s``
+            (rounded inwards to whole pixels); ``(0, 1)`` = anywhere, ``(0, 0.5)`` = the upper-left part,
+            ``(0.75, 1)`` = near the lower-right corner (QADT-R's seen and unseen places). With
+            transformations it bounds the patch's bounding box the same way.
     """
 
     shape: str = "square"
@@ -80,6 +92,7 @@ class PatchConfig:
     location: tuple[int, int] | None = None
     max_rotation: float = 0.0  # degrees
     scale_range: tuple[float, float] = (1.0, 1.0)  # multiplies the patch side
+    region: tuple[float, float] = ANYWHERE  # top-left box of the random placement (fractions)
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -123,11 +136,58 @@ class PatchConfig:
                 "(1, 1) means no scaling"
             )
         self.scale_range = (lo, hi)
+        if len(self.region) != 2:
+            raise ConfigError(f"patch region must be (lo, hi), fractions of the valid top-left positions, got {self.region}")
+        lo, hi = (float(v) for v in self.region)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(
+                f"patch region must be (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the valid top-left "
+                f"positions), got {self.region}"
+            )
+        self.region = (lo, hi)
+        if self.region != ANYWHERE and self.placement != "random":
+            raise ConfigError("a patch region restricts random places; use placement='random' or drop region")
 
     @property
     def transforms(self) -> bool:
         """Whether patches are rotated or scaled (then they are resampled bilinearly)."""
         return self.max_rotation > 0 or self.scale_range != (1.0, 1.0)
+
+    @property
+    def key(self) -> str:
+        """``"<shape>@<size>"``, e.g. ``"square@0.08"`` (names the patch made for this spec)."""
+        return f"{self.shape}@{self.size:g}"
+
+    def to_dict(self) -> dict:
+        """Shape, size and region, plus every other setting that is not its default."""
+        out: dict = {"shape": self.shape, "size": self.size, "region": list(self.region)}
+        if self.placement != "random":
+            out |= {"placement": self.placement, "location": None if self.location is None else list(self.location)}
+        if self.max_rotation:
+            out["max_rotation"] = self.max_rotation
+        if self.scale_range != (1.0, 1.0):
+            out["scale_range"] = list(self.scale_range)
+        return out
+
+    def locations(self, n: int, image_hw: tuple[int, int], generator: torch.Generator | None) -> Tensor:
+        """``[n, 2]`` integer top-left (row, col) positions, uniform over ``region`` (a CPU float64 tensor)."""
+        side, _ = patch_mask(self, image_hw)
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        first, last = _region_box(self.region, image_hw, side, torch.device("cpu"))
+        return _top_left(u, first, last)
+
+
+def _region_box(region: tuple[float, float], image_hw: tuple[int, int], side: int, device: torch.device):
+    """First and last integer top-left (row, col) positions of ``region`` for a patch of ``side`` px."""
+    lo, hi = region
+    slots = torch.tensor([image_hw[0] - side, image_hw[1] - side], dtype=torch.float64, device=device)
+    first, last = torch.ceil(lo * slots), torch.floor(hi * slots)
+    return first, torch.maximum(first, last)
+
+
+def _top_left(u: Tensor, first: Tensor, last: Tensor) -> Tensor:
+    """Uniform integer positions in ``[first, last]`` from uniforms ``u`` [n, 2] in [0, 1)."""
+    return torch.minimum(first + torch.floor(u * (last - first + 1)), last)
 
 
 def _shape_mask(shape: str, side: int) -> Tensor:
@@ -176,8 +236,13 @@ def _sample_placement(
     device: torch.device,
     locations: Tensor | None = None,
 ) -> _Placement:
-    """One (l, t) per image. Random numbers come from ``generator`` on its own device, then move."""
+    """One (l, t) per image. Random numbers come from ``generator`` on its own device, then move; given
+    ``locations`` and no transformation, nothing is drawn."""
     h, w = image_hw
+    if locations is not None and not cfg.transforms:
+        top_left = _given_locations(locations, n, side, h, w, device)
+        zeros = torch.zeros(n, dtype=torch.float64, device=device)
+        return _Placement(top_left + side / 2, zeros, zeros + 1)
     gdev = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand(n, 4, generator=generator, device=gdev, dtype=torch.float64).to(device)
     max_rad = math.radians(cfg.max_rotation)
@@ -186,31 +251,35 @@ def _sample_placement(
     scale = lo + (hi - lo) * u[:, 3]
     size_hw = torch.tensor([h, w], dtype=torch.float64, device=device)
     if locations is not None:
-        top_left = torch.as_tensor(locations, dtype=torch.float64, device=device).reshape(-1, 2)
-        if top_left.shape[0] not in (1, n):
-            raise ConfigError(
-                f"locations must be [N, 2] or [2] (row, col), got shape {tuple(locations.shape)}"
-            )
-        top_left = top_left.expand(n, 2)
-        _check_inside(top_left, side, h, w)
-        centre = top_left + side / 2
+        centre = _given_locations(locations, n, side, h, w, device) + side / 2
     elif cfg.placement == "fixed":
         loc = cfg.location if cfg.location is not None else ((h - side) // 2, (w - side) // 2)
         top_left = torch.tensor(loc, dtype=torch.float64, device=device).expand(n, 2)
         _check_inside(top_left, side, h, w)
         centre = top_left + side / 2
     elif not cfg.transforms:
-        # Integer top-left, uniform over all (H - s + 1) x (W - s + 1) positions: pixel-exact pasting.
-        slots = size_hw - side + 1
-        top_left = torch.minimum(torch.floor(u[:, :2] * slots), slots - 1)
-        centre = top_left + side / 2
+        # Integer top-left, uniform over the region's positions (all (H - s + 1) x (W - s + 1) of them
+        # by default): pixel-exact pasting.
+        first, last = _region_box(cfg.region, image_hw, side, device)
+        centre = _top_left(u[:, :2], first, last) + side / 2
     else:
-        # The bounding box of the rotated, scaled patch stays inside the image (centred if it cannot).
+        # The bounding box of the rotated, scaled patch stays inside the image (centred if it cannot),
+        # its corner in the region's share of the room left.
         extent = side * scale * (angle.cos().abs() + angle.sin().abs())
         room = size_hw - extent[:, None]
-        box = torch.where(room >= 0, u[:, :2] * room, room / 2)
+        lo, hi = cfg.region
+        box = torch.where(room >= 0, (lo + u[:, :2] * (hi - lo)) * room, room / 2)
         centre = box + extent[:, None] / 2
     return _Placement(centre, angle, scale)
+
+
+def _given_locations(locations: Tensor, n: int, side: int, h: int, w: int, device: torch.device) -> Tensor:
+    top_left = torch.as_tensor(locations, dtype=torch.float64, device=device).reshape(-1, 2)
+    if top_left.shape[0] not in (1, n):
+        raise ConfigError(f"locations must be [N, 2] or [2] (row, col), got shape {tuple(locations.shape)}")
+    top_left = top_left.expand(n, 2)
+    _check_inside(top_left, side, h, w)
+    return top_left
 
 
 def _check_inside(top_left: Tensor, side: int, h: int, w: int) -> None:
@@ -307,29 +376,6 @@ def _check_patch(
         )
 
 
-@contextmanager
-def _eval_mode(modules: Iterable[nn.Module] = ()):
-    """Put models in eval mode; restore every submodule's own train/eval flag on exit.
-
-    Yields a function that registers more models (those a ``model_sampler`` returns on the way).
-    """
-    saved: dict[int, tuple[nn.Module, bool]] = {}
-
-    def enter(model: nn.Module) -> nn.Module:
-        for mod in model.modules():
-            saved.setdefault(id(mod), (mod, mod.training))
-        model.eval()
-        return model
-
-    try:
-        for model in modules:
-            enter(model)
-        yield enter
-    finally:
-        for mod, flag in saved.values():
-            mod.train(flag)
-
-
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     with torch.no_grad():
         return int(model(x[:1]).shape[1])
@@ -357,6 +403,7 @@ def train_patch(
     generator: torch.Generator | None = None,
     model_sampler: Callable[[], nn.Module] | None = None,
     progress: bool = False,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """Optimise a universal patch (Brown et al. 2017) on ``model`` over images ``x`` with labels ``y``.
 
@@ -380,6 +427,8 @@ def train_patch(
             one network switched to a random bit width, for A-QAPA or an adaptive attack over
             widths). ``None`` = always ``model``. ``model`` still gives the number of classes.
         progress: show a tqdm bar (default off).
+        on_step: called as ``on_step(t, patch)`` after step ``t`` (1..steps) with the patch so far
+            (detached; e.g. to measure ASR against the number of steps in one run).
 
     Returns:
         The patch, ``[C, s, s]`` in [0, 1], detached, on ``x``'s device.
@@ -413,15 +462,16 @@ def train_patch(
     patch = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([patch], lr=lr)
 
-    with _eval_mode([model]) as enter:
+    with eval_mode(model):
         _check_target(target, _num_classes(model, x))
         bar = tqdm(range(int(steps)), desc="patch", disable=not progress, leave=False)
         for step in bar:
-            net = enter(model_sampler()) if model_sampler is not None else model
+            net = model_sampler() if model_sampler is not None else model
             idx = torch.randperm(n, generator=generator, device=gdev)[:batch_size].to(x.device)
             xb, yb = x[idx], y[idx]
             x_adv, _ = apply_patch(xb, patch, cfg, generator=generator)
-            logits = net(x_adv)
+            with eval_mode(net):
+                logits = net(x_adv)
             if target is None:
                 loss = -F.cross_entropy(logits, yb)
             else:
@@ -439,9 +489,23 @@ def train_patch(
             optimizer.step()
             with torch.no_grad():
                 patch.clamp_(0, 1)
+            if on_step is not None:
+                on_step(step + 1, patch.detach().clone())
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     return patch.detach()
+
+
+def _predict(model: nn.Module, x: Tensor, widths: Tensor | None) -> Tensor:
+    """Top-1 predictions; ``widths`` (random precision): row ``i`` at width ``widths[i]`` of the wrapped net."""
+    if widths is None:
+        return model(x).argmax(1)
+    pred = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for bits in widths.unique().tolist():
+        rows = widths == bits
+        set_bit_width(model.model, int(bits))
+        pred[rows] = model.model(x[rows]).argmax(1)
+    return pred
 
 
 @torch.no_grad()
@@ -456,17 +520,26 @@ def attack_success_rate(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
     draws: int = 1,
+    locations: Sequence[Tensor] | None = None,
 ) -> dict[str, float | int]:
     """ASR of ``patch`` on ``model`` (QADT-R's metric).
 
     Eligible images are the clean images ``model`` classifies correctly (and, when targeted, whose
     label is not ``target``). Each eligible image gets ``draws`` placements (random per image when
-    ``cfg.placement == "random"``); ASR = successes / (num_eligible * draws), a success being a
-    prediction != y (untargeted) or == target (targeted): the expected ASR over placements.
+    ``cfg.placement == "random"``, in ``cfg.region``); ASR = successes / (num_eligible * draws), a
+    success being a prediction != y (untargeted) or == target (targeted): the expected ASR over
+    placements.
 
     All placements are drawn up front from ``generator`` (``None`` = a fresh generator seeded with 0),
     so the result does not depend on ``batch_size`` and two models evaluated with the same seed see the
-    same placements. ``asr`` is NaN when no image is eligible.
+    same placements. ``locations`` (one ``[N, 2]`` tensor of top-left (row, col) positions per draw)
+    gives the places instead. ``asr`` is NaN when no image is eligible.
+
+    Random precision (:class:`~qrobust.quant.RandomPrecision`, a random width per forward): each image
+    gets ONE width, drawn uniformly per image from ``generator`` after the placements, under which both
+    its clean and its patched predictions are made (with ``draws > 1`` all its placements too), so a
+    flip caused by the width draw alone is never counted as a patch success; the result is the expected
+    ASR over widths and placements. The wrapped network is left at the width it had.
 
     Returns:
         ``{"asr": float, "num_eligible": int, "clean_acc": float}``.
@@ -481,26 +554,41 @@ def attack_success_rate(
     _check_patch(patch, side, x.shape[1], cfg, image_hw)
     patch = patch.to(device=x.device, dtype=x.dtype)
     y = y.to(x.device)
-    with _eval_mode([model]):
-        _check_target(target, _num_classes(model, x))
-        placements = [
-            _sample_placement(cfg, n, image_hw, side, generator=generator, device=x.device)
-            for _ in range(draws)
-        ]
-        clean_pred = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)])
-        correct = clean_pred == y
-        eligible = correct.clone()
+    if locations is not None and len(locations) != int(draws):
+        raise ConfigError(f"locations must hold one [N, 2] tensor per draw: got {len(locations)} for draws={draws}")
+    with eval_mode(model):
         if target is not None:
-            eligible &= y != int(target)
-        successes = torch.zeros((), dtype=torch.long, device=x.device)
-        for pl in placements:
-            for i in range(0, n, batch_size):
-                sl = slice(i, i + batch_size)
-                part = _Placement(pl.centre[sl], pl.angle[sl], pl.scale[sl])
-                x_adv, _ = _paste(x[sl], patch, mask, part, exact=not cfg.transforms)
-                pred = model(x_adv).argmax(1)
-                hit = pred != y[sl] if target is None else pred == int(target)
-                successes += (hit & eligible[sl]).sum()
+            _check_target(target, _num_classes(model, x))
+        placements = [
+            _sample_placement(cfg, n, image_hw, side, generator=generator, device=x.device,
+                              locations=None if locations is None else locations[d])
+            for d in range(draws)
+        ]
+        widths = None
+        if isinstance(model, RandomPrecision):
+            gdev = generator.device
+            draw = torch.randint(len(model.bit_widths), (n,), generator=generator, device=gdev).to(x.device)
+            widths = torch.tensor(model.bit_widths, device=x.device)[draw]
+            width_before = get_bit_width(model.model)
+        try:
+            clean_pred = torch.cat([_predict(model, x[i : i + batch_size], None if widths is None else widths[i : i + batch_size])
+                                    for i in range(0, n, batch_size)])
+            correct = clean_pred == y
+            eligible = correct.clone()
+            if target is not None:
+                eligible &= y != int(target)
+            successes = torch.zeros((), dtype=torch.long, device=x.device)
+            for pl in placements:
+                for i in range(0, n, batch_size):
+                    sl = slice(i, i + batch_size)
+                    part = _Placement(pl.centre[sl], pl.angle[sl], pl.scale[sl])
+                    x_adv, _ = _paste(x[sl], patch, mask, part, exact=not cfg.transforms)
+                    pred = _predict(model, x_adv, None if widths is None else widths[sl])
+                    hit = pred != y[sl] if target is None else pred == int(target)
+                    successes += (hit & eligible[sl]).sum()
+        finally:
+            if widths is not None and width_before is not None:
+                set_bit_width(model.model, width_before)
     num_eligible = int(eligible.sum())
     asr = successes.item() / (num_eligible * draws) if num_eligible else float("nan")
     return {"asr": asr, "num_eligible": num_eligible, "clean_acc": correct.float().mean().item()}
@@ -567,36 +655,119 @@ def patch_transfer_matrix(
     return matrix
 
 
-@ATTACKS.register("patch")
-class UniversalPatch:
-    """Registry entry: a universal patch attack built from config values (see :func:`train_patch`).
+# --------------------------------------------------------------------------------------------------
+# The patch family behind one protocol: PATCH_ATTACKS, built by name from a dict of settings
+# --------------------------------------------------------------------------------------------------
 
-    ``UniversalPatch(PatchConfig(...) or dict, target=None, steps=500, lr=0.05, batch_size=128)``;
-    ``fit(model, x, y)`` trains and keeps ``.patch``; ``evaluate(model, x, y)`` gives its ASR.
+
+INITS = ("random", "gray")
+
+
+@dataclass
+class RandomPatchConfig(Settings):
+    """Settings of the random-patch baseline (a patch nobody optimised)."""
+
+    init: str = "random"  # the patch: "random" (uniform in [0, 1]) or "gray" (0.5 everywhere)
+    target: int | None = None  # class to send images to; None = untargeted (any wrong class)
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ConfigError(f"unknown patch init '{self.init}'; use one of: {', '.join(INITS)}")
+        if self.target is not None and (isinstance(self.target, bool) or not isinstance(self.target, int)):
+            raise ConfigError(f"target must be a class index or None, got {self.target!r}")
+
+
+@dataclass
+class UniversalPatchConfig(RandomPatchConfig):
+    """Settings of the universal patch (Brown et al. 2017; :func:`train_patch`)."""
+
+    steps: int = 500  # Adam steps on the patch
+    lr: float = 0.05  # Adam's learning rate (the patch lives in [0, 1])
+    batch_size: int = 128  # attacker images per step, one placement each
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value, low in (("steps", self.steps, 0), ("batch_size", self.batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
+
+
+@runtime_checkable
+class PatchAttack(Protocol):
+    """What every attack of :data:`qrobust.registry.PATCH_ATTACKS` provides.
+
+    ``Attack(spec, config=None, **overrides)``: ``spec`` is the :class:`PatchConfig` (or a mapping of it)
+    the patch is made for and evaluated with; ``config`` the attack's settings (its ``config_class``, a
+    mapping, or None), ``overrides`` single settings. ``fit`` makes ``.patch``; ``evaluate`` gives its ASR.
     """
 
-    def __init__(
-        self,
-        config: PatchConfig | Mapping,
-        *,
-        target: int | None = None,
-        steps: int = 500,
-        lr: float = 0.05,
-        batch_size: int = 128,
-        init: str = "random",
-    ):
-        self.config = config if isinstance(config, PatchConfig) else PatchConfig(**config)
-        self.target = target
-        self.train_kwargs = dict(steps=steps, lr=lr, batch_size=batch_size, init=init)
+    name: str
+    spec: PatchConfig
+    config: RandomPatchConfig
+    patch: Tensor | None
+
+    def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+            model_sampler: Callable[[], nn.Module] | None = None, progress: bool = False) -> Tensor: ...
+
+    def evaluate(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+                 batch_size: int = 256, draws: int = 1) -> dict[str, float | int]: ...
+
+
+class _PatchAttackBase:
+    name = "patch"
+    config_class: type[RandomPatchConfig] = RandomPatchConfig
+
+    def __init__(self, spec: PatchConfig | Mapping, config: RandomPatchConfig | Mapping | None = None,
+                 **overrides):
+        self.spec = spec if isinstance(spec, PatchConfig) else PatchConfig(**spec)
+        self.config = self.config_class.build(config, **overrides)
         self.patch: Tensor | None = None
 
-    def fit(self, model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> Tensor:
-        self.patch = train_patch(
-            model, x, y, self.config, target=self.target, **{**self.train_kwargs, **kwargs}
-        )
-        return self.patch
-
-    def evaluate(self, model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> dict[str, float | int]:
+    def evaluate(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+                 batch_size: int = 256, draws: int = 1, locations: Sequence[Tensor] | None = None,
+                 ) -> dict[str, float | int]:
+        """:func:`attack_success_rate` of ``.patch`` on ``model`` (images ``x``, labels ``y``)."""
         if self.patch is None:
             raise ConfigError("no patch yet: call fit(model, x, y) before evaluate")
-        return attack_success_rate(model, x, y, self.patch, self.config, target=self.target, **kwargs)
+        return attack_success_rate(model, x, y, self.patch, self.spec, target=self.config.target,
+                                   generator=generator, batch_size=batch_size, draws=draws, locations=locations)
+
+
+@PATCH_ATTACKS.register("random")
+class RandomPatch(_PatchAttackBase):
+    """The baseline: a patch nobody optimised (uniform noise or gray), drawn from ``generator``."""
+
+    name = "random"
+    config_class = RandomPatchConfig
+
+    def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+            model_sampler: Callable[[], nn.Module] | None = None, progress: bool = False) -> Tensor:
+        """The initial patch of :func:`train_patch` (0 steps): the same draw as a universal patch's start."""
+        self.patch = train_patch(model, x, y, self.spec, target=self.config.target, steps=0,
+                                 init=self.config.init, generator=generator, progress=False)
+        return self.patch
+
+
+@PATCH_ATTACKS.register("universal")
+class UniversalPatch(_PatchAttackBase):
+    """The universal adversarial patch (Brown et al. 2017) optimised by :func:`train_patch`."""
+
+    name = "universal"
+    config_class = UniversalPatchConfig
+    config: UniversalPatchConfig
+
+    def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+            model_sampler: Callable[[], nn.Module] | None = None, progress: bool = False) -> Tensor:
+        c = self.config
+        self.patch = train_patch(model, x, y, self.spec, target=c.target, steps=c.steps, lr=c.lr,
+                                 batch_size=c.batch_size, init=c.init, generator=generator,
+                                 model_sampler=model_sampler, progress=progress)
+        return self.patch
+
+
+def make_patch_attack(name: str, spec: PatchConfig | Mapping, **settings) -> PatchAttack:
+    """The patch attack registered as ``name`` (``"universal"``, ``"random"``) for ``spec``, with
+    ``settings`` (its config's names; an unknown one is a ConfigError listing the valid ones)."""
+    return PATCH_ATTACKS.get(name)(spec, None, **settings)

@@ -1,4 +1,4 @@
-"""White-box L-inf / L2 evasion attacks: FGSM, PGD and APGD-CE, each with EOT; robust accuracy; checks.
+"""White-box L-inf / L2 evasion attacks: FGSM, PGD, APGD-CE (each with EOT) and BPDA; robust accuracy; checks.
 
 Threat model: the attacker knows the architecture and the weights and back-propagates through the model
 (for quantized models, through the fake-quantized float twin with straight-through gradients). The
@@ -10,7 +10,9 @@ Gradients Give a False Sense of Security"):
 
     g(x) = 1/n * sum_{i=1..n} grad_x L(f(x; omega_i), y),   omega_i the model's i-th random draw.
 
-Every attack here is ``attack(model, x, y, eps, **kwargs) -> x_adv`` with ``eot=n`` as a parameter.
+Every attack here follows the evasion protocol (:mod:`qrobust.attacks.evasion`: ``attack(model, x, y,
+eps=..., norm=..., generator=..., **settings) -> x_adv``, registered by name in ``EVASION``) with
+``eot=n`` as a setting of the gradient attacks.
 With ``eot_batched=True`` (default) the n draws are one forward pass on the batch repeated n times,
 which is right when the model samples its randomness per element (stochastic quantizers, noise
 injection); a model that draws one random choice per forward pass (e.g. a random bit width for the
@@ -40,8 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qrobust.attacks.evasion import register_evasion
+from qrobust.checks import check_int
 from qrobust.errors import ConfigError
-from qrobust.registry import ATTACKS
+from qrobust.quant.sq_model import float_twin
+from qrobust.quant.stochastic import correct_per_draw
+from qrobust.registry import EVASION
 
 __all__ = [
     "NORMS",
@@ -52,6 +58,9 @@ __all__ = [
     "pgd",
     "apgd_ce",
     "apgd_checkpoints",
+    "bpda",
+    "budget_value",
+    "check_attack_inputs",
     "check_attack_setup",
     "robust_accuracy",
 ]
@@ -118,7 +127,9 @@ def _check_norm(norm: str) -> str:
     return _NORM_ALIASES[key]
 
 
-def _budget(eps: float | int | str, norm: str) -> float:
+def budget_value(eps: float | int | str, norm: str) -> float:
+    """The number of budget ``eps`` for an attack in ``norm``; a :class:`ConfigError` when ``eps`` names
+    another norm (``"l2:0.5"`` for an L-inf attack) or is no budget (see :func:`parse_eps`)."""
     named, value = parse_eps(eps)
     if named is not None and named != norm:
         raise ConfigError(
@@ -128,13 +139,9 @@ def _budget(eps: float | int | str, norm: str) -> float:
     return value
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_inputs(x: Tensor, y: Tensor) -> None:
+def check_attack_inputs(x: Tensor, y: Tensor) -> None:
+    """A :class:`ConfigError` unless ``x`` is a non-empty float batch in [0, 1] and ``y`` one integer label
+    per input (the input rule of every evasion attack)."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2 or x.shape[0] == 0:
         raise ConfigError("x must be a non-empty floating-point batch tensor (N, ...), e.g. NCHW images")
     if not isinstance(y, Tensor) or y.shape != x.shape[:1] or y.is_floating_point():
@@ -167,9 +174,9 @@ def _step_size(step_size: float | None, eps: float, steps: int) -> float:
 
 def _setup(x: Tensor, y: Tensor, eps: float | int | str, norm: str, eot: int) -> tuple[str, float]:
     norm = _check_norm(norm)
-    eps = _budget(eps, norm)
-    _check_int("eot", eot, 1)
-    _check_inputs(x, y)
+    eps = budget_value(eps, norm)
+    check_int("eot", eot, 1)
+    check_attack_inputs(x, y)
     return norm, eps
 
 
@@ -241,6 +248,9 @@ def _grad_wrt(loss: Tensor, x: Tensor) -> Tensor:
     return torch.zeros_like(x) if grad is None else grad
 
 
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
 def _eot_grad(
     model: nn.Module,
     x: Tensor,
@@ -249,34 +259,46 @@ def _eot_grad(
     batched: bool,
     targeted: bool,
     check_labels: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+    loss_fn: LossFn | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """EOT gradient: the mean over ``eot`` draws of the per-sample loss gradient w.r.t. ``x``.
 
-    Returns ``(grad, loss, logits)`` with loss and logits averaged over the draws. ``batched`` runs all
-    draws in one forward pass on ``x`` repeated ``eot`` times, which is exact when the model draws its
-    randomness independently per sample (per-element noise); the loop is for models whose randomness is
-    shared across a batch.
+    Returns ``(grad, loss, logits)`` with loss and logits averaged over the draws (both None for a
+    custom ``loss_fn``, whose model outputs need not be logits). ``batched`` runs all draws in one
+    forward pass on ``x`` repeated ``eot`` times, which is exact when the model draws its randomness
+    independently per sample (per-element noise); the loop is for models whose randomness is shared
+    across a batch. ``loss_fn(outputs, labels) -> per-input loss`` replaces the cross-entropy.
     """
     x = x.detach().requires_grad_(True)
     n = x.shape[0]
+    custom = loss_fn is not None
+
+    def loss_of(out: Tensor, labels: Tensor) -> Tensor:
+        if custom:
+            return loss_fn(out, labels)
+        if check_labels:
+            _check_labels(out, labels)
+        return _loss(out, labels, targeted)
+
     with torch.enable_grad():
         if batched:
             xr = x if eot == 1 else x.repeat(eot, *([1] * (x.ndim - 1)))
             logits = model(xr)
-            if check_labels:
-                _check_labels(logits, y)
-            loss = _loss(logits, y.repeat(eot), targeted)
+            loss = loss_of(logits, y.repeat(eot))
             grad = _grad_wrt(loss, x)
+            if custom:
+                return grad.detach() / eot, None, None
             loss, logits = loss.view(eot, n).mean(0), logits.view(eot, n, -1).mean(0)
         else:
             grad, loss, logits = torch.zeros_like(x), 0.0, 0.0
             for _ in range(eot):
                 out = model(x)
-                if check_labels:
-                    _check_labels(out, y)
-                draw = _loss(out, y, targeted)
+                draw = loss_of(out, y)
                 grad = grad + _grad_wrt(draw, x)
-                loss, logits = loss + draw.detach(), logits + out.detach()
+                if not custom:
+                    loss, logits = loss + draw.detach(), logits + out.detach()
+            if custom:
+                return grad.detach() / eot, None, None
             loss, logits = loss / eot, logits / eot
     return grad.detach() / eot, loss.detach(), logits.detach()
 
@@ -289,17 +311,21 @@ def input_gradient(
     eot: int = 1,
     eot_batched: bool = True,
     targeted: bool = False,
+    loss: LossFn | None = None,
 ) -> Tensor:
     """EOT input gradient (Athalye et al. 2018): ``1/eot * sum_i grad_x L(f(x; omega_i), y)``.
 
-    ``L`` is the per-sample cross-entropy (``-CE`` towards ``y`` when ``targeted``); the gradient of
-    sample j depends only on sample j. With ``eot_batched=True`` the ``eot`` draws are one forward
-    pass on ``x.repeat(eot, 1, 1, 1)`` (right for per-sample randomness, e.g. stochastic quantizers);
-    with ``False`` they are ``eot`` separate passes.
+    ``L`` is the per-sample cross-entropy (``-CE`` towards ``y`` when ``targeted``), or
+    ``loss(model_outputs, y) -> per-input loss`` when given (e.g. an attack on a defense's score; the
+    model may then return any tensor with one leading entry per input, or per draw and input); the
+    gradient of sample j depends only on sample j. With ``eot_batched=True`` the ``eot`` draws are one
+    forward pass on ``x.repeat(eot, 1, 1, 1)`` (right for per-sample randomness, e.g. stochastic
+    quantizers) and ``loss`` gets the repeated labels; with ``False`` they are ``eot`` separate passes.
+    The one input-gradient helper of the attacks.
     """
-    _check_int("eot", eot, 1)
-    _check_inputs(x, y)
-    return _eot_grad(model, x, y, eot, eot_batched, targeted, check_labels=True)[0]
+    check_int("eot", eot, 1)
+    check_attack_inputs(x, y)
+    return _eot_grad(model, x, y, eot, eot_batched, targeted, check_labels=True, loss_fn=loss)[0]
 
 
 def _fooled(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
@@ -312,7 +338,7 @@ def _fooled(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-@ATTACKS.register("fgsm")
+@register_evasion("fgsm")
 def fgsm(
     model: nn.Module,
     x: Tensor,
@@ -323,6 +349,7 @@ def fgsm(
     targeted: bool = False,
     eot: int = 1,
     eot_batched: bool = True,
+    generator: torch.Generator | None = None,
     check: bool = True,
 ) -> Tensor:
     """FGSM (Goodfellow et al. 2015, "Explaining and Harnessing Adversarial Examples") and FGM (L2).
@@ -330,7 +357,8 @@ def fgsm(
     White-box, one gradient step of size eps: ``x_adv = clip_[0,1](x + eps * sign(g))`` for L-inf and
     ``x_adv = clip_[0,1](x + eps * g / ||g||_2)`` for L2 (FGM, Miyato et al. 2017), with ``g`` the EOT
     gradient of the cross-entropy (of ``-CE`` towards ``y`` when ``targeted``). ``check`` runs
-    :func:`check_attack_setup` first; turn it off inside training loops.
+    :func:`check_attack_setup` first; turn it off inside training loops. FGSM draws nothing:
+    ``generator`` is accepted for the evasion protocol (:mod:`qrobust.attacks.evasion`) and unused.
     """
     norm, eps = _setup(x, y, eps, norm, eot)
     if check:
@@ -340,7 +368,7 @@ def fgsm(
     return _project(x + eps * _direction(grad, norm), x, eps, norm).detach()
 
 
-@ATTACKS.register("pgd")
+@register_evasion("pgd")
 def pgd(
     model: nn.Module,
     x: Tensor,
@@ -370,7 +398,7 @@ def pgd(
     ``a = 2.5 * eps / steps`` by default. Returns the last iterate, as in Madry et al.
     """
     norm, eps = _setup(x, y, eps, norm, eot)
-    steps = _check_int("steps", steps, 1)
+    steps = check_int("steps", steps, 1)
     alpha = _step_size(step_size, eps, steps)
     if check:
         check_attack_setup(model, x, y, eot)
@@ -380,6 +408,34 @@ def pgd(
         grad = _eot_grad(model, x_adv, y, eot, eot_batched, targeted, check_labels=t == 0)[0]
         x_adv = _project(x_adv + alpha * _direction(grad, norm), x, eps, norm)
     return x_adv.detach()
+
+
+@register_evasion("bpda")
+def bpda(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | str,
+    *,
+    norm: str = "linf",
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    targeted: bool = False,
+    generator: torch.Generator | None = None,
+    check: bool = True,
+) -> Tensor:
+    """BPDA (Athalye et al. 2018, "Obfuscated Gradients Give a False Sense of Security", Sec. 4.1) with
+    the identity as the backward approximation of every quantizer: :func:`pgd` on the model's *float
+    twin* (:func:`qrobust.quant.sq_model.float_twin`: the same weights with every fake quantizer off and
+    every stochastic quantizer replaced by the identity, no randomness), the examples then evaluated on
+    the model itself. Pass the network with its quantizers (for a stochastic-quantizer ensemble the
+    network, not its :class:`~qrobust.quant.stochastic.EnsembleSQ` wrapper); a model without quantizers
+    is its own twin and BPDA is PGD. If BPDA beats PGD on a quantized model, PGD's gradients were masked.
+    ``model`` is left as it is (the twin is a copy).
+    """
+    return pgd(float_twin(model), x, y, eps, norm=norm, steps=steps, step_size=step_size,
+               random_start=random_start, targeted=targeted, generator=generator, check=check)
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -411,11 +467,22 @@ def _apgd_run(
     targeted: bool,
     eot: tuple[int, bool],
     start: Tensor,
+    fooled_draws: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One APGD run from ``start``; returns (x_out, fooled, best loss), x_out a fooling point if found."""
 
     def grad_at(z: Tensor, first: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         return _eot_grad(model, z, y, eot[0], eot[1], targeted, check_labels=first)
+
+    def fooled_at(z: Tensor, logits: Tensor) -> Tensor:
+        now = _fooled(logits, y, targeted)
+        with torch.no_grad():  # a randomised model: fooled only if fooled on every one of fooled_draws draws
+            for _ in range(fooled_draws - 1):
+                idx = now.nonzero().squeeze(1)  # only the points still fooled need another draw
+                if idx.numel() == 0:
+                    break
+                now[idx] = _fooled(model(z[idx]), y[idx], targeted)
+        return now
 
     def pick(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
         return torch.where(_per_sample(mask, new), new, old)
@@ -423,7 +490,7 @@ def _apgd_run(
     checkpoints = set(apgd_checkpoints(steps))
     x_cur = start
     grad, loss, logits = grad_at(x_cur, first=True)
-    fooled = _fooled(logits, y, targeted)
+    fooled = fooled_at(x_cur, logits)
     x_fool, x_best, grad_best, loss_best = x_cur, x_cur, grad, loss
     step = torch.full_like(loss, 2.0 * eps)  # eta^(0) = 2 eps, per sample
     x_prev, history, last = x_cur, [loss], 0
@@ -433,7 +500,7 @@ def _apgd_run(
         z = _project(x_cur + _per_sample(step, x) * _direction(grad, norm), x, eps, norm)
         x_prev, x_cur = x_cur, _project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, eps, norm)
         grad, loss, logits = grad_at(x_cur)
-        now = _fooled(logits, y, targeted)
+        now = fooled_at(x_cur, logits)
         x_fool, fooled = pick(now, x_cur, x_fool), fooled | now
         better = loss > loss_best
         x_best, grad_best, loss_best = (
@@ -455,7 +522,7 @@ def _apgd_run(
     return pick(fooled, x_fool, x_best), fooled, loss_best
 
 
-@ATTACKS.register("apgd-ce")
+@register_evasion("apgd-ce")
 def apgd_ce(
     model: nn.Module,
     x: Tensor,
@@ -471,6 +538,7 @@ def apgd_ce(
     eot_batched: bool = True,
     generator: torch.Generator | None = None,
     x_init: Tensor | None = None,
+    fooled_draws: int = 1,
     check: bool = True,
 ) -> Tensor:
     """APGD-CE (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
@@ -496,10 +564,16 @@ def apgd_ce(
     (theirs compares the first step with 0). From the same start on a small tanh MLP (10-100 steps, 200
     inputs) the best losses matched theirs to 1e-6 for L-inf; for L2 all but up to ~20 inputs matched,
     the rest differed by < 2e-2 in loss (not traced; likely rounding in the norms).
+
+    ``fooled_draws``: on a randomised model one lucky draw would mark a point "fooled" and freeze it
+    there; with ``fooled_draws = n`` a point counts as fooling only if the gradient pass's output and
+    ``n - 1`` further forward passes all misclassify it (each pass only on the points the previous ones
+    left fooled; 1 = the reference behaviour).
     """
     norm, eps = _setup(x, y, eps, norm, eot)
-    steps = _check_int("steps", steps, 1)
-    restarts = _check_int("restarts", restarts, 1)
+    steps = check_int("steps", steps, 1)
+    restarts = check_int("restarts", restarts, 1)
+    fooled_draws = check_int("fooled_draws", fooled_draws, 1)
     if not isinstance(rho, numbers.Real) or not 0 < rho < 1:
         raise ConfigError(f"rho must be in (0, 1) (the paper uses 0.75), got {rho!r}")
     if x_init is not None and (not isinstance(x_init, Tensor) or x_init.shape != x.shape):
@@ -520,7 +594,7 @@ def apgd_ce(
         else:
             start = _random_start(x[idx], eps, norm, generator)
         out, fooled, loss = _apgd_run(
-            model, x[idx], y[idx], eps, norm, steps, rho, targeted, (eot, eot_batched), start
+            model, x[idx], y[idx], eps, norm, steps, rho, targeted, (eot, eot_batched), start, fooled_draws
         )
         keep = fooled | (loss > loss_adv[idx])
         x_adv[idx[keep]], loss_adv[idx[keep]] = out[keep], loss[keep]
@@ -556,8 +630,8 @@ def check_attack_setup(
     with BatchNorm layers (batch statistics couple samples and the running statistics get updated).
     Returns the messages (empty when all is well). Costs two forward passes and one backward pass.
     """
-    _check_int("eot", eot, 1)
-    _check_inputs(x, y)
+    check_int("eot", eot, 1)
+    check_attack_inputs(x, y)
     x = x.detach()
     with torch.no_grad():
         first, second = model(x), model(x)
@@ -596,14 +670,6 @@ def check_attack_setup(
 # --------------------------------------------------------------------------------------------------
 
 
-def _correct_on_all_draws(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> Tensor:
-    correct = torch.ones_like(y, dtype=torch.bool)
-    with torch.no_grad():
-        for _ in range(draws):
-            correct &= model(x).argmax(1) == y
-    return correct
-
-
 def _batches(n: int, batch_size: int) -> list[slice]:
     return [slice(start, start + batch_size) for start in range(0, n, batch_size)]
 
@@ -618,32 +684,32 @@ def robust_accuracy(
     batch_size: int = 256,
     **attack_kwargs: object,
 ) -> float:
-    """Robust accuracy under ``attack`` (a name in ``ATTACKS`` or a function), run batch-wise.
+    """Robust accuracy under ``attack`` (a name in ``EVASION`` or a function), run batch-wise.
 
     An input counts as robust only if the model classifies ``x`` and ``attack(model, x, y, **kwargs)``
     correctly on all ``draws`` independent forward passes each (as in AutoAttack, inputs misclassified
     clean are not attacked and count as not robust, so robust accuracy <= clean accuracy). ``eps`` and
     the attack's options go in ``attack_kwargs``; the set-up checks run on the first batch only.
     """
-    draws = _check_int("draws", draws, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    draws = check_int("draws", draws, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     if "eps" not in attack_kwargs:
         raise ConfigError(
             "robust_accuracy needs the attack budget, e.g. robust_accuracy(..., eps='linf:8/255')"
         )
     if attack_kwargs.get("targeted"):
         raise ConfigError("robust_accuracy measures untargeted robustness; drop targeted=True")
-    attack_fn = ATTACKS.get(attack) if isinstance(attack, str) else attack
+    attack_fn = EVASION.get(attack) if isinstance(attack, str) else attack
     accepts_check = "check" in inspect.signature(attack_fn).parameters
-    _check_inputs(x, y)
+    check_attack_inputs(x, y)
     robust = 0
     for i, b in enumerate(_batches(len(y), batch_size)):
         xb, yb = x[b], y[b]
-        correct = _correct_on_all_draws(model, xb, yb, draws)
+        correct = correct_per_draw(model, xb, yb, draws).all(0)
         idx = correct.nonzero().squeeze(1)
         if idx.numel() > 0:
             kwargs = {**attack_kwargs, "check": False} if accepts_check and i > 0 else attack_kwargs
             x_adv = attack_fn(model, xb[idx], yb[idx], **kwargs)
-            correct[idx] = _correct_on_all_draws(model, x_adv, yb[idx], draws)
+            correct[idx] = correct_per_draw(model, x_adv, yb[idx], draws).all(0)
         robust += int(correct.sum())
     return robust / len(y)

@@ -195,7 +195,7 @@ def _divqat(cfg, data: ImageData, stage: str, seed_dir: Path, width: str):
 
 
 def _qadtr(cfg, data: ImageData, stage: str, seed_dir: Path, width: str):
-    from qrobust.defenses.patch_training import RandomPrecision, make_switchable_bn
+    from qrobust.quant import RandomPrecision, make_switchable_bn
     from qrobust.studies.qadtr.defenses import DEFENSES, LABELS, build_float_model, qat_model
 
     folder, fp, act_range = seed_dir / "models" / stage, build_float_model(cfg, data.info), cfg.qat.act_range

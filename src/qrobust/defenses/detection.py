@@ -25,37 +25,12 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
-from qrobust.quant.stochastic import check_num_draws, ensemble_entropies, ensemble_forward
+from qrobust.quant.stochastic import check_num_draws, ensemble_stats
 from qrobust.registry import DEFENSES
 
 __all__ = ["mutual_information", "information_plane", "MIDetector", "auroc", "plot_information_plane"]
 
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
-def _batches(n: int, batch_size: int | None):
-    step = n if batch_size is None else batch_size
-    if step < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
-    for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
-
-
-@torch.no_grad()
-def _ensemble_stats(model, x, y, n_draws, batch_size):
-    """Per-image MI, ensemble correctness and all-draws correctness (y may be None)."""
-    mi, correct, all_correct = [], [], []
-    for s in _batches(x.shape[0], batch_size):
-        logits = ensemble_forward(model, x[s], n_draws)  # [N, b, C]
-        mi.append(ensemble_entropies(logits)[2].clamp_min(0.0))  # clamp: float round-off only
-        if y is not None:
-            mean_p = torch.softmax(logits, -1).mean(0)
-            correct.append(mean_p.argmax(-1) == y[s])
-            all_correct.append((logits.argmax(-1) == y[s]).all(0))
-    mi = torch.cat(mi)
-    if y is None:
-        return mi, None, None
-    return mi, torch.cat(correct), torch.cat(all_correct)
 
 
 def mutual_information(model: nn.Module, x: torch.Tensor, n_draws: int = 16, batch_size: int | None = None):
@@ -65,7 +40,7 @@ def mutual_information(model: nn.Module, x: torch.Tensor, n_draws: int = 16, bat
     deterministic model. ``batch_size`` bounds memory (each chunk is repeated ``n_draws`` times).
     """
     check_num_draws(n_draws)
-    return _ensemble_stats(model, x, None, n_draws, batch_size)[0]
+    return ensemble_stats(model, x, None, n_draws, batch_size).mi
 
 
 def information_plane(
@@ -98,12 +73,13 @@ def information_plane(
                 f"attack strengths must be numbers >= 0 such as 0.03 or '8/255', got eps={spec!r}"
             )
         x_eval = x if eps == 0 else attack_fn(model, x, y, eps).detach()
-        mi, correct, all_correct = _ensemble_stats(model, x_eval, y, n_draws, batch_size)
+        stats = ensemble_stats(model, x_eval, y, n_draws, batch_size)
+        mi = stats.mi
         rows.append(
             {
                 "eps": float(eps),
-                "accuracy": correct.float().mean().item(),
-                "all_draws_accuracy": all_correct.float().mean().item(),
+                "accuracy": stats.correct.float().mean().item(),
+                "all_draws_accuracy": stats.all_draws_correct.float().mean().item(),
                 "mean_mi": mi.mean().item(),
                 "std_mi": mi.std().item() if mi.numel() > 1 else 0.0,
             }

@@ -26,8 +26,8 @@ Papers:
 
       L = CE(f_b(x + delta_b), y),   delta_b = FGSM-RS or PGD at width b (L-inf, eps = 8/255)
 
-  with a BatchNorm per bit width (:class:`SwitchableBatchNorm2d`, the paper's switchable BN) and
-  random precision inference (RPI, :class:`RandomPrecision`): a random width per forward.
+  with a BatchNorm per bit width (:class:`~qrobust.quant.bitwidth.SwitchableBatchNorm2d`, the paper's
+  switchable BN) and random precision inference (RPI, :class:`~qrobust.quant.bitwidth.RandomPrecision`).
 
 * **QADT-R** (A. Guesmi, B. Ouni, M. Shafique, "Breaking the Limits of Quantization-Aware Defenses:
   QADT-R for Robustness Against Patch-Based Adversarial Attacks in QNNs", arXiv:2503.07058, 2025),
@@ -56,33 +56,36 @@ Papers:
     weights (double back-propagation). Minimising it gives a patch optimiser that averages or
     switches widths conflicting signals. This is our reading of a vague text; it is a setting.
 
-Patch places: the training region (:class:`PatchSpec` ``region``) restricts the top-left corner of
-the pasted patch to a sub-box of the valid positions, so that places outside it are *unseen* at
-evaluation (QADT-R's "unseen patch configurations": sizes, shapes and places not used in training).
+Patch places: the training region (:class:`~qrobust.attacks.patch.PatchConfig` ``region``) restricts the
+top-left corner of the pasted patch to a sub-box of the valid positions, so that places outside it are
+*unseen* at evaluation (QADT-R's "unseen patch configurations": sizes, shapes and places not used in
+training).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qrobust.attacks.patch import PatchConfig, apply_patch, patch_mask, train_patch
+from qrobust.attacks.patch import ANYWHERE, PatchConfig, apply_patch, patch_mask, train_patch
+from qrobust.attacks.whitebox import input_gradient
+from qrobust.config import Settings
 from qrobust.errors import ConfigError
-from qrobust.quant.fake import (
-    ActQuant,
-    check_bits,
-    get_bit_width,
-    is_quantized,
-    set_bit_width,
-    set_quantization_enabled,
+from qrobust.quant.bitwidth import (
+    SCHEDULES,
+    BitWidthSchedule,
+    check_bit_width,
+    check_bit_widths,
+    float_view,
+    plain_batchnorms,
+    statistics_kept,
 )
+from qrobust.quant.fake import ActQuant, get_bit_width, is_quantized, set_bit_width
 from qrobust.registry import OBJECTIVES
 from qrobust.train.objectives import Objective
 from qrobust.utils import eval_mode
@@ -91,284 +94,13 @@ __all__ = [
     "DWQ",
     "PBAT",
     "QADTR",
-    "BitWidthSchedule",
-    "PatchSpec",
-    "RandomPrecision",
-    "SwitchableBatchNorm2d",
-    "check_bit_width",
+    "DWQConfig",
+    "PBATConfig",
+    "PatchTrainingConfig",
+    "QADTRConfig",
     "gir_penalty",
     "input_gradient_cosine",
-    "make_switchable_bn",
-    "model_bit_widths",
-    "patch_asr",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Bit widths: validation, switchable BatchNorm (DWQ), random precision inference, DBWT schedule
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_widths(bit_widths: Iterable[int], what: str = "bit_widths") -> tuple[int, ...]:
-    try:
-        widths = tuple(bit_widths)
-    except TypeError:
-        raise ConfigError(
-            f"{what} must be a list of bit widths such as [2, 4, 8], got {bit_widths!r}"
-        ) from None
-    if not widths:
-        raise ConfigError(f"{what} is empty; give at least one bit width from 2 to 8, e.g. [2, 4, 8]")
-    for bits in widths:
-        check_bits(bits, f"each of {what}")
-    return tuple(sorted(set(widths)))
-
-
-class SwitchableBatchNorm2d(nn.Module):
-    """One ``BatchNorm2d`` per bit width (DWQ's switchable BN, Fu et al. 2021, Sec. 3.3).
-
-    Quantization at different widths shifts activation statistics, so one shared BN mixes them; DWQ
-    keeps separate running statistics and affine parameters per width. ``set_bit_width`` calls
-    :meth:`on_bit_width`, which selects the BN of that width; a width outside the set raises
-    :class:`ConfigError` (a silently shared BN would be the bug this module exists to avoid).
-    """
-
-    def __init__(
-        self, num_features: int, bit_widths: Sequence[int], eps: float = 1e-5, momentum: float = 0.1
-    ):
-        super().__init__()
-        self.bit_widths = _check_widths(bit_widths)
-        self.per_bits = nn.ModuleDict(
-            {str(b): nn.BatchNorm2d(num_features, eps=eps, momentum=momentum) for b in self.bit_widths}
-        )
-        self.active = self.bit_widths[-1]
-
-    @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, bit_widths: Sequence[int]) -> SwitchableBatchNorm2d:
-        """Every width starts as a copy of ``bn`` (its statistics and affine parameters)."""
-        new = cls(bn.num_features, bit_widths, bn.eps, bn.momentum if bn.momentum is not None else 0.1)
-        for b in new.bit_widths:
-            new.per_bits[str(b)] = copy.deepcopy(bn)  # deepcopy keeps the device
-        return new
-
-    def on_bit_width(self, bits: int) -> None:
-        if bits not in self.bit_widths:
-            raise ConfigError(
-                f"bit width {bits} not in the model's set {list(self.bit_widths)}: its BatchNorms were made "
-                f"per bit width for {list(self.bit_widths)} only; use one of those, or rebuild the model "
-                f"with make_switchable_bn(model, bit_widths=[..., {bits}]) and train it at that width"
-            )
-        self.active = bits
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.per_bits[str(self.active)](x)
-
-    def extra_repr(self) -> str:
-        return f"bit_widths={list(self.bit_widths)}, active={self.active}"
-
-
-def model_bit_widths(model: nn.Module) -> tuple[int, ...] | None:
-    """The widths a model supports: the intersection of its switchable BNs' sets (None: any 2..8)."""
-    sets = [set(m.bit_widths) for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
-    if not sets:
-        return None
-    return tuple(sorted(set.intersection(*sets)))
-
-
-def check_bit_width(model: nn.Module, bits: int) -> int:
-    """Check, before switching anything, that ``model`` can run at ``bits`` (ConfigError if not).
-
-    ``set_bit_width`` changes layers in order and a switchable BN refuses a foreign width mid-way;
-    checking first keeps the model consistent.
-    """
-    check_bits(bits)
-    if not is_quantized(model):
-        raise ConfigError("bit widths need a quantized model: call qrobust.quant.quantize(model) first")
-    allowed = model_bit_widths(model)
-    if allowed is not None and bits not in allowed:
-        raise ConfigError(
-            f"bit width {bits} not in the model's set {list(allowed)} (it has a BatchNorm per bit width); "
-            f"use one of {list(allowed)}"
-        )
-    return bits
-
-
-def make_switchable_bn(model: nn.Module, bit_widths: Sequence[int]) -> nn.Module:
-    """Swap every ``BatchNorm2d`` of a QAT model for a :class:`SwitchableBatchNorm2d` (in place).
-
-    Each width's BN starts as a copy of the original. The model is then switched to its current
-    width if that is in ``bit_widths``, else to the largest of them. Returns the model.
-    """
-    widths = _check_widths(bit_widths)
-    if not is_quantized(model):
-        raise ConfigError(
-            "make_switchable_bn needs a QAT model (BatchNorm per bit width): call qrobust.quant.quantize(model) first"
-        )
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.BatchNorm2d) and not _inside_switchable(model, name)
-    ]
-    for name, bn in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SwitchableBatchNorm2d.from_batchnorm(bn, widths))
-    current = get_bit_width(model)
-    set_bit_width(model, current if current in widths else widths[-1])
-    return model
-
-
-def _plain_batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
-    """BatchNorm2d layers shared by all widths (not inside a :class:`SwitchableBatchNorm2d`)."""
-    inside = {id(bn) for m in model.modules() if isinstance(m, SwitchableBatchNorm2d) for bn in m.modules()}
-    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and id(m) not in inside]
-
-
-def _inside_switchable(model: nn.Module, name: str) -> bool:
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), SwitchableBatchNorm2d):
-            return True
-    return False
-
-
-class RandomPrecision(nn.Module):
-    """Random precision inference (DWQ's RPI): each forward runs ``model`` at a random width.
-
-    The width is drawn uniformly from ``bit_widths`` per call (per batch) from ``generator`` (None:
-    the global RNG) and kept in ``last_bits``. Attacks on it see a random width per step, which is
-    the expectation over widths an adaptive attacker must optimise (EOT).
-    """
-
-    def __init__(self, model: nn.Module, bit_widths: Sequence[int], generator: torch.Generator | None = None):
-        super().__init__()
-        self.bit_widths = _check_widths(bit_widths)
-        for bits in self.bit_widths:
-            check_bit_width(model, bits)
-        self.model = model
-        self.generator = generator
-        self.last_bits: int | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        i = int(torch.randint(len(self.bit_widths), (1,), generator=self.generator))
-        self.last_bits = self.bit_widths[i]
-        set_bit_width(self.model, self.last_bits)
-        return self.model(x)
-
-
-SCHEDULES = ("cycle", "random")
-
-
-class BitWidthSchedule:
-    """DBWT's per-step bit width: ``"cycle"`` (``bit_widths[step % K]``) or ``"random"`` (uniform).
-
-    A pure function of ``(seed, step)``, so a resumed run continues the same sequence.
-    """
-
-    def __init__(self, bit_widths: Sequence[int] = (2, 4, 8), mode: str = "cycle", seed: int = 0):
-        if mode not in SCHEDULES:
-            raise ConfigError(f"unknown bit-width schedule '{mode}'; use one of: {', '.join(SCHEDULES)}")
-        self.bit_widths = _check_widths(bit_widths)
-        self.mode = mode
-        self.seed = int(seed)
-
-    def __call__(self, step: int) -> int:
-        if self.mode == "cycle":
-            return self.bit_widths[step % len(self.bit_widths)]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return self.bit_widths[int(torch.randint(len(self.bit_widths), (1,), generator=gen))]
-
-
-# --------------------------------------------------------------------------------------------------
-# Patch specs with a placement region, and ASR at those places
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PatchSpec:
-    """A patch configuration with a placement region (seen vs unseen places).
-
-    ``region = (lo, hi)``: the patch's top-left corner is uniform over the box
-    ``[lo, hi] x [lo, hi]`` of the valid positions (as fractions of ``H - s`` and ``W - s``);
-    ``(0, 1)`` = anywhere, ``(0, 0.5)`` = the top-left part, ``(0.75, 1)`` = near the bottom-right.
-    """
-
-    shape: str = "square"
-    size: float = 0.08
-    region: tuple[float, float] = (0.0, 1.0)
-
-    def __post_init__(self) -> None:
-        self.config()  # validates shape and size
-        lo, hi = (float(v) for v in self.region)
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(
-                f"patch region must be (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the valid top-left "
-                f"positions), got {self.region}"
-            )
-        self.region = (lo, hi)
-
-    @property
-    def key(self) -> str:
-        return f"{self.shape}@{self.size:g}"
-
-    def config(self) -> PatchConfig:
-        return PatchConfig(shape=self.shape, size=self.size, placement="random")
-
-    def locations(self, n: int, image_hw: tuple[int, int], generator: torch.Generator | None) -> Tensor:
-        """``[n, 2]`` integer top-left (row, col) positions, uniform in the region (CPU tensor)."""
-        side, _ = patch_mask(self.config(), image_hw)
-        lo, hi = self.region
-        slots = torch.tensor([image_hw[0] - side, image_hw[1] - side], dtype=torch.float64)
-        first, last = torch.ceil(lo * slots), torch.floor(hi * slots)
-        last = torch.maximum(first, last)
-        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
-        return torch.minimum(first + torch.floor(u * (last - first + 1)), last)
-
-    def to_dict(self) -> dict:
-        return {"shape": self.shape, "size": self.size, "region": list(self.region)}
-
-
-@torch.no_grad()
-def patch_asr(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    patch: Tensor,
-    spec: PatchSpec,
-    *,
-    generator: torch.Generator | None = None,
-    batch_size: int = 256,
-    draws: int = 1,
-) -> dict[str, float | int]:
-    """Untargeted ASR of ``patch`` pasted at places of ``spec.region`` (QADT-R's metric, DESIGN.md).
-
-    Eligible images: those the model classifies correctly when clean; ASR = share of (eligible image,
-    draw) pairs whose prediction differs from the label with the patch on. All places come from
-    ``generator`` (None: seeded with 0) up front, so every model sees the same places. For a
-    randomised model (:class:`RandomPrecision`) clean and patched forwards each draw their own width:
-    the expected ASR under random precision inference. ``asr`` is NaN with no eligible image.
-    """
-    if int(draws) < 1 or int(batch_size) < 1:
-        raise ConfigError(f"need draws >= 1 and batch_size >= 1, got draws={draws}, batch_size={batch_size}")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    n, image_hw = x.shape[0], (x.shape[-2], x.shape[-1])
-    cfg = spec.config()
-    locations = [spec.locations(n, image_hw, generator).to(x.device) for _ in range(draws)]
-    patch = patch.to(device=x.device, dtype=x.dtype)
-    y = y.to(x.device)
-    with eval_mode(model):
-        eligible = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)]) == y
-        hits = 0
-        for locs in locations:
-            for i in range(0, n, batch_size):
-                sl = slice(i, i + batch_size)
-                x_adv, _ = apply_patch(x[sl], patch, cfg, locations=locs[sl])
-                hits += int(((model(x_adv).argmax(1) != y[sl]) & eligible[sl]).sum())
-    num = int(eligible.sum())
-    return {
-        "asr": hits / (num * draws) if num else float("nan"),
-        "num_eligible": num,
-        "clean_acc": float(eligible.float().mean()),
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,11 +108,13 @@ def patch_asr(
 # --------------------------------------------------------------------------------------------------
 
 
-def _input_grad(model: nn.Module, x: Tensor, y: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-    """``(logits, grad_x sum_i CE_i)`` at ``x`` (a leaf with requires_grad)."""
+def _graph_input_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits, grad_x sum_i CE_i)`` at ``x`` (a leaf with requires_grad), the gradient kept in the
+    autograd graph (``create_graph=True``) so that a loss on it trains the weights (double
+    back-propagation). :func:`qrobust.attacks.whitebox.input_gradient` is the same gradient, detached."""
     logits = model(x)
     loss = F.cross_entropy(logits, y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
     return logits, grad
 
 
@@ -397,6 +131,7 @@ def gir_penalty(
     *,
     sigma: float = 0.0,
     generator: torch.Generator | None = None,
+    update_statistics: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """QADT-R's GIR term ``R = mean_i cos(g_b(x_i), g_b'(x_i'))``, differentiable in the weights.
 
@@ -404,11 +139,20 @@ def gir_penalty(
     widths (None: leave the model's width as it is); ``sigma > 0`` takes the second gradient at
     ``x' = clamp(x + sigma * n, 0, 1)``, ``n ~ N(0, I)`` from ``generator``. The model is left at
     ``bits``. Returns ``(R, logits at bits)``; the logits let the caller reuse that forward for CE.
+
+    The second forward (at ``other_bits`` or on the noisy images) never updates the model's BatchNorm
+    running statistics or EMA activation ranges (:func:`~qrobust.quant.bitwidth.statistics_kept`): they
+    belong to the width being trained. ``update_statistics=False`` spares them in the first forward too
+    (for a caller that takes CE, and so the statistics' update, from another forward).
     """
     xa = x.detach().requires_grad_(True)
     if bits is not None:
         set_bit_width(model, bits)
-    logits, ga = _input_grad(model, xa, y, create_graph=True)
+    if update_statistics:
+        logits, ga = _graph_input_grad(model, xa, y)
+    else:
+        with statistics_kept(model):
+            logits, ga = _graph_input_grad(model, xa, y)
     xb = x.detach()
     if sigma > 0:
         gdev = generator.device if generator is not None else torch.device("cpu")
@@ -417,7 +161,8 @@ def gir_penalty(
     xb = xb.requires_grad_(True)
     if other_bits is not None:
         set_bit_width(model, other_bits)
-    _, gb = _input_grad(model, xb, y, create_graph=True)
+    with statistics_kept(model):
+        _, gb = _graph_input_grad(model, xb, y)
     if bits is not None:
         set_bit_width(model, bits)
     return _cosine(ga, gb).mean(), logits
@@ -427,9 +172,9 @@ def input_gradient_cosine(model: nn.Module, x: Tensor, y: Tensor, bits: int, oth
     """Mean per-image cosine similarity of input gradients at two widths (eval mode, no graph)."""
     with eval_mode(model):
         set_bit_width(model, bits)
-        ga = _input_grad(model, x.detach().requires_grad_(True), y, create_graph=False)[1]
+        ga = input_gradient(model, x, y)
         set_bit_width(model, other_bits)
-        gb = _input_grad(model, x.detach().requires_grad_(True), y, create_graph=False)[1]
+        gb = input_gradient(model, x, y)
     return float(_cosine(ga, gb).mean())
 
 
@@ -445,62 +190,175 @@ def _ensure_ranges(model: nn.Module, x: Tensor) -> None:
             model(x)
 
 
-@contextmanager
-def _float_view(model: nn.Module):
-    """The float network with the same weights (quantizers off), for PBAT's full-precision patches."""
-    if not is_quantized(model):
-        yield model
-        return
-    set_quantization_enabled(model, False)
-    try:
-        yield model
-    finally:
-        set_quantization_enabled(model, True)
+def _whole(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
 
 
-def _check_fraction(fraction: float) -> float:
-    fraction = float(fraction)
-    if not 0.0 < fraction <= 1.0:
-        raise ConfigError(
-            f"fraction (share of each batch that gets a patch) must be in (0, 1], got {fraction}"
-        )
-    return fraction
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+
+
+@dataclass
+class PatchTrainingConfig(Settings):
+    """Settings every patch-training objective has (PBAT, QADT-R's A-QAPA)."""
+
+    fraction: float = 0.5  # share of each batch that gets the patch (the rest stays clean)
+    patch_steps: int = 2  # Adam steps on the persistent patch per training step
+    patch_lr: float = 0.1  # their learning rate
+    seed: int = 0  # the objective's generator: initial patches, batches and places of the patch steps
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+            raise ConfigError(
+                f"fraction (share of each batch that gets a patch) must be in (0, 1], got {self.fraction}"
+            )
+        _whole("patch_steps", self.patch_steps, 1)
+        _positive("patch_lr", self.patch_lr)
+        _whole("seed", self.seed, 0)
+
+
+GENERATE_ON = ("float", "model")
+
+
+def _default_pbat_specs() -> tuple[PatchConfig, ...]:
+    return (PatchConfig("square", 0.08),)
+
+
+@dataclass
+class PBATConfig(PatchTrainingConfig):
+    """PBAT's settings (module docstring)."""
+
+    specs: Sequence[PatchConfig | dict] = field(default_factory=_default_pbat_specs)  # training patches, in turn
+    generate_on: str = "float"  # make the patch on "float" (quantizers off: PBAT) or the trained "model"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.specs = tuple(s if isinstance(s, PatchConfig) else PatchConfig(**s) for s in self.specs)
+        if not self.specs:
+            raise ConfigError("specs is empty; give at least one PatchConfig(shape, size, region=...)")
+        if self.generate_on not in GENERATE_ON:
+            raise ConfigError(f"generate_on must be 'float' or 'model', got {self.generate_on!r}")
+
+
+ADVERSARIES = ("fgsm", "pgd", "none")
+
+
+@dataclass
+class DWQConfig(Settings):
+    """DWQ's settings (Fu et al. 2021; the reference code's defaults)."""
+
+    bit_widths: Sequence[int] = (2, 4, 8)  # widths drawn per step (random precision training)
+    adversary: str = "fgsm"  # "fgsm" (FGSM with a random start), "pgd", or "none" (clean images)
+    eps: float = 8 / 255  # L-inf budget on [0, 1] images
+    alpha: float = 10 / 255  # FGSM step
+    pgd_steps: int = 7  # PGD steps (of 2/255) when adversary="pgd"
+    seed: int = 0  # the objective's generator (widths, random starts)
+    require_switchable_bn: bool = True  # refuse a BatchNorm shared by all widths
+
+    def __post_init__(self) -> None:
+        self.bit_widths = check_bit_widths(self.bit_widths)
+        if self.adversary not in ADVERSARIES:
+            raise ConfigError(f"unknown DWQ adversary '{self.adversary}'; use one of: {', '.join(ADVERSARIES)}")
+        if not (0 < float(self.eps) <= 1 and 0 < float(self.alpha) <= 1):
+            raise ConfigError(
+                f"eps and alpha are L-inf budgets on [0, 1] images, in (0, 1]; got {self.eps}, {self.alpha}"
+            )
+        self.eps, self.alpha = float(self.eps), float(self.alpha)
+        _whole("pgd_steps", self.pgd_steps, 1)
+        _whole("seed", self.seed, 0)
+        self.require_switchable_bn = bool(self.require_switchable_bn)
+
+
+GIR_MODES = ("bits", "noise")
+
+
+@dataclass
+class QADTRConfig(PatchTrainingConfig):
+    """QADT-R's settings (Guesmi et al. 2025; module docstring). Each part can be switched off: A-QAPA
+    alone, A-QAPA+DBWT, DBWT+GIR, ... are its ablations."""
+
+    aqapa: bool = True  # A-QAPA: train on patches made inside the quantized network
+    dbwt: bool = True  # DBWT: a new width every step (dbwt_mode); off: the model's own width
+    gir: bool = True  # GIR: penalise the input-gradient cosine between widths (or input draws)
+    bit_widths: Sequence[int] = (2, 4, 8)  # the widths DBWT cycles over, A-QAPA makes patches at, GIR compares
+    dbwt_mode: str = "cycle"  # "cycle" (2 -> 4 -> 8 -> ...) or "random" (BitWidthSchedule)
+    shapes: Sequence[str] = ("square",)  # A-QAPA's training shapes, in turn
+    sizes: Sequence[float] = (0.06, 0.08, 0.1)  # A-QAPA's size ladder (shares of the image; start: the middle)
+    region: tuple[float, float] = ANYWHERE  # A-QAPA's training places (PatchConfig.region)
+    asr_low: float = 0.2  # EMA fooling rate below this: one size up (the model resists)
+    asr_high: float = 0.6  # above this: one size down (too strong to learn from)
+    asr_momentum: float = 0.9  # momentum of that EMA
+    gir_weight: float = 0.5  # lambda_GIR
+    gir_mode: str = "bits"  # "bits" (another width of bit_widths) or "noise" (same width, input noise)
+    gir_sigma: float = 0.05  # the input noise std of gir_mode="noise" (on [0, 1] images)
+    gir_batch: int = 32  # images per step on which R_GIR is estimated (a random sub-batch; 0 = all)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.aqapa, self.dbwt, self.gir = bool(self.aqapa), bool(self.dbwt), bool(self.gir)
+        self.bit_widths = check_bit_widths(self.bit_widths)
+        self.shapes = tuple(self.shapes)
+        self.sizes = tuple(sorted(float(v) for v in self.sizes))
+        if not self.shapes or not self.sizes:
+            raise ConfigError("A-QAPA needs at least one shape and one size, e.g. shapes=['square'], sizes=[0.08]")
+        self.region = tuple(float(v) for v in self.region)  # type: ignore[assignment]
+        for shape in self.shapes:  # validates every shape, size and the region
+            for size in self.sizes:
+                PatchConfig(shape, size, region=self.region)
+        if self.dbwt_mode not in SCHEDULES:
+            raise ConfigError(f"unknown bit-width schedule '{self.dbwt_mode}'; use one of: {', '.join(SCHEDULES)}")
+        if not 0 <= self.asr_low < self.asr_high <= 1 or not 0 <= self.asr_momentum < 1:
+            raise ConfigError(
+                f"need 0 <= asr_low < asr_high <= 1 and 0 <= asr_momentum < 1, got {self.asr_low}, "
+                f"{self.asr_high}, {self.asr_momentum}"
+            )
+        if self.gir_mode not in GIR_MODES:
+            raise ConfigError(f"unknown gir_mode '{self.gir_mode}'; use one of: {', '.join(GIR_MODES)}")
+        if not (math.isfinite(self.gir_weight) and self.gir_weight >= 0 and self.gir_sigma >= 0):
+            raise ConfigError(f"gir_weight and gir_sigma must be >= 0, got {self.gir_weight}, {self.gir_sigma}")
+        if self.gir and self.gir_mode == "bits" and len(self.bit_widths) < 2:
+            raise ConfigError(
+                "GIR across bit widths needs at least two bit widths to compare; add one to bit_widths "
+                "or use gir_mode='noise'"
+            )
+        if self.gir and self.gir_mode == "noise" and self.gir_sigma <= 0:
+            raise ConfigError("gir_mode='noise' needs gir_sigma > 0 (the input noise std on [0, 1] images)")
+        _whole("gir_batch (0 = the whole batch)", self.gir_batch, 0)
 
 
 class _PatchTraining(Objective):
     """Shared machinery: persistent patches per (shape, size), a generator, step count, state."""
 
-    def __init__(self, *, fraction: float, patch_steps: int, patch_lr: float, seed: int):
-        self.fraction = _check_fraction(fraction)
-        if isinstance(patch_steps, bool) or not isinstance(patch_steps, int) or patch_steps < 1:
-            raise ConfigError(f"patch_steps must be a whole number >= 1, got {patch_steps!r}")
-        if not (math.isfinite(float(patch_lr)) and float(patch_lr) > 0):
-            raise ConfigError(f"patch_lr must be a number > 0, got {patch_lr!r}")
-        self.patch_steps, self.patch_lr, self.seed = patch_steps, float(patch_lr), int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+    config_class: type[PatchTrainingConfig] = PatchTrainingConfig
+
+    def __init__(self, config: PatchTrainingConfig | Mapping | None = None, **overrides):
+        self.settings = self.config_class.build(config, **overrides)
+        self.generator = torch.Generator().manual_seed(self.settings.seed)
         self.patches: dict[str, Tensor] = {}
         self.step = 0
         self.last_bits: int | None = None
 
     # ---- patches
-    def _patch_for(self, spec: PatchSpec, x: Tensor) -> Tensor:
+    def _patch_for(self, spec: PatchConfig, x: Tensor) -> Tensor:
         if spec.key not in self.patches:
-            side, _ = patch_mask(spec.config(), (x.shape[-2], x.shape[-1]))
+            side, _ = patch_mask(spec, (x.shape[-2], x.shape[-1]))
             self.patches[spec.key] = torch.rand(x.shape[1], side, side, generator=self.generator)
         return self.patches[spec.key].to(device=x.device, dtype=x.dtype)
 
     def _patched_batch(
-        self, generator_model: nn.Module, spec: PatchSpec, x: Tensor, y: Tensor
+        self, generator_model: nn.Module, spec: PatchConfig, x: Tensor, y: Tensor
     ) -> tuple[Tensor, int]:
         """``patch_steps`` Adam steps on the persistent patch, then paste it on the first k images."""
-        k = max(1, round(self.fraction * x.shape[0]))
+        k = max(1, round(self.settings.fraction * x.shape[0]))
         patch = train_patch(
             generator_model,
             x[:k],
             y[:k],
-            spec.config(),
-            steps=self.patch_steps,
-            lr=self.patch_lr,
+            replace(spec, region=ANYWHERE),
+            steps=self.settings.patch_steps,
+            lr=self.settings.patch_lr,
             batch_size=k,
             init=self._patch_for(spec, x),
             generator=self.generator,
@@ -508,7 +366,7 @@ class _PatchTraining(Objective):
         )
         self.patches[spec.key] = patch.detach().cpu()
         locs = spec.locations(k, (x.shape[-2], x.shape[-1]), self.generator).to(x.device)
-        x_patched, _ = apply_patch(x[:k], patch, spec.config(), locations=locs)
+        x_patched, _ = apply_patch(x[:k], patch, spec, locations=locs)
         return torch.cat([x_patched, x[k:]]), k
 
     # ---- state (resume)
@@ -532,50 +390,30 @@ class _PatchTraining(Objective):
                 "objective: delete the run folder or train into another one"
             ) from None
 
-
-def _specs(specs: Sequence[PatchSpec | dict], what: str = "specs") -> tuple[PatchSpec, ...]:
-    out = tuple(s if isinstance(s, PatchSpec) else PatchSpec(**s) for s in specs)
-    if not out:
-        raise ConfigError(f"{what} is empty; give at least one PatchSpec(shape, size, region)")
-    return out
+    def config(self) -> dict:
+        return {"name": self.name, **self.settings.to_dict()}
 
 
 @OBJECTIVES.register("pbat")
 class PBAT(_PatchTraining):
-    """Patch adversarial training on one network (see the module docstring for the loss).
+    """Patch adversarial training on one network (the module docstring gives the loss).
 
-    Args:
-        specs: training patch configurations, used in turn (step ``t`` uses ``specs[t % len]``).
-        fraction: share of each batch that gets the patch (the rest stays clean).
-        patch_steps, patch_lr: Adam steps per training step on the persistent patch, and their rate.
-        generate_on: ``"float"`` (quantizers off while making the patch: PBAT in full precision) or
-            ``"model"`` (the network as it is trained).
+    ``PBAT(config=None, **overrides)``: :class:`PBATConfig` (or a mapping of it), single settings as
+    keywords, e.g. ``PBAT(specs=[PatchConfig("square", 0.08, region=(0, 0.6))], patch_steps=1)``. Step
+    ``t`` uses ``specs[t % len(specs)]``.
     """
 
     name = "pbat"
-
-    def __init__(
-        self,
-        specs: Sequence[PatchSpec | dict] = (PatchSpec(),),
-        *,
-        fraction: float = 0.5,
-        patch_steps: int = 2,
-        patch_lr: float = 0.1,
-        generate_on: str = "float",
-        seed: int = 0,
-    ):
-        super().__init__(fraction=fraction, patch_steps=patch_steps, patch_lr=patch_lr, seed=seed)
-        self.specs = _specs(specs)
-        if generate_on not in ("float", "model"):
-            raise ConfigError(f"generate_on must be 'float' or 'model', got {generate_on!r}")
-        self.generate_on = generate_on
+    config_class = PBATConfig
+    settings: PBATConfig
 
     def __call__(self, model, x, y):
         _ensure_ranges(model, x)
-        spec = self.specs[self.step % len(self.specs)]
+        specs = self.settings.specs
+        spec = specs[self.step % len(specs)]
         self.step += 1
-        if self.generate_on == "float":
-            with _float_view(model):
+        if self.settings.generate_on == "float":
+            with float_view(model):
                 x_mix, _ = self._patched_batch(model, spec, x, y)
         else:
             x_mix, _ = self._patched_batch(model, spec, x, y)
@@ -583,109 +421,54 @@ class PBAT(_PatchTraining):
         loss = F.cross_entropy(logits, y)
         return loss, {"correct": (logits.detach().argmax(1) == y).sum()}
 
-    def config(self) -> dict:
-        return {
-            "name": self.name,
-            "specs": [s.to_dict() for s in self.specs],
-            "fraction": self.fraction,
-            "patch_steps": self.patch_steps,
-            "patch_lr": self.patch_lr,
-            "generate_on": self.generate_on,
-        }
-
-
-ADVERSARIES = ("fgsm", "pgd", "none")
-
 
 @OBJECTIVES.register("dwq")
 class DWQ(Objective):
     """Double-Win Quant random precision (adversarial) training (module docstring; Fu et al. 2021).
 
-    Each step: ``b ~ U(bit_widths)`` from the objective's generator; the model is switched to ``b``
-    (its switchable BNs follow); the adversarial batch is made at ``b`` in train mode, as in the
-    reference code; the loss is CE at ``b``. ``adversary``: ``"fgsm"`` (FGSM with a uniform random
-    start, step ``alpha``: the reference code's default), ``"pgd"`` (``pgd_steps`` steps of
-    ``2/255``), or ``"none"`` (random precision training on clean images only).
+    ``DWQ(config=None, **overrides)`` with :class:`DWQConfig`. Each step: ``b ~ U(bit_widths)`` from the
+    objective's generator; the model is switched to ``b`` (its switchable BNs follow); the adversarial
+    batch is made at ``b`` in train mode, as in the reference code; the loss is CE at ``b``.
 
-    The model must be quantized; a plain ``BatchNorm2d`` is refused (call :func:`make_switchable_bn`
-    first) unless ``require_switchable_bn=False``.
+    The model must be quantized; a plain ``BatchNorm2d`` is refused (call
+    :func:`~qrobust.quant.bitwidth.make_switchable_bn` first) unless ``require_switchable_bn=False``.
     """
 
     name = "dwq"
 
-    def __init__(
-        self,
-        bit_widths: Sequence[int] = (2, 4, 8),
-        *,
-        adversary: str = "fgsm",
-        eps: float = 8 / 255,
-        alpha: float = 10 / 255,
-        pgd_steps: int = 7,
-        seed: int = 0,
-        require_switchable_bn: bool = True,
-    ):
-        self.bit_widths = _check_widths(bit_widths)
-        if adversary not in ADVERSARIES:
-            raise ConfigError(f"unknown DWQ adversary '{adversary}'; use one of: {', '.join(ADVERSARIES)}")
-        if not (0 < float(eps) <= 1 and 0 < float(alpha) <= 1):
-            raise ConfigError(
-                f"eps and alpha are L-inf budgets on [0, 1] images, in (0, 1]; got {eps}, {alpha}"
-            )
-        if isinstance(pgd_steps, bool) or not isinstance(pgd_steps, int) or pgd_steps < 1:
-            raise ConfigError(f"pgd_steps must be a whole number >= 1, got {pgd_steps!r}")
-        self.adversary, self.eps, self.alpha, self.pgd_steps = adversary, float(eps), float(alpha), pgd_steps
-        self.require_switchable_bn = bool(require_switchable_bn)
-        self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+    def __init__(self, config: DWQConfig | Mapping | None = None, **overrides):
+        self.settings = DWQConfig.build(config, **overrides)
+        self.generator = torch.Generator().manual_seed(self.settings.seed)
         self.step = 0
         self.last_bits: int | None = None
         self._checked = False
 
     def _check_model(self, model: nn.Module) -> None:
-        if self.require_switchable_bn and _plain_batchnorms(model):
+        if self.settings.require_switchable_bn and plain_batchnorms(model):
             raise ConfigError(
                 "DWQ needs a BatchNorm per bit width: call make_switchable_bn(model, bit_widths) on the QAT "
                 "model before training (or DWQ(require_switchable_bn=False) for a shared BN)"
             )
-        for bits in self.bit_widths:
+        for bits in self.settings.bit_widths:
             check_bit_width(model, bits)
         self._checked = True
 
     def __call__(self, model, x, y):
         from qrobust.attacks.whitebox import pgd
 
+        c = self.settings
         if not self._checked:
             self._check_model(model)
-        bits = self.bit_widths[int(torch.randint(len(self.bit_widths), (1,), generator=self.generator))]
+        bits = c.bit_widths[int(torch.randint(len(c.bit_widths), (1,), generator=self.generator))]
         self.step += 1
         self.last_bits = bits
         set_bit_width(model, bits)
-        if self.adversary == "none":
+        if c.adversary == "none":
             x_adv = x
-        elif self.adversary == "fgsm":
-            x_adv = pgd(
-                model,
-                x,
-                y,
-                self.eps,
-                steps=1,
-                step_size=self.alpha,
-                random_start=True,
-                generator=self.generator,
-                check=False,
-            )
         else:
-            x_adv = pgd(
-                model,
-                x,
-                y,
-                self.eps,
-                steps=self.pgd_steps,
-                step_size=2 / 255,
-                random_start=True,
-                generator=self.generator,
-                check=False,
-            )
+            steps, step_size = (1, c.alpha) if c.adversary == "fgsm" else (c.pgd_steps, 2 / 255)
+            x_adv = pgd(model, x, y, c.eps, steps=steps, step_size=step_size, random_start=True,
+                        generator=self.generator, check=False)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
         return loss, {"correct": (logits.detach().argmax(1) == y).sum(), "bits": bits}
@@ -699,163 +482,91 @@ class DWQ(Objective):
             self.generator.set_state(state["generator"])
 
     def config(self) -> dict:
-        return {
-            "name": self.name,
-            "bit_widths": list(self.bit_widths),
-            "adversary": self.adversary,
-            "eps": self.eps,
-            "alpha": self.alpha,
-            "pgd_steps": self.pgd_steps,
-        }
-
-
-GIR_MODES = ("bits", "noise")
+        return {"name": self.name, **self.settings.to_dict()}
 
 
 @OBJECTIVES.register("qadtr")
 class QADTR(_PatchTraining):
     """QADT-R (Guesmi et al. 2025) with each part switchable: A-QAPA, DBWT, GIR (module docstring).
 
-    ``QADTR(aqapa=True, dbwt=False, gir=False)`` is the "A-QAPA" ablation, ``dbwt=True`` adds DBWT,
-    all three is QADT-R. ``aqapa=False`` trains on clean images (DBWT and/or GIR only).
-
-    Args:
-        bit_widths: the widths DBWT cycles over, A-QAPA makes patches at, and GIR compares.
-        dbwt_mode: ``"cycle"`` or ``"random"`` (:class:`BitWidthSchedule`).
-        shapes, sizes, region: A-QAPA's training patches: shapes cycle, ``sizes`` is the ladder the
-            adaptive schedule moves on (start: the middle), places are uniform in ``region``.
-        asr_low, asr_high, asr_momentum: the schedule's thresholds on the EMA (momentum) of the batch
-            fooling rate of the patched images.
-        fraction, patch_steps, patch_lr: as :class:`PBAT`.
-        gir_weight: ``lambda_GIR``; gir_mode: ``"bits"`` (another width of ``bit_widths``) or
-            ``"noise"`` (same width, input noise ``gir_sigma``); gir_batch: images per step on which
-            ``R_GIR`` is estimated (a random sub-batch; 0 = all): double back-propagation is the
-            expensive part of QADT-R.
+    ``QADTR(config=None, **overrides)`` with :class:`QADTRConfig` (each setting and its meaning listed
+    there): ``QADTR(dbwt=False, gir=False)`` is the "A-QAPA" ablation, ``QADTR(gir=False)`` A-QAPA+DBWT,
+    ``QADTR()`` all three. ``aqapa=False`` trains on clean images (DBWT and/or GIR only).
     """
 
     name = "qadtr"
+    config_class = QADTRConfig
+    settings: QADTRConfig
 
-    def __init__(
-        self,
-        aqapa: bool = True,
-        dbwt: bool = True,
-        gir: bool = True,
-        *,
-        bit_widths: Sequence[int] = (2, 4, 8),
-        dbwt_mode: str = "cycle",
-        shapes: Sequence[str] = ("square",),
-        sizes: Sequence[float] = (0.06, 0.08, 0.1),
-        region: tuple[float, float] = (0.0, 1.0),
-        asr_low: float = 0.2,
-        asr_high: float = 0.6,
-        asr_momentum: float = 0.9,
-        fraction: float = 0.5,
-        patch_steps: int = 2,
-        patch_lr: float = 0.1,
-        gir_weight: float = 0.5,
-        gir_mode: str = "bits",
-        gir_sigma: float = 0.05,
-        gir_batch: int = 32,
-        seed: int = 0,
-    ):
-        super().__init__(fraction=fraction, patch_steps=patch_steps, patch_lr=patch_lr, seed=seed)
-        self.aqapa, self.dbwt, self.gir = bool(aqapa), bool(dbwt), bool(gir)
-        self.bit_widths = _check_widths(bit_widths)
-        self.schedule = BitWidthSchedule(self.bit_widths, dbwt_mode, seed)
-        shapes = tuple(shapes)
-        sizes = tuple(sorted(float(s) for s in sizes))
-        if not shapes or not sizes:
-            raise ConfigError(
-                "A-QAPA needs at least one shape and one size, e.g. shapes=['square'], sizes=[0.08]"
-            )
-        self.ladder = [[PatchSpec(sh, sz, region) for sz in sizes] for sh in shapes]  # validates all
-        if not 0 <= asr_low < asr_high <= 1 or not 0 <= asr_momentum < 1:
-            raise ConfigError(
-                f"need 0 <= asr_low < asr_high <= 1 and 0 <= asr_momentum < 1, got {asr_low}, {asr_high}, "
-                f"{asr_momentum}"
-            )
-        self.asr_low, self.asr_high, self.asr_momentum = float(asr_low), float(asr_high), float(asr_momentum)
-        if gir_mode not in GIR_MODES:
-            raise ConfigError(f"unknown gir_mode '{gir_mode}'; use one of: {', '.join(GIR_MODES)}")
-        if not (math.isfinite(gir_weight) and gir_weight >= 0 and gir_sigma >= 0):
-            raise ConfigError(f"gir_weight and gir_sigma must be >= 0, got {gir_weight}, {gir_sigma}")
-        if self.gir and gir_mode == "bits" and len(self.bit_widths) < 2:
-            raise ConfigError(
-                "GIR across bit widths needs at least two bit widths to compare; add one to bit_widths "
-                "or use gir_mode='noise'"
-            )
-        if self.gir and gir_mode == "noise" and gir_sigma <= 0:
-            raise ConfigError("gir_mode='noise' needs gir_sigma > 0 (the input noise std on [0, 1] images)")
-        self.gir_weight, self.gir_mode, self.gir_sigma = float(gir_weight), gir_mode, float(gir_sigma)
-        if isinstance(gir_batch, bool) or not isinstance(gir_batch, int) or gir_batch < 0:
-            raise ConfigError(
-                f"gir_batch must be a whole number >= 0 (0 = the whole batch), got {gir_batch!r}"
-            )
-        self.gir_batch = gir_batch
-        self.level = (len(sizes) - 1) // 2
-        self.fool_ema = 0.5 * (self.asr_low + self.asr_high)
+    def __init__(self, config: QADTRConfig | Mapping | None = None, **overrides):
+        super().__init__(config, **overrides)
+        c = self.settings
+        self.schedule = BitWidthSchedule(c.bit_widths, c.dbwt_mode, c.seed)
+        self.ladder = [[PatchConfig(sh, sz, region=c.region) for sz in c.sizes] for sh in c.shapes]
+        self.level = (len(c.sizes) - 1) // 2
+        self.fool_ema = 0.5 * (c.asr_low + c.asr_high)
         self.train_bits: int | None = None
         self.level_history: list[int] = []
 
     @property
     def sizes(self) -> tuple[float, ...]:
-        return tuple(s.size for s in self.ladder[0])
+        return tuple(self.settings.sizes)
 
     def _random_width(self, exclude: int | None = None) -> int:
-        choices = [b for b in self.bit_widths if b != exclude]
+        choices = [b for b in self.settings.bit_widths if b != exclude]
         return choices[int(torch.randint(len(choices), (1,), generator=self.generator))]
 
     def __call__(self, model, x, y):
+        c = self.settings
         if not is_quantized(model):
             raise ConfigError("QADT-R trains a quantized model: call qrobust.quant.quantize(model) first")
         if self.train_bits is None:
             self.train_bits = get_bit_width(model)
-            for bits in self.bit_widths:
+            for bits in c.bit_widths:
                 check_bit_width(model, bits)
         _ensure_ranges(model, x)
         step = self.step
         self.step += 1
-        bits = self.schedule(step) if self.dbwt else self.train_bits
+        bits = self.schedule(step) if c.dbwt else self.train_bits
         self.last_bits = bits
         k = 0
         x_mix = x
-        if self.aqapa:
+        if c.aqapa:
             spec = self.ladder[step % len(self.ladder)][self.level]
-            gen_bits = bits if self.dbwt else self._random_width()
+            gen_bits = bits if c.dbwt else self._random_width()
             set_bit_width(model, gen_bits)  # A-QAPA: the patch is made inside the quantized model at gen_bits
             x_mix, k = self._patched_batch(model, spec, x, y)
         set_bit_width(model, bits)
         stats: dict = {"bits": bits}
-        if self.gir and self.gir_weight > 0:
-            other = self._random_width(exclude=bits) if self.gir_mode == "bits" else bits
-            sigma = self.gir_sigma if self.gir_mode == "noise" else 0.0
+        if c.gir and c.gir_weight > 0:
+            other = self._random_width(exclude=bits) if c.gir_mode == "bits" else bits
+            sigma = c.gir_sigma if c.gir_mode == "noise" else 0.0
             n = x_mix.shape[0]
-            if self.gir_batch == 0 or self.gir_batch >= n:
+            if c.gir_batch == 0 or c.gir_batch >= n:
                 penalty, logits = gir_penalty(
                     model, x_mix, y, bits, other, sigma=sigma, generator=self.generator
                 )
             else:
                 # Double back-propagation costs several plain steps: estimate the mean cosine on a random
                 # sub-batch (unbiased) and take CE from one ordinary forward of the whole batch.
-                idx = torch.randperm(n, generator=self.generator)[: self.gir_batch].to(x_mix.device)
-                penalty, _ = gir_penalty(
-                    model, x_mix[idx], y[idx], bits, other, sigma=sigma, generator=self.generator
-                )
+                idx = torch.randperm(n, generator=self.generator)[: c.gir_batch].to(x_mix.device)
+                penalty, _ = gir_penalty(model, x_mix[idx], y[idx], bits, other, sigma=sigma,
+                                         generator=self.generator, update_statistics=False)
                 logits = model(x_mix)
-            loss = F.cross_entropy(logits, y) + self.gir_weight * penalty
+            loss = F.cross_entropy(logits, y) + c.gir_weight * penalty
             stats["gir_cos"] = float(penalty.detach())
         else:
             logits = model(x_mix)
             loss = F.cross_entropy(logits, y)
         if k:
             fooled = float((logits.detach()[:k].argmax(1) != y[:k]).float().mean())
-            self.fool_ema = self.asr_momentum * self.fool_ema + (1 - self.asr_momentum) * fooled
-            if self.fool_ema < self.asr_low and self.level < len(self.sizes) - 1:
+            self.fool_ema = c.asr_momentum * self.fool_ema + (1 - c.asr_momentum) * fooled
+            if self.fool_ema < c.asr_low and self.level < len(self.sizes) - 1:
                 self.level += 1  # the model resists this size: train against a larger patch
-                self.fool_ema = 0.5 * (self.asr_low + self.asr_high)
-            elif self.fool_ema > self.asr_high and self.level > 0:
+                self.fool_ema = 0.5 * (c.asr_low + c.asr_high)
+            elif self.fool_ema > c.asr_high and self.level > 0:
                 self.level -= 1  # too strong to learn from: smaller patch
-                self.fool_ema = 0.5 * (self.asr_low + self.asr_high)
+                self.fool_ema = 0.5 * (c.asr_low + c.asr_high)
             self.level_history.append(self.level)
         stats["correct"] = (logits.detach().argmax(1) == y).sum()
         return loss, stats
@@ -875,25 +586,3 @@ class QADTR(_PatchTraining):
         self.fool_ema = float(state.get("fool_ema", self.fool_ema))
         train_bits = int(state.get("train_bits", -1))
         self.train_bits = None if train_bits < 0 else train_bits
-
-    def config(self) -> dict:
-        return {
-            "name": self.name,
-            "aqapa": self.aqapa,
-            "dbwt": self.dbwt,
-            "gir": self.gir,
-            "bit_widths": list(self.bit_widths),
-            "dbwt_mode": self.schedule.mode,
-            "shapes": [row[0].shape for row in self.ladder],
-            "sizes": list(self.sizes),
-            "region": list(self.ladder[0][0].region),
-            "asr_low": self.asr_low,
-            "asr_high": self.asr_high,
-            "fraction": self.fraction,
-            "patch_steps": self.patch_steps,
-            "patch_lr": self.patch_lr,
-            "gir_weight": self.gir_weight,
-            "gir_mode": self.gir_mode,
-            "gir_sigma": self.gir_sigma,
-            "gir_batch": self.gir_batch,
-        }

@@ -8,6 +8,8 @@ from qrobust.experiment.executors import EXECUTORS, LocalExecutor, RayExecutor, 
 from qrobust.experiment.settings import (
     PRESETS,
     QAT_EDGES,
+    DataSection,
+    FloatSection,
     StudyBase,
     act_range_tag,
     load_study,
@@ -19,7 +21,7 @@ from qrobust.experiment.spec import Cell, StudySpec, cell_seed
 from qrobust.experiment.stages import CellStore, Stages
 
 __all__ = [
-    "EXECUTORS", "PRESETS", "QAT_EDGES", "Cell", "CellStore", "LocalExecutor", "RayExecutor", "Stages", "StudyBase", "StudySpec",
+    "EXECUTORS", "PRESETS", "QAT_EDGES", "Cell", "CellStore", "DataSection", "FloatSection", "LocalExecutor", "RayExecutor", "Stages", "StudyBase", "StudySpec",
     "act_range_tag", "aggregate_seeds", "cell_seed", "is_stat", "load_study", "make_executor", "mean_std", "open_study",
     "run_study", "study_preset", "study_toml",
 ]

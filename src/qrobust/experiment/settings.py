@@ -31,6 +31,25 @@ def act_range_tag(act_range: str) -> dict:
 
 
 @dataclass
+class DataSection:
+    """Where a study's images come from (every study's ``[data]`` starts with these keys)."""
+
+    name: str = "fashion-mnist"
+    dir: str = ""  # empty = $QROBUST_DATA or the data set's default place
+    download: bool = False
+    augment: bool = True
+
+
+@dataclass
+class FloatSection:
+    """How a study trains its float model (``[fp]``): Nesterov SGD at peak ``lr``, warm-up then cosine."""
+
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+
+
+@dataclass
 class StudyBase:
     """The settings every study has; a study's config adds its own sections."""
 

@@ -30,6 +30,7 @@ from qrobust.errors import ConfigError
 from qrobust.metrics import predict
 from qrobust.models import BasicBlock, ConvBNAct, LinearAct, QNet
 from qrobust.quant.fake import ActQuant, QuantConfig, QuantConv2d, QuantLinear, weight_int_repr
+from qrobust.utils import eval_mode
 
 # server = x86 CPUs through oneDNN's int8 kernels: on this project's AMD EPYC (AVX2) they ran 1.6x faster
 # than the "x86"/fbgemm engine with 99.99% top-1 agreement (docs/CHOICES.md); mobile = ARM through qnnpack.
@@ -168,12 +169,8 @@ def export_int8(twin: nn.Module, backend: str | None = None) -> Int8Model:
     acts = [m for m in twin.modules() if isinstance(m, ActQuant)]
     if any(m.bits != 8 for m in acts):
         raise ConfigError("only 8-bit activations export to int8: call set_bit_width(model, 8) first")
-    was_training = twin.training
-    twin.eval()
-    try:
+    with eval_mode(twin):
         return Int8Model(twin, backend).eval()
-    finally:
-        twin.train(was_training)
 
 
 def twin_agreement(twin: nn.Module, int8_model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> float:

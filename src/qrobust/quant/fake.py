@@ -41,6 +41,7 @@ from torch import nn
 
 from qrobust.config import check_act_range
 from qrobust.errors import ConfigError
+from qrobust.utils import eval_mode
 
 MIN_BITS, MAX_BITS = 2, 8
 _EPS = 1e-8
@@ -231,26 +232,30 @@ class ActQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """Move the range towards this batch's min/max by ``momentum`` (EMA; the first batch sets it)."""
         lo, hi = torch.aminmax(x.detach().float())
-        if not bool(self.initialized):
-            self.lo.copy_(lo)
-            self.hi.copy_(hi)
-            self.initialized.fill_(True)
-        else:
-            self.lo.lerp_(lo, self.momentum)
-            self.hi.lerp_(hi, self.momentum)
+        if self._first_range(lo, hi):
+            return
+        self.lo.lerp_(lo, self.momentum)
+        self.hi.lerp_(hi, self.momentum)
 
     @torch.no_grad()
     def observe_min_max(self, x: torch.Tensor) -> None:
         """Widen the range to the running min/max of everything seen (what :func:`calibrate` uses)."""
         lo, hi = torch.aminmax(x.detach().float())
-        if not bool(self.initialized):
-            self.lo.copy_(lo)
-            self.hi.copy_(hi)
-            self.initialized.fill_(True)
-        else:
-            self.lo.copy_(torch.minimum(self.lo, lo))
-            self.hi.copy_(torch.maximum(self.hi, hi))
+        if self._first_range(lo, hi):
+            return
+        self.lo.copy_(torch.minimum(self.lo, lo))
+        self.hi.copy_(torch.maximum(self.hi, hi))
+
+    def _first_range(self, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+        """Set the range to ``[lo, hi]`` if none was observed yet; True when it did."""
+        if bool(self.initialized):
+            return False
+        self.lo.copy_(lo)
+        self.hi.copy_(hi)
+        self.initialized.fill_(True)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -282,8 +287,27 @@ class ActQuant(nn.Module):
 
 
 class _WeightQuantMixin:
+    """Per-channel fake-quantized weights for a float layer class (``float_class``), same parameters."""
+
     bits: int
     enabled: bool
+    float_class: type[nn.Module]
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, bits: int):
+        """The quantized view of ``layer``: the same Parameter objects (an optimizer built on the model
+        keeps working), with ``bits``-bit weights."""
+        new = copy.copy(layer)
+        new.__class__ = cls
+        new.bits, new.enabled = check_bits(bits), True
+        return new
+
+    def to_float(self) -> nn.Module:
+        """The float layer again (same parameters), without the quantizer's attributes."""
+        new = copy.copy(self)
+        new.__class__ = self.float_class
+        del new.bits, new.enabled
+        return new
 
     def quantized_weight(self) -> torch.Tensor:
         return fake_quantize_weight(self.weight, self.bits) if self.enabled else self.weight
@@ -295,18 +319,7 @@ class _WeightQuantMixin:
 class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
     """``nn.Conv2d`` whose forward uses per-channel fake-quantized weights (same parameters)."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, bits: int) -> QuantConv2d:
-        new = copy.copy(conv)  # same Parameter objects: an optimizer built on the model keeps working
-        new.__class__ = cls
-        new.bits, new.enabled = check_bits(bits), True
-        return new
-
-    def to_float(self) -> nn.Conv2d:
-        new = copy.copy(self)
-        new.__class__ = nn.Conv2d
-        del new.bits, new.enabled
-        return new
+    float_class = nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
@@ -315,18 +328,7 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
 class QuantLinear(_WeightQuantMixin, nn.Linear):
     """``nn.Linear`` whose forward uses per-channel fake-quantized weights (same parameters)."""
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear, bits: int) -> QuantLinear:
-        new = copy.copy(linear)
-        new.__class__ = cls
-        new.bits, new.enabled = check_bits(bits), True
-        return new
-
-    def to_float(self) -> nn.Linear:
-        new = copy.copy(self)
-        new.__class__ = nn.Linear
-        del new.bits, new.enabled
-        return new
+    float_class = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -450,17 +452,15 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 256, *, reset
     if len(x) == 0:
         raise ConfigError("calibrate needs at least one image")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
     try:
         for act in acts:
             if reset:
                 act.initialized.fill_(False)
             act.calibrating = True
-        for start in range(0, len(x), batch_size):
-            model(as_float_images(x[start:start + batch_size].to(device)))
+        with eval_mode(model):
+            for start in range(0, len(x), batch_size):
+                model(as_float_images(x[start:start + batch_size].to(device)))
     finally:
         for act in acts:
             act.calibrating = False
-        model.train(was_training)
     return model

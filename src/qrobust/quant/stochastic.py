@@ -34,7 +34,7 @@ with its SQs is an ensemble of quantized networks, one member per draw). ``deter
 ``N`` times), :func:`ensemble_predict` averages the draws' probabilities, :class:`EnsembleSQ` wraps a
 model so that ``forward`` returns the log of that average (a logits-like output for losses and attacks),
 :func:`ensemble_entropies` gives ``H(T)``, ``H(T|X)`` and their difference, the mutual information;
-:func:`ensemble_stats` and :func:`correct_on_all_draws` evaluate an ensemble per input.
+:func:`ensemble_stats` and :func:`correct_per_draw` evaluate a model per input.
 
 **Memory.** The SQ materialises ``[..., K]`` tensors per quantized element (logits, noise, relaxed
 sample; autograd keeps about three of them): roughly ``3 * K * 4`` bytes per element on top of the
@@ -49,6 +49,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +69,15 @@ __all__ = [
     "ensemble_log_probs",
     "ensemble_predict",
     "ensemble_entropies",
+    "EnsembleStats",
     "ensemble_stats",
-    "correct_on_all_draws",
+    "correct_per_draw",
+    "MI_READINGS",
+    "mi_sqs",
+    "sq_bin_probs",
+    "representation_entropies",
+    "disagreement_rate",
+    "diversity_stats",
     "EnsembleSQ",
 ]
 
@@ -450,35 +458,160 @@ def ensemble_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return h_mean, h_cond, h_mean - h_cond
 
 
+class EnsembleStats(NamedTuple):
+    """Per-input statistics of one ``N``-draw ensemble evaluation (:func:`ensemble_stats`), each ``[B]``.
+
+    ``correct``: the ensemble's prediction (argmax of ``log mean_n softmax(f_n(x))``, what
+    :class:`EnsembleSQ` outputs) is the label; ``all_draws_correct``: every one of the ``N`` draws
+    classifies the input correctly (both None without labels); ``mi``: the draws' mutual information
+    ``I(x) = H(T) - H(T|X)`` (nats, clamped at 0 against round-off; :func:`ensemble_entropies`).
+    """
+
+    correct: torch.Tensor | None
+    all_draws_correct: torch.Tensor | None
+    mi: torch.Tensor
+
+
 @torch.no_grad()
 def ensemble_stats(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_draws: int, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per input: ensemble correctness (the argmax of one ``n_draws``-draw ensemble's averaged
-    probabilities, bool ``[B]``) and its MI ``I(x)`` (nats, ``[B]``, clamped at 0 against round-off),
-    in batches of ``batch_size`` inputs. Runs in the model's current mode; draws from the global RNG."""
-    correct, mi = [], []
-    for s in range(0, len(y), batch_size):
-        logits = ensemble_forward(model, x[s : s + batch_size], n_draws)
-        correct.append(ensemble_log_probs(logits).argmax(1) == y[s : s + batch_size])
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, n_draws: int, batch_size: int | None = None
+) -> EnsembleStats:
+    """:class:`EnsembleStats` of one ``n_draws``-draw ensemble of ``model`` per input, in batches of
+    ``batch_size`` inputs (None: one batch); ``y`` may be None (MI only). Runs in the model's current
+    mode; draws from the global RNG."""
+    check_num_draws(n_draws)
+    step = len(x) if batch_size is None else batch_size
+    if step < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+    correct, all_correct, mi = [], [], []
+    for s in range(0, len(x), step):
+        logits = ensemble_forward(model, x[s : s + step], n_draws)  # [N, b, C]
         mi.append(ensemble_entropies(logits)[2].clamp_min(0.0))
-    return torch.cat(correct), torch.cat(mi)
+        if y is not None:
+            correct.append(ensemble_log_probs(logits).argmax(1) == y[s : s + step])
+            all_correct.append((logits.argmax(-1) == y[s : s + step]).all(0))
+    if y is None:
+        return EnsembleStats(None, None, torch.cat(mi))
+    return EnsembleStats(torch.cat(correct), torch.cat(all_correct), torch.cat(mi))
 
 
 @torch.no_grad()
-def correct_on_all_draws(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, batch_size: int
+def correct_per_draw(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, batch_size: int | None = None
 ) -> torch.Tensor:
-    """Per input: classified correctly on every one of ``draws`` forward passes of ``model`` (bool
-    ``[B]``), in batches of ``batch_size``; a randomised model gets no credit for lucky draws (the rule
-    of :func:`qrobust.attacks.whitebox.robust_accuracy`). Runs in the model's current mode."""
+    """Whether each of ``draws`` independent forward passes of ``model`` classifies each input correctly:
+    bool ``[draws, B]``, in batches of ``batch_size`` inputs (None: one batch), all draws of a batch
+    before the next batch. The one correctness-over-evaluations function: ``.all(0)`` is the strict
+    count (correct on every evaluation; a randomised model gets no credit for lucky draws, the rule of
+    :func:`qrobust.attacks.whitebox.robust_accuracy`), ``.float().mean(0)`` the expected one. Runs in the
+    model's current mode, on the inputs as given."""
+    check_num_draws(draws)
+    step = len(y) if batch_size is None else batch_size
     out = []
-    for s in range(0, len(y), batch_size):
-        ok = torch.ones_like(y[s : s + batch_size], dtype=torch.bool)
-        for _ in range(draws):
-            ok &= model(x[s : s + batch_size]).argmax(1) == y[s : s + batch_size]
-        out.append(ok)
-    return torch.cat(out)
+    for s in range(0, len(y), step):
+        xb, yb = x[s : s + step], y[s : s + step]
+        out.append(torch.stack([model(xb).argmax(1) == yb for _ in range(draws)]))
+    return torch.cat(out, dim=1)
+
+
+# Which T the MI term of the ensemble objective is about (docs/CHOICES.md, "Which MI"): "output" = the
+# class output of each draw, X = the draw (:func:`ensemble_entropies`); "last-sq" = the quantized
+# representation at the last SQ (the one before the classifier in the paper's pipeline), X = the input;
+# "every-sq" = the quantized values of every SQ (:func:`representation_entropies`).
+MI_READINGS = ("output", "last-sq", "every-sq")
+
+
+def mi_sqs(model: nn.Module, mi_on: str) -> list[StochasticQuantizer]:
+    """The SQs whose quantized values are ``T`` in reading ``mi_on`` (:data:`MI_READINGS`): the last SQ
+    in module order (the deepest: before the classifier) for ``"last-sq"``, all for ``"every-sq"``, none
+    for ``"output"``. A ConfigError when a representation reading meets a model without SQs."""
+    if mi_on not in MI_READINGS:
+        raise ConfigError(f"the MI reading must be one of {', '.join(MI_READINGS)}, got {mi_on!r}")
+    if mi_on == "output":
+        return []
+    sqs = list(stochastic_quantizers(model))
+    if not sqs:
+        raise ConfigError(f"MI reading {mi_on!r} needs a model with stochastic quantizers; this one has none")
+    return sqs[-1:] if mi_on == "last-sq" else sqs
+
+
+@contextmanager
+def sq_bin_probs(sqs: list[StochasticQuantizer], n_draws: int):
+    """Collect, while active, each SQ's sampling law per draw: a list that gets, per forward of an SQ in
+    ``sqs`` on ``N * B`` rows (as :func:`ensemble_forward` runs them), its bin probabilities
+    ``softmax(l(v))`` shaped ``[N, B, E, K]`` (``E`` values per input; differentiable). The law given the
+    draw's input ``v`` is known exactly, so averaging it over the draws estimates the law of ``T`` given the
+    image without sampling noise (Rao-Blackwellised)."""
+    collected: list[torch.Tensor] = []
+
+    def keep(module, args, _out):
+        v = args[0]
+        collected.append(module.probs(v).reshape(n_draws, v.shape[0] // n_draws, -1, module.config.num_bins))
+
+    handles = [sq.register_forward_hook(keep) for sq in sqs]
+    try:
+        yield collected
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def representation_entropies(probs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``H(T)``, ``H(T|X)`` and the pointwise MI per image (``[B]`` each, nats per quantized value) with
+    ``T`` the quantized values of the SQs whose per-draw laws ``probs`` holds (:func:`sq_bin_probs`) and
+    ``X`` the input image, estimated on the batch.
+
+    Per value ``j`` of image ``x``: ``p_j(k|x) = mean_n p_j^(n)(k)`` over the ``N`` draws (earlier SQs'
+    noise makes each draw's input differ); the batch marginal ``p_j(k) = mean_x p_j(k|x)``. With values
+    treated as independent (a mean-field factorisation: the joint law of thousands of values is out of
+    reach), ``H(T|X) = mean_j H(p_j(.|x))`` (the draws' diversity on ``x``), ``H(T) = mean_j H(p_j)``
+    (the same for every image) and ``i(x) = mean_j KL(p_j(.|x) || p_j)``, whose batch mean is exactly
+    ``H(T) - mean_x H(T|X=x)``. Averages over values (not sums) keep ``beta`` independent of the layer's
+    size. Differentiable."""
+    if not probs:
+        raise ConfigError("representation_entropies needs the laws of at least one SQ (sq_bin_probs)")
+    cond = torch.cat([p.mean(0) for p in probs], dim=1)  # [B, E_total, K]
+    marginal = cond.mean(0, keepdim=True)  # [1, E_total, K]
+    h_cond = _entropy(cond).mean(1)
+    h_t = _entropy(marginal).mean(1).expand_as(h_cond)
+    kl = (cond * (cond.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(-1).mean(1)
+    return h_t, h_cond, kl
+
+
+def disagreement_rate(logits: torch.Tensor) -> torch.Tensor:
+    """Per image (``[B]``), the share of the ``N`` draws (``[N, B, C]`` logits) whose top-1 class differs
+    from the ensemble's (the argmax of the averaged probabilities): 0 when all draws agree."""
+    ensemble = ensemble_log_probs(logits).argmax(-1)
+    return (logits.argmax(-1) != ensemble).float().mean(0)
+
+
+@torch.no_grad()
+def diversity_stats(model: nn.Module, x: torch.Tensor, n_draws: int, batch_size: int = 64) -> dict[str, float]:
+    """The diversity of ``n_draws`` SQ draws on images ``x`` in both readings (means over the images):
+    ``h_t``, ``h_t_given_x``, ``mi`` with ``T`` the quantized representation at the last SQ and ``X`` the
+    image (:func:`representation_entropies`, ``H(T)`` over all of ``x``), ``output_mi`` (the class-output
+    reading, :func:`ensemble_entropies`) and ``disagreement`` (:func:`disagreement_rate`). Runs in the
+    model's current mode, draws from the global RNG."""
+    check_num_draws(n_draws)
+    sqs = mi_sqs(model, "last-sq")
+    cond_sum, count, h_cond, out_mi, disagree = None, 0, [], [], []
+    for s in range(0, len(x), batch_size):
+        with sq_bin_probs(sqs, n_draws) as probs:
+            logits = ensemble_forward(model, x[s : s + batch_size], n_draws, max_rows=None)
+        cond = probs[0].mean(0)  # [b, E, K]
+        cond_sum = cond.sum(0) if cond_sum is None else cond_sum + cond.sum(0)
+        count += cond.shape[0]
+        h_cond.append(_entropy(cond).mean(1))
+        out_mi.append(ensemble_entropies(logits)[2].clamp_min(0.0))
+        disagree.append(disagreement_rate(logits))
+    h_t = _entropy(cond_sum / count).mean().item()
+    h_t_given_x = torch.cat(h_cond).mean().item()
+    return {"h_t": h_t, "h_t_given_x": h_t_given_x, "mi": h_t - h_t_given_x,
+            "output_mi": torch.cat(out_mi).mean().item(), "disagreement": torch.cat(disagree).mean().item()}
 
 
 class EnsembleSQ(nn.Module):

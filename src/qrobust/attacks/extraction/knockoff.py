@@ -25,14 +25,21 @@ bandit over coarse groups of the transfer set. Our simplification of Sec. 4.1.2:
 * the clone takes one optimizer step on each round's answers (online, as in the paper), then is fitted
   for ``epochs`` on everything collected, as in the random strategy.
 
-Also here: :func:`prepare_transfer_set` (dtype, channels, size), :func:`soft_cross_entropy`,
-:func:`fit_clone`, and :class:`RandomNoise` / :func:`random_noise_floor`: the same fit on uniform-noise
-queries, the floor every extraction attack must beat.
+Defense-aware (``defense_aware=True``, or the registered name ``knockoff-adaptive``): the attacker knows
+the victim's answer function (defense and output format); it recovers the clean probabilities behind
+each answer by passing candidates through that function before the loss, and fits the clone to them, so
+the clone fits the clean model under the perturbation (:mod:`.defense_aware`, Kerckhoffs's principle).
+
+Settings: :class:`KnockoffConfig` (each listed once, with its meaning); the transfer set is an input of
+the attack, not a setting. Also here: :func:`prepare_transfer_set` (dtype, channels, size),
+:func:`soft_cross_entropy`, :func:`fit_clone`, and :class:`RandomNoise` / :func:`random_noise_floor`: the
+same fit on uniform-noise queries, the floor every extraction attack must beat.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,31 +47,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qrobust.attacks.extraction.metrics import ExtractionResult, _device, clone_accuracy, ledger_delta
+from qrobust.attacks.extraction.base import ExtractionConfig, register_extraction
+from qrobust.attacks.extraction.defense_aware import defense_aware_answer, recover_probabilities
+from qrobust.attacks.extraction.metrics import ExtractionResult, clone_accuracy, ledger_delta
 from qrobust.attacks.extraction.victim import QueryBudgetExhausted, Victim
+from qrobust.checks import check_bool, check_choice, check_int, check_non_negative, check_positive
 from qrobust.config import TrainSection
 from qrobust.data import TensorLoader
 from qrobust.errors import ConfigError
 from qrobust.registry import ATTACKS
 from qrobust.train.loop import fit
-from qrobust.train.objectives import SoftTargetCrossEntropy
-from qrobust.utils import eval_mode
+from qrobust.train.objectives import Objective, SoftTargetCrossEntropy
+from qrobust.utils import eval_mode, module_device
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, RGB -> gray
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
-    return float(value)
 
 
 def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -77,7 +75,7 @@ def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> to
 def build_optimizer(
     params: Any, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
-    """``"sgd"`` (with momentum) or ``"adam"``."""
+    """``"sgd"`` (with momentum) or ``"adam"`` (``momentum`` unused); weight decay as given."""
     check_positive("lr", lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -136,14 +134,15 @@ def fit_clone(
     on_epoch: Callable[[int], None] | None = None,
     progress: bool = False,
     desc: str = "fit clone",
+    objective: Objective | None = None,
 ) -> None:
-    """Train ``clone`` on (x, probability targets y) with soft-target CE (:class:`SoftTargetCrossEntropy`)
-    in the one training loop :func:`qrobust.train.loop.fit`: shuffled mini-batches (order seeded from
-    ``generator``), ``optimizer`` as given (its state carries over from adaptive sampling's online steps),
-    constant learning rate. ``on_epoch(epoch)`` is called after each epoch."""
+    """Train ``clone`` on (x, probability targets y) with soft-target CE (:class:`SoftTargetCrossEntropy`,
+    or ``objective``) in the one training loop :func:`qrobust.train.loop.fit`: shuffled mini-batches (order
+    seeded from ``generator``), ``optimizer`` as given (its state carries over from adaptive sampling's
+    online steps), constant learning rate. ``on_epoch(epoch)`` is called after each epoch."""
     if epochs == 0 or x.shape[0] == 0:
         return
-    device = _device(clone)
+    device = module_device(clone)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     loader = TensorLoader(x.to(device), y.to(device), batch_size, shuffle=True, seed=seed)
     train = TrainSection(epochs=epochs, batch_size=batch_size, schedule="constant", warmup_epochs=0.0,
@@ -155,7 +154,7 @@ def fit_clone(
             on_epoch(next(calls))
         return {}
 
-    fit(clone, loader, SoftTargetCrossEntropy(), train, evaluate=evaluate, device=device, progress=progress,
+    fit(clone, loader, objective or SoftTargetCrossEntropy(), train, evaluate=evaluate, device=device, progress=progress,
         optimizer=optimizer, desc=f"{desc}: ", log_epochs=False)
 
 
@@ -191,61 +190,87 @@ def gradient_bandit_step(
 # --------------------------------------------------------------------------- KnockoffNets
 
 
+@dataclass
+class KnockoffConfig(ExtractionConfig):
+    """Settings of :class:`KnockoffNets` (each once; the transfer set is an input, not a setting)."""
+
+    sampling: str = "random"  # "random" (uniform, no repeats) | "adaptive" (gradient bandit over groups)
+    hard_labels: bool = False  # train on one-hot argmax of the answers (required for a top-1 victim)
+    defense_aware: bool = False  # invert the victim's defense on each answer before fitting (.defense_aware)
+    inversion_steps: int = 300  # defense-aware: Adam steps recovering the clean probabilities of each answer
+    inversion_lr: float = 0.05  # defense-aware: their step size (on the logits of the recovered probabilities)
+    batch_size: int = 64  # images per query round and per clone training step
+    epochs: int = 10  # passes of the clone over all answered queries after querying
+    optimizer: str = "sgd"  # the clone's optimizer: "sgd" (with momentum) | "adam"
+    lr: float = 0.01  # the clone's learning rate (constant)
+    momentum: float = 0.5  # SGD momentum (unused by adam)
+    weight_decay: float = 5e-4  # the clone's L2 weight decay
+    num_groups: int = 10  # adaptive sampling: k-means groups of the transfer set when no groups are given
+    bandit_lr: float = 0.1  # adaptive sampling: step size of the gradient bandit
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("sampling", self.sampling, ("random", "adaptive"))
+        check_bool("hard_labels", self.hard_labels)
+        check_bool("defense_aware", self.defense_aware)
+        check_int("inversion_steps", self.inversion_steps, 1)
+        check_positive("inversion_lr", self.inversion_lr)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("epochs", self.epochs, 0)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        check_positive("lr", self.lr)
+        check_non_negative("momentum", self.momentum)
+        check_non_negative("weight_decay", self.weight_decay)
+        check_int("num_groups", self.num_groups, 1)
+        check_positive("bandit_lr", self.bandit_lr)
+
+
 @ATTACKS.register("knockoff")
+@register_extraction("knockoff")
 class KnockoffNets:
     """KnockoffNets: query a transfer set, fit a clone on the answers (see the module docstring).
+
+    ``KnockoffNets(victim, clone, config=None, *, transfer_set=None, transfer_groups=None, **overrides)``
 
     Args:
         victim: the :class:`Victim` to query.
         clone: the attacker's model (trained in place, returned in the result).
-        sampling: "random" or "adaptive" (gradient bandit over groups of the transfer set).
-        hard_labels: train on argmax labels instead of the soft answers (required for a top-1 victim).
-        batch_size: images per query round and per training step.
-        epochs: passes over the collected transfer set after querying.
-        optimizer, lr, momentum, weight_decay: the clone's optimizer ("sgd" or "adam").
-        num_groups: k-means groups for adaptive sampling when no ``transfer_groups`` are given.
-        bandit_lr: step size of the gradient bandit.
-        progress: show tqdm progress bars (default off).
-        seed: seed of the attack's own random draws (sampling order, k-means init, shuffling).
+        config: a :class:`KnockoffConfig`, a mapping of its settings, or None (defaults); ``overrides``
+            replace single settings (``KnockoffNets(victim, clone, epochs=3, seed=0)``).
+        transfer_set: the attacker's images (float [N, C, H, W] in [0, 1]; see :func:`prepare_transfer_set`);
+            may instead be given to :meth:`run`.
+        transfer_groups: [N] group ids for adaptive sampling (e.g. coarse labels); default k-means groups.
     """
 
+    name = "knockoff"
     phase = "knockoff"
+    config_class = KnockoffConfig
+    inputs = ("transfer_set", "transfer_groups")
 
     def __init__(
         self,
         victim: Victim,
         clone: nn.Module,
+        config: KnockoffConfig | dict | None = None,
         *,
-        sampling: str = "random",
-        hard_labels: bool = False,
-        batch_size: int = 64,
-        epochs: int = 10,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.5,
-        weight_decay: float = 5e-4,
-        num_groups: int = 10,
-        bandit_lr: float = 0.1,
-        progress: bool = False,
-        seed: int | None = None,
+        transfer_set: Tensor | None = None,
+        transfer_groups: Tensor | None = None,
+        **overrides: Any,
     ):
-        if sampling not in ("random", "adaptive"):
-            raise ConfigError(f"sampling must be 'random' or 'adaptive', got '{sampling}'")
-        if victim.output == "top1" and not hard_labels:
+        self.config = cfg = self.config_class.build(config, **overrides)
+        if victim.output == "top1" and not cfg.hard_labels:
             raise ConfigError(
                 "the victim answers top-1 labels only (output='top1'): KnockoffNets needs hard_labels=True"
             )
         self.victim = victim
         self.clone = clone
-        self.sampling = sampling
-        self.hard_labels = bool(hard_labels)
-        self.batch_size = check_int("batch_size", batch_size, 1)
-        self.epochs = check_int("epochs", epochs, 0)
-        self.num_groups = check_int("num_groups", num_groups, 1)
-        self.bandit_lr = check_positive("bandit_lr", bandit_lr)
-        self.optimizer = build_optimizer(clone.parameters(), optimizer, lr, momentum, weight_decay)
-        self.progress = progress
-        self.rng = seeded_generator(seed)
+        self.transfer_set = transfer_set
+        self.transfer_groups = transfer_groups
+        self.optimizer = build_optimizer(clone.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.rng = seeded_generator(cfg.seed)
+        self._answer, self._defense_note = (
+            defense_aware_answer(victim) if cfg.defense_aware else (None, "off")
+        )
 
     # ------------------------------------------------------------------ select -> query -> fit
 
@@ -262,43 +287,74 @@ class KnockoffNets:
         return self._targets(answers)
 
     def fit(
-        self, x: Tensor, y: Tensor, *, eval_data: tuple[Tensor, Tensor] | None = None, queries: int = 0
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        eval_data: tuple[Tensor, Tensor] | None = None,
+        queries: int = 0,
+        eval_every: int = 1,
     ) -> list[tuple[int, float | None]]:
-        """Train the clone for ``epochs`` on (x, y); returns one history point per epoch."""
+        """Train the clone for ``epochs`` on (x, y); one history point every ``eval_every`` epochs and at the end."""
         history: list[tuple[int, float | None]] = []
+        epochs = self.config.epochs
 
-        def record(_: int) -> None:
-            history.append((queries, self._evaluate(eval_data)))
+        def record(epoch: int) -> None:
+            if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+                history.append((queries, self._evaluate(eval_data)))
 
         fit_clone(
             self.clone,
             x,
             y,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
+            epochs=epochs,
+            batch_size=self.config.batch_size,
             optimizer=self.optimizer,
             generator=self.rng,
             on_epoch=record,
-            progress=self.progress,
+            progress=self.config.progress,
         )
         return history
 
     def run(
         self,
-        transfer_set: Tensor,
+        first: int | Tensor | None = None,
+        /,
+        eval_data: tuple[Tensor, Tensor] | None = None,
+        eval_every: int | None = None,
         *,
         num_queries: int | None = None,
+        transfer_set: Tensor | None = None,
         transfer_groups: Tensor | None = None,
         image_shape: tuple[int, int, int] | None = None,
-        eval_data: tuple[Tensor, Tensor] | None = None,
     ) -> ExtractionResult:
         """Select ``num_queries`` transfer images, query the victim, fit the clone.
 
-        ``num_queries`` defaults to ``min(victim.remaining, len(transfer_set))``; each image is queried
-        at most once. ``image_shape`` converts the transfer set with :func:`prepare_transfer_set`.
-        ``eval_data=(x_test, y_test)`` adds clone accuracy to the history. If the victim's budget runs
-        out first, the clone is fitted on what was answered and ``stopped_early`` is True.
+        The family's call is ``run(num_queries, eval_data=None, eval_every=None)``; the transfer set (and
+        groups) come from the constructor, or from ``transfer_set=`` here (the older call shape
+        ``run(transfer_set, num_queries=...)`` still works). ``num_queries`` defaults to
+        ``min(victim.remaining, len(transfer_set))``; each image is queried at most once. ``image_shape``
+        converts the transfer set with :func:`prepare_transfer_set`. ``eval_data=(x_test, y_test)`` adds
+        clone accuracy to the history (after querying, then every ``eval_every`` epochs of the fit, default
+        1, and at its end). If the victim's budget runs out first, the clone is fitted on what was answered
+        and ``stopped_early`` is True.
         """
+        if isinstance(first, Tensor):
+            if transfer_set is not None:
+                raise ConfigError("the transfer set was given twice (as the first argument and as transfer_set=)")
+            transfer_set = first
+        elif first is not None:
+            if num_queries is not None:
+                raise ConfigError("num_queries was given twice (as the first argument and as num_queries=)")
+            num_queries = first
+        transfer_set = self.transfer_set if transfer_set is None else transfer_set
+        transfer_groups = self.transfer_groups if transfer_groups is None else transfer_groups
+        if transfer_set is None:
+            raise ConfigError(
+                "KnockoffNets needs a transfer set: KnockoffNets(victim, clone, transfer_set=images) or "
+                "run(num_queries, transfer_set=images)"
+            )
+        eval_every = 1 if eval_every is None else check_int("eval_every", eval_every, 1)
         if image_shape is not None:
             transfer_set = prepare_transfer_set(transfer_set, image_shape)
         n_images = transfer_set.shape[0]
@@ -310,19 +366,24 @@ class KnockoffNets:
                 f"num_queries={num_queries} exceeds the transfer set ({n_images} images); "
                 "KnockoffNets queries each image once: use a larger transfer set or fewer queries"
             )
-        if transfer_groups is not None and self.sampling != "adaptive":
+        if transfer_groups is not None and self.config.sampling != "adaptive":
             raise ConfigError("transfer_groups are used by sampling='adaptive' only")
         used_before, ledger_before = self.victim.used, self.victim.ledger
 
-        if self.sampling == "random":
+        if self.config.sampling == "random":
             x, y, rounds, info = self._query_random(transfer_set, num_queries)
         else:
             x, y, rounds, info = self._query_adaptive(transfer_set, num_queries, transfer_groups)
         spent = self.victim.used - used_before
         history = [(spent, self._evaluate(eval_data))]
         if x.shape[0] > 0:
-            history += self.fit(x, y, eval_data=eval_data, queries=spent)
-        info.update(num_queries_planned=num_queries, sampling=self.sampling, hard_labels=self.hard_labels)
+            history += self.fit(x, y, eval_data=eval_data, queries=spent, eval_every=eval_every)
+        info.update(
+            num_queries_planned=num_queries,
+            sampling=self.config.sampling,
+            hard_labels=self.config.hard_labels,
+            defense_aware=self._defense_note,
+        )
         return ExtractionResult(
             clone=self.clone,
             queries_used=spent,
@@ -336,7 +397,13 @@ class KnockoffNets:
     # ------------------------------------------------------------------ internals
 
     def _targets(self, answers: Tensor) -> Tensor:
-        if self.hard_labels:
+        """Training targets from answers: the recovered clean probabilities when defense-aware, then one-hot
+        of the argmax with ``hard_labels``."""
+        if self._answer is not None:
+            answers = recover_probabilities(
+                answers, self._answer, self.config.inversion_steps, self.config.inversion_lr
+            )
+        if self.config.hard_labels:
             return torch.zeros_like(answers).scatter_(1, answers.argmax(dim=1, keepdim=True), 1.0)
         return answers
 
@@ -344,13 +411,13 @@ class KnockoffNets:
         return None if eval_data is None else clone_accuracy(self.clone, *eval_data)
 
     def _round_size(self, wanted: int) -> int:
-        return min(self.batch_size, wanted, self.victim.remaining)
+        return min(self.config.batch_size, wanted, self.victim.remaining)
 
     def _query_random(self, transfer_set: Tensor, num_queries: int) -> tuple[Tensor, Tensor, int, dict]:
         order = self.select(transfer_set.shape[0], num_queries).to(transfer_set.device)
         xs, ys, done, rounds = [], [], 0, 0
         with tqdm(
-            total=num_queries, desc=f"{self.phase} queries", disable=not self.progress, leave=False
+            total=num_queries, desc=f"{self.phase} queries", disable=not self.config.progress, leave=False
         ) as bar:
             while done < num_queries:
                 size = self._round_size(num_queries - done)
@@ -378,7 +445,7 @@ class KnockoffNets:
     ) -> tuple[Tensor, Tensor, int, dict]:
         n_images = transfer_set.shape[0]
         if transfer_groups is None:
-            groups = kmeans_groups(transfer_set, self.num_groups, generator=self.rng)
+            groups = kmeans_groups(transfer_set, self.config.num_groups, generator=self.rng)
         else:
             if transfer_groups.shape != (n_images,):
                 raise ConfigError(
@@ -394,11 +461,11 @@ class KnockoffNets:
         preference = torch.zeros(num_groups)
         reward_sum, reward_count = 0.0, 0
         answer_mean: Tensor | None = None
-        device = _device(self.clone)
+        device = module_device(self.clone)
 
         xs, ys, done, rounds = [], [], 0, 0
         with tqdm(
-            total=num_queries, desc=f"{self.phase} queries", disable=not self.progress, leave=False
+            total=num_queries, desc=f"{self.phase} queries", disable=not self.config.progress, leave=False
         ) as bar:
             while done < num_queries:
                 size = self._round_size(num_queries - done)
@@ -424,7 +491,7 @@ class KnockoffNets:
                 reward = (certainty + diversity + (1 - torch.exp(-ce))) / 3
                 baseline = reward_sum / reward_count if reward_count else 0.0
                 preference = gradient_bandit_step(
-                    preference, policy, actions, reward, baseline, self.bandit_lr
+                    preference, policy, actions, reward, baseline, self.config.bandit_lr
                 )
                 reward_sum += reward.sum().item()
                 reward_count += reward.numel()
@@ -476,61 +543,87 @@ class KnockoffNets:
         return torch.cat(index), torch.cat(actions)
 
 
+@dataclass
+class DefenseAwareKnockoffConfig(KnockoffConfig):
+    """:class:`KnockoffConfig` with ``defense_aware=True`` by default."""
+
+    defense_aware: bool = True
+
+
+@register_extraction("knockoff-adaptive")
+class DefenseAwareKnockoffNets(KnockoffNets):
+    """KnockoffNets that fits its clone through the victim's defense (:mod:`.defense_aware`): the registered
+    ``knockoff-adaptive``, i.e. ``KnockoffNets`` with ``defense_aware=True`` by default."""
+
+    name = "knockoff-adaptive"
+    config_class = DefenseAwareKnockoffConfig
+
+
 # --------------------------------------------------------------------------- the noise floor
 
 
+def _image_shape(name: str, value: Any) -> tuple[int, int, int]:
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise ConfigError(f"{name} must be (C, H, W), got {value!r}")
+    return tuple(check_int(name, v, 1) for v in value)  # type: ignore[return-value]
+
+
+def victim_image_shape(victim: Victim, given: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """``given``, else the victim model's ``input_shape`` (set by qrobust's model builders)."""
+    if given is not None:
+        return _image_shape("image_shape", given)
+    shape = getattr(victim.model, "input_shape", None)
+    if shape is None:
+        raise ConfigError(
+            "image_shape is needed: give image_shape=(C, H, W) (the victim's model does not say its input_shape)"
+        )
+    return _image_shape("the victim model's input_shape", tuple(shape))
+
+
+@dataclass
+class NoiseConfig(KnockoffConfig):
+    """:class:`KnockoffConfig` plus the shape of the noise images (sampling is always random)."""
+
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the noise; None = the victim model's input_shape
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sampling != "random":
+            raise ConfigError("the noise floor samples at random: leave sampling='random'")
+        if self.image_shape is not None:
+            self.image_shape = _image_shape("image_shape", self.image_shape)
+
+
 @ATTACKS.register("noise")
+@register_extraction("noise")
 class RandomNoise(KnockoffNets):
     """The floor: KnockoffNets' fit on queries of uniform noise images ``x ~ U[0, 1]^(C x H x W)``.
 
     A clone trained on as many noise queries as an attack spent shows what the queries are worth
     without any knowledge of the data; an attack that does not beat it extracted nothing useful.
+    ``RandomNoise(victim, clone, config=None, **overrides)`` with a :class:`NoiseConfig`.
     """
 
+    name = "noise"
     phase = "noise"
+    config_class = NoiseConfig
+    inputs = ()
 
-    def __init__(
-        self,
-        victim: Victim,
-        clone: nn.Module,
-        *,
-        image_shape: tuple[int, int, int],
-        hard_labels: bool = False,
-        batch_size: int = 64,
-        epochs: int = 10,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.5,
-        weight_decay: float = 5e-4,
-        progress: bool = False,
-        seed: int | None = None,
-    ):
-        super().__init__(
-            victim,
-            clone,
-            sampling="random",
-            hard_labels=hard_labels,
-            batch_size=batch_size,
-            epochs=epochs,
-            optimizer=optimizer,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            progress=progress,
-            seed=seed,
-        )
-        if len(image_shape) != 3:
-            raise ConfigError(f"image_shape must be (C, H, W), got {image_shape!r}")
-        self.image_shape = tuple(check_int("image_shape", s, 1) for s in image_shape)
+    def __init__(self, victim: Victim, clone: nn.Module, config: NoiseConfig | dict | None = None, **overrides: Any):
+        super().__init__(victim, clone, config, **overrides)
+        self.image_shape = victim_image_shape(victim, self.config.image_shape)
 
     def run(  # type: ignore[override]
-        self, *, num_queries: int | None = None, eval_data: tuple[Tensor, Tensor] | None = None
+        self,
+        num_queries: int | None = None,
+        eval_data: tuple[Tensor, Tensor] | None = None,
+        eval_every: int | None = None,
     ) -> ExtractionResult:
         """Query ``num_queries`` (default: ``victim.remaining``) noise images and fit the clone."""
         num_queries = self.victim.remaining if num_queries is None else num_queries
         check_int("num_queries", num_queries, 1)
         noise = torch.rand(num_queries, *self.image_shape, generator=self.rng)
-        return super().run(noise, num_queries=num_queries, eval_data=eval_data)
+        return super().run(num_queries, eval_data, eval_every, transfer_set=noise)
 
 
 def random_noise_floor(
@@ -544,8 +637,6 @@ def random_noise_floor(
 ) -> ExtractionResult:
     """Clone trained on ``num_queries`` uniform-noise queries (see :class:`RandomNoise`).
 
-    ``fit`` takes RandomNoise's keyword arguments (hard_labels, batch_size, epochs, lr, seed, ...).
+    ``fit`` takes :class:`NoiseConfig` settings (hard_labels, batch_size, epochs, lr, seed, ...).
     """
-    return RandomNoise(victim, clone, image_shape=image_shape, **fit).run(
-        num_queries=num_queries, eval_data=eval_data
-    )
+    return RandomNoise(victim, clone, image_shape=image_shape, **fit).run(num_queries, eval_data)

@@ -15,17 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from qrobust.attacks.extraction.victim import Victim
-from qrobust.utils import eval_mode
-
-
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+from qrobust.utils import eval_mode, module_device
 
 
 def predict_labels(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     """Argmax labels of ``model`` on ``x`` in eval mode, without gradients; every flag is restored."""
-    device = _device(model)
+    device = module_device(model)
     with eval_mode(model), torch.no_grad():
         labels = [model(chunk.to(device)).argmax(dim=1) for chunk in x.split(batch_size)]
     return torch.cat(labels).to(x.device)

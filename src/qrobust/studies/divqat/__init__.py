@@ -21,16 +21,23 @@ Per seed (``runs/<name>/seed-<s>/``), on the study engine (:mod:`qrobust.experim
    ``KL(f_q || f_fp)`` on test images (the mechanism). A DivQAT victim that lost more than
    ``divqat.max_acc_drop`` accuracy vs plain QAT stops the study with a clear error (its folder is kept);
    the objective's own guard stops it earlier, during training, at the same threshold vs the teacher.
+   **Operating point** (``divqat.search_alphas``): over all alphas and every epoch checkpoint, the largest
+   validation KL within ``divqat.max_acc_cost`` (3.66) points of plain QAT's validation accuracy
+   (``divqat_operating_point`` in results.json, ``divqat_transition.png``), attacked as
+   ``divqat-op-<backend>``; ``divqat.hinge_cap``: the same for the beyond-paper DivQAT-hinge loss.
 3. **Defenses** (victims.py): none, RS and DCP, each calibrated per victim to the strongest parameter with
    mean l1 <= ``defense.l1_budget`` (0.6) on the validation probabilities (``calibrate_defense``).
 4. **Cells** (spec.py, attacks.py): one per victim x defense x attack: KnockoffNets (soft labels, transfer
-   set = the attacker split or a named data set), hard-label KnockoffNets (the paper's stated limit), DFME,
-   MAZE, and the random-noise floor (KnockoffNets' fit on as many uniform-noise queries). Each records
-   defender accuracy, clone accuracy, clone/victim agreement, l1 (test), queries used and the victim's
-   ledger; the engine stores them in ``cells.json`` as they finish and skips them on re-run.
+   set = the attacker split or a named data set; ``knockoff.ladder``: its curve over budgets), the
+   defense-aware KnockoffNets beside every output defense, hard-label KnockoffNets (the paper's stated
+   limit), DFME, MAZE (``attack.zeroth_order_victims/defenses``), and the random-noise floor (a reference:
+   KnockoffNets' fit on as many uniform-noise queries). Each records defender accuracy, clone accuracy,
+   clone/victim agreement, l1 (test), queries used, the victim's ledger and its independent query counts;
+   the engine stores them in ``cells.json`` as they finish and skips them on re-run. Per victim x defense
+   the table also has ECE (15 bins) and NLL of the answers served.
 
-Top level: ``results.json`` (mean and std over seeds), ``results.md``, ``defender_vs_clone.png`` and
-``clone_vs_queries.png`` (report.py). Settings and presets: config.py, ``configs/divqat-<preset>.toml``.
+Top level: ``results.json`` (mean and std over seeds), ``results.md``, ``defender_vs_clone.png``,
+``clone_vs_queries.png`` and ``divqat_transition.png`` (report.py). Settings and presets: config.py, ``configs/divqat-<preset>.toml``.
 """
 
 from qrobust.experiment import PRESETS

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qrobust.errors import ConfigError
-from qrobust.experiment import StudyBase, load_study, study_preset
+from qrobust.experiment import DataSection, FloatSection, StudyBase, load_study, study_preset
 from qrobust.studies.divqat.attacks import EXTRACTION_ATTACKS
 
 ATTACKS = tuple(EXTRACTION_ATTACKS)  # the attacks a cell can run, in table order (attacks.py)
@@ -16,11 +16,7 @@ DEFENSES = ("none", "rs", "dcp")
 
 
 @dataclass
-class DataCfg:
-    name: str = "fashion-mnist"
-    dir: str = ""  # empty = $QROBUST_DATA or the data set's default place
-    download: bool = False
-    augment: bool = True
+class DataCfg(DataSection):
     victim_fraction: float = 0.2  # of the training images: the victim trains on these
     attacker_fraction: float = 0.2  # disjoint: the attacker's pool (KnockoffNets' default transfer set)
     val_fraction: float = 0.05  # disjoint: defense calibration (l1 budget)
@@ -34,13 +30,6 @@ class ModelCfg:
     arch: str = "convnet"
     width: int = 16  # convnet only: channels of the first block (the registered convnet has 32)
     clone_arch: str = ""  # attacker's clone architecture ("" = same as the victim)
-
-
-@dataclass
-class FloatCfg:
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05  # peak LR, Nesterov SGD, 0.5 epoch warm-up then cosine
 
 
 @dataclass
@@ -58,7 +47,17 @@ class DivQATCfg:
     epochs: int = 1
     lr: float = 0.01
     teacher_floor: float = 1e-6  # bounds the KL term (see qrobust.train.divqat)
-    max_acc_drop: float = 0.15  # larger test-accuracy loss vs plain QAT = collapse -> error
+    max_acc_drop: float = 0.15  # larger test-accuracy loss vs plain QAT = collapse -> error (paper alphas)
+    # The operating point (issue 12): the paper's is an accuracy cost, not an alpha. Over ``alphas`` +
+    # ``search_alphas`` and every epoch checkpoint of each run, the victim with the largest mean
+    # KL(f_q || f_fp) on validation images whose validation accuracy is within ``max_acc_cost`` points of
+    # plain QAT is attacked as ``divqat-op-<backend>``. search_alphas train without the collapse guard
+    # (they are meant to reach it). Empty = no search, no operating-point victim.
+    search_alphas: list[float] = field(default_factory=list)
+    max_acc_cost: float = 3.66  # percentage points of validation accuracy below plain QAT (the paper's cost)
+    # BEYOND THE PAPER: "DivQAT-hinge" rewards each image's KL only up to hinge_cap nats (DivQATLoss.kl_cap),
+    # swept over the same alphas and chosen at the same accuracy cost: victim divqat-hinge-op-<backend>.
+    hinge_cap: float = 0.0  # 0 = off (needs search_alphas)
 
 
 @dataclass
@@ -75,6 +74,9 @@ class AttackCfg:
     names: list[str] = field(default_factory=lambda: list(ATTACKS))
     label_defenses: list[str] = field(default_factory=lambda: ["none"])  # defenses for knockoff-hard / noise
     attack_float: bool = False  # also attack the float model (reference row)
+    # DFME and MAZE are costly: run them on these victims / defenses only (empty = all)
+    zeroth_order_victims: list[str] = field(default_factory=list)  # e.g. ["qat-server", "divqat-op-server"]
+    zeroth_order_defenses: list[str] = field(default_factory=list)  # e.g. ["none", "dcp"]
 
 
 @dataclass
@@ -86,6 +88,8 @@ class KnockoffCfg:
     lr: float = 0.02
     momentum: float = 0.9
     sampling: str = "random"
+    inversion_steps: int = 300  # defense-aware KnockoffNets: Adam steps recovering each answer's clean probabilities
+    ladder: int = 0  # extra KnockoffNets runs at queries / 2**k, k = ladder..1 (fresh victim and clone): the curve
 
 
 @dataclass
@@ -98,6 +102,7 @@ class DFMECfg:
     lr_generator: float = 5e-4
     generator_width: int = 64  # w of DFME's generator (conv widths 2w, w); smaller = cheaper
     latent_dim: int = 256
+    schedule: str = "multistep"  # lr schedule over the budget's iterations: multistep (DFME) | cosine | none
     eval_every: int = 10  # iterations between clone-accuracy points (clone acc vs queries)
 
 
@@ -112,6 +117,7 @@ class MAZECfg:
     lr_generator: float = 1e-4
     generator_width: int = 64  # w of DFME's generator (conv widths 2w, w); smaller = cheaper
     latent_dim: int = 100
+    schedule: str = "cosine"  # MAZE's
     eval_every: int = 10
 
 
@@ -120,7 +126,7 @@ class StudyConfig(StudyBase):
     name: str = "divqat-quick"
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
-    fp: FloatCfg = field(default_factory=FloatCfg)
+    fp: FloatSection = field(default_factory=FloatSection)
     qat: QATCfg = field(default_factory=QATCfg)
     divqat: DivQATCfg = field(default_factory=DivQATCfg)
     defense: DefenseCfg = field(default_factory=DefenseCfg)
@@ -147,6 +153,24 @@ class StudyConfig(StudyBase):
                  f"divqat.alphas must all be > 0 (the paper sweeps 0.01 .. 0.1), got {alpha!r}")
         need(len(set(self.divqat.alphas)) == len(self.divqat.alphas), f"divqat.alphas has repeats: {self.divqat.alphas}")
         need(0 <= self.divqat.max_acc_drop <= 1, f"divqat.max_acc_drop must be in [0, 1], got {self.divqat.max_acc_drop}")
+        for alpha in self.divqat.search_alphas:
+            need(math.isfinite(alpha) and alpha > 0, f"divqat.search_alphas must all be > 0, got {alpha!r}")
+        need(self.divqat.hinge_cap >= 0 and (self.divqat.hinge_cap == 0 or bool(self.divqat.search_alphas)),
+             f"divqat.hinge_cap must be >= 0 (0 = off) and needs divqat.search_alphas, got {self.divqat.hinge_cap}")
+        need(0 <= self.divqat.max_acc_cost <= 100,
+             f"divqat.max_acc_cost is in accuracy points (0..100, the paper's 3.66), got {self.divqat.max_acc_cost}")
+        for key in ("dfme", "maze"):
+            schedule = getattr(self, key).schedule
+            need(schedule in ("multistep", "cosine", "none"),
+                 f"{key}.schedule '{schedule}' is unknown; use multistep, cosine or none")
+        need(self.knockoff.ladder >= 0 and self.knockoff.queries >> self.knockoff.ladder >= 1,
+             f"knockoff.ladder={self.knockoff.ladder} must be >= 0 and leave >= 1 query at queries / 2**ladder")
+        for name in self.attack.zeroth_order_victims:
+            need(name in victim_names(self), f"attack.zeroth_order_victims: '{name}' is not a victim of this "
+                 f"study; choose from: {', '.join(victim_names(self))}")
+        for name in self.attack.zeroth_order_defenses:
+            need(name in self.defense.names, f"attack.zeroth_order_defenses: '{name}' is not in defense.names "
+                 f"{self.defense.names}")
         for name in self.defense.names + self.attack.label_defenses:
             need(name in DEFENSES, f"unknown defense '{name}'; choose from: {', '.join(DEFENSES)}")
         need("none" in self.defense.names, "defense.names must contain 'none' (the undefended baseline)")
@@ -166,7 +190,7 @@ class StudyConfig(StudyBase):
             "knockoff.batch_size": self.knockoff.batch_size, "dfme.queries": self.dfme.queries,
             "maze.queries": self.maze.queries, "dfme.eval_every": self.dfme.eval_every,
             "maze.eval_every": self.maze.eval_every, "dfme.generator_width": self.dfme.generator_width,
-            "maze.generator_width": self.maze.generator_width,
+            "maze.generator_width": self.maze.generator_width, "knockoff.inversion_steps": self.knockoff.inversion_steps,
         }
         for key, value in positive.items():
             need(value >= 1, f"{key} must be >= 1, got {value}")
@@ -194,7 +218,22 @@ def victim_names(cfg: StudyConfig) -> list[str]:
     names = ["fp32"] if cfg.attack.attack_float else []
     names += [f"qat-{b}" for b in cfg.qat.backends]
     names += [f"divqat-{alpha_tag(a)}-{cfg.divqat.backend}" for a in cfg.divqat.alphas]
+    if cfg.divqat.search_alphas:
+        names.append(operating_point_name(cfg))
+        if cfg.divqat.hinge_cap > 0:
+            names.append(operating_point_name(cfg, hinge=True))
     return names
+
+
+def operating_point_name(cfg: StudyConfig, hinge: bool = False) -> str:
+    """The attacked DivQAT victim at its operating point (chosen per seed, see ``divqat.max_acc_cost``);
+    ``hinge``: the beyond-paper hinge variant's (``divqat.hinge_cap``)."""
+    return f"divqat-{'hinge-' if hinge else ''}op-{cfg.divqat.backend}"
+
+
+def sweep_alphas(cfg: StudyConfig) -> list[float]:
+    """Every DivQAT alpha trained: the paper's (``alphas``) then the search's, without repeats, ascending."""
+    return sorted(set(cfg.divqat.alphas) | set(cfg.divqat.search_alphas))
 
 
 def cell_plan(cfg: StudyConfig) -> list[tuple[str, str, str]]:
@@ -203,10 +242,22 @@ def cell_plan(cfg: StudyConfig) -> list[tuple[str, str, str]]:
     for victim in victim_names(cfg):
         for defense in cfg.defense.names:
             for attack in cfg.attack.names:
-                if EXTRACTION_ATTACKS[attack].label_only and defense not in cfg.attack.label_defenses:
+                spec = EXTRACTION_ATTACKS[attack]
+                if spec.label_only and defense not in cfg.attack.label_defenses:
+                    continue
+                if spec.defended_only and defense == "none":
+                    continue
+                if spec.zeroth_order and not zeroth_order_runs(cfg, victim, defense):
                     continue
                 cells.append((victim, defense, attack))
     return cells
+
+
+def zeroth_order_runs(cfg: StudyConfig, victim: str, defense: str) -> bool:
+    """Whether DFME and MAZE attack this (victim, defense) (``attack.zeroth_order_victims/defenses``)."""
+    a = cfg.attack
+    return (not a.zeroth_order_victims or victim in a.zeroth_order_victims) and (
+        not a.zeroth_order_defenses or defense in a.zeroth_order_defenses)
 
 
 def transfer_name(cfg: StudyConfig) -> str:

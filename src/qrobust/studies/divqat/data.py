@@ -34,6 +34,7 @@ class SeedData:
         self.train_x, self.train_y = ds.train_x[split["victim"]], ds.train_y[split["victim"]]
         self.attacker_x = as_float_images(ds.train_x[split["attacker"]]).to(device)
         self.val_x = as_float_images(ds.train_x[split["val"]]).to(device)
+        self.val_y = ds.train_y[split["val"]].to(device)
         m = len(ds.test_y)
         test = torch.randperm(m, generator=torch.Generator().manual_seed(10_000 + seed))[: min(d.test_subset or m, m)]
         self.test_x = as_float_images(ds.test_x[test]).to(device)

@@ -1,15 +1,15 @@
-"""The DivQAT study's report: ``results.md`` (the paper-style table: rows QAT / DivQAT(alpha) x defense;
-defender accuracy, clone accuracy per attack, adversary error gain over QAT of the same backend),
-``defender_vs_clone.png`` and ``clone_vs_queries.png``."""
+"""The DivQAT study's report: ``results.md`` (the paper-style table: rows QAT / DivQAT(alpha) / DivQAT at
+its operating point x defense; defender accuracy, l1, ECE and NLL of the answers, clone accuracy per
+attack, adversary error gain over QAT of the same backend), ``defender_vs_clone.png``,
+``clone_vs_queries.png`` and ``divqat_transition.png`` (accuracy and KL against alpha, per epoch)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from qrobust import plotstyle
 from qrobust.defenses.output import defense_accuracy_warning
-from qrobust.studies.divqat.attacks import ATTACK_LABELS
+from qrobust.studies.divqat.attacks import ATTACK_LABELS, EXTRACTION_ATTACKS
 from qrobust.studies.divqat.config import StudyConfig, victim_names
 from qrobust.studies.tables import fmt, mean_of
 
@@ -56,6 +56,11 @@ def _pct(cell: dict | None, seeds: int, signed: bool = False) -> str:
 
 def _label(name: str, v_info: dict) -> str:
     meta = v_info[name]
+    if meta["kind"] == "divqat-op":
+        return f"DivQAT op. point (α={meta['alpha']:g}, ep {meta['epoch']}, {meta['backend']})"
+    if meta["kind"] == "divqat-hinge-op":
+        return (f"DivQAT-hinge op. point, beyond paper (cap {meta['kl_cap']:g}, α={meta['alpha']:g}, "
+                f"ep {meta['epoch']}, {meta['backend']})")
     if meta["kind"] == "divqat":
         return f"DivQAT(α={meta['alpha']:g}, {meta['backend']})"
     if meta["kind"] == "qat":
@@ -64,7 +69,11 @@ def _label(name: str, v_info: dict) -> str:
 
 
 def _short_label(meta: dict) -> str:
-    """A point's label in the scatter plot: the alpha of a DivQAT victim, else QAT-<backend> or float."""
+    """A victim's short label in the figures: the alpha of a DivQAT victim, else QAT-<backend> or float."""
+    if meta["kind"] == "divqat-op":
+        return f"op α={meta['alpha']:g} ep{meta['epoch']}"
+    if meta["kind"] == "divqat-hinge-op":
+        return f"hinge op α={meta['alpha']:g} ep{meta['epoch']}"
     if meta["kind"] == "divqat":
         return f"α={meta['alpha']:g}"
     return f"QAT-{meta['backend']}" if meta["kind"] == "qat" else "float"
@@ -77,10 +86,51 @@ def compute_seconds(results: dict) -> float:
 
 
 def report(cfg: StudyConfig, results: dict, root: Path) -> str:
-    """``results.md`` (returned) and the two figures (written into ``root``)."""
+    """``results.md`` (returned) and the figures (written into ``root``)."""
     plots(cfg, results, root)
+    if results.get("divqat_sweep"):
+        transition_plot(cfg, results, root)
     return results_markdown(cfg, results, results["error_gain_over_qat"], len(cfg.seeds), compute_seconds(results),
                             results["splits"], results["transfer_set"])
+
+
+def mean_error_gains(cfg: StudyConfig, gains: dict) -> dict[str, float]:
+    """Mean adversary error gain per attack over every DivQAT victim and defense; reference points (the
+    noise floor) are not attacks and are left out."""
+    out = {}
+    for a in cfg.attack.names:
+        if EXTRACTION_ATTACKS[a].reference:
+            continue
+        values = [g[a] for per_d in gains.values() for g in per_d.values() if a in g]
+        if values:
+            out[a] = sum(values) / len(values)
+    return out
+
+
+def operating_point_lines(cfg: StudyConfig, agg: dict) -> list[str]:
+    """The operating point per seed (validation images) as a markdown table, for the paper's loss and,
+    when run, the beyond-paper hinge variant."""
+    points = agg.get("divqat_operating_point")
+    if not points:
+        return []
+    rows = [("DivQAT", p) for p in points.items()]
+    rows += [("DivQAT-hinge (beyond paper)", p) for p in agg.get("divqat_hinge_operating_point", {}).items()]
+    lines = ["## DivQAT's operating point", "",
+             f"Per seed, over alphas {sorted(set(cfg.divqat.alphas) | set(cfg.divqat.search_alphas))} and every "
+             f"epoch checkpoint (1..{cfg.divqat.epochs}): the largest mean KL(f_q || f_fp) on validation images "
+             f"whose validation accuracy is within {cfg.divqat.max_acc_cost:g} points of plain QAT "
+             f"(QAT-{cfg.divqat.backend}). It is attacked as the `DivQAT op. point` rows. Figure: "
+             "divqat_transition.png.", "",
+             "| loss | seed | alpha | epoch | val acc | val acc QAT | KL | KL QAT | within cost |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    if cfg.divqat.hinge_cap > 0:
+        lines[2] += (f" Beyond the paper: DivQAT-hinge rewards each image's KL only up to {cfg.divqat.hinge_cap:g} "
+                     "nats (a bounded divergence), searched over the same alphas and epochs and chosen at the "
+                     "same accuracy cost; its victim is attacked as the `DivQAT-hinge op. point` rows.")
+    for loss, (seed, op) in rows:
+        lines.append(f"| {loss} | {seed} | {op['alpha']:g} | {op['epoch']} | {100 * op['acc']:.2f} | {100 * op['acc_qat']:.2f} | "
+                     f"{op['kl']:.4f} | {op['kl_qat']:.4f} | {'yes' if op['within_cost'] else '**no**'} |")
+    return [*lines, ""]
 
 
 def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, seconds: float, splits: dict,
@@ -125,8 +175,8 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
         "helps). `-` = cell not run (hard-label KnockoffNets and the noise floor run with "
         f"{cfg.attack.label_defenses} only).",
         "",
-        "| victim | defense | defender acc | l1 (test) | " + " | ".join(ATTACK_LABELS[a] for a in attacks) + " |",
-        "|---|---|---|---|" + "---|" * len(attacks),
+        "| victim | defense | defender acc | l1 (test) | ECE | NLL | " + " | ".join(ATTACK_LABELS[a] for a in attacks) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(attacks),
     ]
     for name in victim_names(cfg):
         for defense in cfg.defense.names:
@@ -141,69 +191,147 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
                     text += f" ({100 * gain:+.1f})"
                 parts.append(text)
             lines.append(f"| {_label(name, v_info)} | {defense} | {_pct(dmeta['defender_acc'], seeds)} | "
-                         f"{dmeta['l1_test']['mean']:.3f} | " + " | ".join(parts) + " |")
+                         f"{dmeta['l1_test']['mean']:.3f} | {_num(dmeta.get('ece'), 100, 1)} | "
+                         f"{_num(dmeta.get('nll'), 1, 3)} | " + " | ".join(parts) + " |")
     warned = defense_warnings(cfg, defenses)
     if warned:
         lines += ["", "**Warning**: " + " ".join(f"{w}." for w in warned)]
     ledger_ok = all(c["ledger_matches_queries"] for per_d in cells.values() for per_a in per_d.values()
                     for c in per_a.values())
-    mean_gain = {a: [g[a] for per_d in gains.values() for g in per_d.values() if a in g] for a in attacks}
-    lines += ["", "Mean adversary error gain of DivQAT over QAT (all alphas and defenses), in points: "
-              + ", ".join(f"{ATTACK_LABELS[a]} {100 * sum(v) / len(v):+.1f}" for a, v in mean_gain.items() if v)
-              + ".", "",
-              f"Query ledger equals the queries each attack reports in every cell: {'yes' if ledger_ok else 'NO'}. "
-              "Agreement (clone = victim label), l1 and per-seed histories are in results.json.", "",
-              "Figures: defender_vs_clone.png (defender vs clone accuracy per victim), clone_vs_queries.png.", ""]
+    mean_gain = mean_error_gains(cfg, gains)
+    lines += ["", "ECE: expected calibration error of the answers served (15 equal-width confidence bins), in "
+              "points; NLL: their mean negative log-likelihood of the true label (nats; probabilities floored at "
+              "1e-12), both on the test images.", "",
+              "Mean adversary error gain of DivQAT over QAT (all DivQAT victims and defenses; the noise floor is a "
+              "reference, not an attack, and is left out), in points: "
+              + ", ".join(f"{ATTACK_LABELS[a]} {100 * v:+.1f}" for a, v in mean_gain.items()) + ".", "",
+              "Independent query count (rows the victim's model computed = rows its defense saw = its ledger = the "
+              f"queries the attack reports) in every cell: {'yes' if ledger_ok else '**NO**'}. Agreement (clone = "
+              "victim label), l1 and per-seed histories are in results.json.", "",
+              "Figures: defender_vs_clone.png (defender vs clone accuracy per victim), clone_vs_queries.png "
+              "(KnockoffNets: a geometric ladder of budgets, `knockoff.ladder`).", ""]
+    lines += operating_point_lines(cfg, agg)
     return "\n".join(lines)
 
 
-@plotstyle.styled
+def _num(cell: dict | None, scale: float, digits: int) -> str:
+    if cell is None or math.isnan(mean_of(cell)):
+        return "-"
+    return f"{scale * cell['mean']:.{digits}f}"
+
+
 def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
-    """Defender vs clone accuracy per attack (one point per victim and defense); clone accuracy vs
-    queries per attack (undefended victims, the first seed). Style: :mod:`qrobust.plotstyle`."""
+    """Defender vs clone accuracy per attack (one point per victim and defense: colour = victim, marker =
+    defense, both in legends, so no text sits on the points); clone accuracy vs queries per attack
+    (undefended victims, the first seed; for the defense-aware attacker the first defended cell)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     v_info, defenses, cells = agg["victims"], agg["defenses"], agg["cells"]
-    attacks = [a for a in cfg.attack.names if a != "noise"]
+    attacks = [a for a in cfg.attack.names if not EXTRACTION_ATTACKS[a].reference]
     markers = {"none": "o", "rs": "s", "dcp": "^"}
-    colors = dict(zip(cfg.defense.names, plotstyle.PALETTE, strict=False))
-    fig = Figure(figsize=(4.0 * max(1, len(attacks)), 3.9), layout="constrained")
-    axes = [fig.add_subplot(1, max(1, len(attacks)), i + 1) for i in range(len(attacks))]
-    for ax, attack in zip(axes, attacks, strict=True):
+    names = victim_names(cfg)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    n = max(1, len(attacks))
+    fig = Figure(figsize=(3.3 * n + 2.2, 3.4))
+    for i, attack in enumerate(attacks):
+        ax = fig.add_subplot(1, n, i + 1)
         for defense in cfg.defense.names:
-            xs, ys, labels = [], [], []
-            for name in victim_names(cfg):
+            for name in names:
                 cell = cells.get(name, {}).get(defense, {}).get(attack)
-                if cell is None:
-                    continue
-                xs.append(100 * cell["clone_acc"]["mean"])
-                ys.append(100 * defenses[name][defense]["defender_acc"]["mean"])
-                labels.append(_short_label(v_info[name]))
-            if xs:
-                ax.scatter(xs, ys, marker=markers.get(defense, "o"), color=colors[defense], label=f"defense: {defense}",
-                           s=36, zorder=3)
-                for x, y, text in zip(xs, ys, labels, strict=True):
-                    ax.annotate(text, (x, y), fontsize=7.5, xytext=(4, 3), textcoords="offset points", color="#333333")
-        ax.set_xlabel("clone accuracy (%)")
-        ax.set_ylabel("defender accuracy (%)")
-        ax.set_title(ATTACK_LABELS.get(attack, attack))
-        ax.margins(x=0.15, y=0.12)  # room for the point labels
-    plotstyle.legend_below(fig, *plotstyle.legend_entries(axes))
-    plotstyle.save_png(fig, root / "defender_vs_clone.png")
+                if cell is not None:
+                    ax.scatter(100 * cell["clone_acc"]["mean"], 100 * defenses[name][defense]["defender_acc"]["mean"],
+                               marker=markers.get(defense, "o"), color=colors[name], s=28, alpha=0.85)
+        ax.set_xlabel("clone accuracy (%)", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("defender accuracy (%)", fontsize=8)
+        ax.set_title(ATTACK_LABELS[attack], fontsize=8)
+        ax.tick_params(which="both", labelsize=7)
+    handles = [Line2D([], [], linestyle="", marker="o", color=colors[name], label=_short_label(v_info[name]))
+               for name in names]
+    handles += [Line2D([], [], linestyle="", marker=markers.get(d, "o"), color="gray", label=f"defense: {d}")
+                for d in cfg.defense.names]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (3.3 * n + 2.2), 1))
+    FigureCanvasAgg(fig).print_png(str(root / "defender_vs_clone.png"))
 
-    fig = Figure(figsize=(4.0 * max(1, len(attacks)), 3.9), layout="constrained")
-    axes = [fig.add_subplot(1, max(1, len(attacks)), i + 1) for i in range(len(attacks))]
-    for ax, attack in zip(axes, attacks, strict=True):
-        for k, name in enumerate(victim_names(cfg)):
-            cell = cells.get(name, {}).get("none", {}).get(attack)
+    fig = Figure(figsize=(3.3 * n + 2.2, 3.4))
+    for i, attack in enumerate(attacks):
+        ax = fig.add_subplot(1, n, i + 1)
+        defense = "none"
+        if EXTRACTION_ATTACKS[attack].defended_only:
+            defense = next((d for d in cfg.defense.names if d != "none"), "none")
+        for name in names:
+            cell = cells.get(name, {}).get(defense, {}).get(attack)
             if cell is None:
                 continue
-            points = [(q, a) for q, a in cell["history"][0] if a is not None]
+            points = [(q, a) for q, a in cell["history"][0] if a is not None and q > 0]  # log x: no 0
             if points:
-                ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=plotstyle.MARKERS[k % 8],
-                        markersize=4, label=_label(name, v_info))
-        ax.set_xlabel("queries")
-        ax.set_ylabel("clone accuracy (%)")
-        ax.set_title(f"{ATTACK_LABELS.get(attack, attack)}\n(no defense, seed {cfg.seeds[0]})")
-    plotstyle.legend_below(fig, *plotstyle.legend_entries(axes))
-    plotstyle.save_png(fig, root / "clone_vs_queries.png")
+                ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", color=colors[name])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(_queries_label))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: _queries_label(v) if _leading_digit(v) in (2, 5) else ""))
+        ax.set_xlabel("queries", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("clone accuracy (%)", fontsize=8)
+        ax.set_title(f"{ATTACK_LABELS[attack]} ({defense}, seed {cfg.seeds[0]})", fontsize=8)
+        ax.tick_params(which="both", labelsize=7)
+    handles = [Line2D([], [], marker=".", color=colors[name], label=_short_label(v_info[name])) for name in names]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (3.3 * n + 2.2), 1))
+    FigureCanvasAgg(fig).print_png(str(root / "clone_vs_queries.png"))
+
+
+def _leading_digit(value: float) -> int:
+    return int(f"{value:.0e}"[0]) if value > 0 else 0
+
+
+def _queries_label(value: float, _position=None) -> str:
+    """A compact query count for a log axis: 500, 2k, 50k, 1M."""
+    for unit, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= unit:
+            return f"{value / unit:g}{suffix}"
+    return f"{value:g}"
+
+
+def transition_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
+    """``divqat_transition.png``: validation accuracy and mean KL(f_q || f_fp) against alpha (log x), one
+    line per epoch checkpoint (dashed: the beyond-paper hinge variant, when run), the first seed; QAT's values and the accuracy floor of the operating point
+    as dashed lines, the operating point circled."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    seed = next(iter(agg["divqat_sweep"]))
+    sweep, op = agg["divqat_sweep"][seed], agg["divqat_operating_point"][seed]
+    hinge = agg.get("divqat_hinge_sweep", {}).get(seed, [])  # the beyond-paper variant, dashed
+    fig = Figure(figsize=(8, 3.3))
+    for j, (key, label, scale) in enumerate((("acc", "validation accuracy (%)", 100), ("kl", "mean KL(f_q || f_fp)", 1))):
+        ax = fig.add_subplot(1, 2, j + 1)
+        for name, rows_all, style in (("", sweep, "-"), ("hinge ", hinge, "--")):
+            for epoch in sorted({r["epoch"] for r in rows_all}):
+                rows = sorted((r for r in rows_all if r["epoch"] == epoch), key=lambda r: r["alpha"])
+                ax.plot([r["alpha"] for r in rows], [scale * r[key] for r in rows], marker="o", ms=3, ls=style,
+                        label=f"{name}epoch {epoch}")
+        ax.axhline(scale * op[f"{key}_qat"], color="gray", ls="--", lw=1, label="plain QAT")
+        if key == "acc":
+            ax.axhline(100 * op["acc_qat"] - cfg.divqat.max_acc_cost, color="red", ls=":", lw=1,
+                       label=f"QAT - {cfg.divqat.max_acc_cost:g} pts")
+        ax.scatter([op["alpha"]], [scale * op[key]], s=120, facecolors="none", edgecolors="black",
+                   label="operating point")
+        ax.set_xscale("log")
+        alphas = sorted({r["alpha"] for r in sweep})
+        ax.set_xticks(alphas, [f"{a:g}" for a in alphas], fontsize=6, rotation=45)  # the trained alphas only
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if key == "kl":
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("alpha", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(which="both", labelsize=7)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"DivQAT transition ({cfg.data.name}, seed {seed}, validation images)", fontsize=9)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(root / "divqat_transition.png"))

@@ -22,7 +22,8 @@ from qrobust.train.loop import resolve_device
 
 # What a cell record holds (a stored record without one of these is recomputed).
 RECORD_KEYS = ("defender_acc", "clone_acc", "agreement", "l1", "queries_used", "victim_ledger_total", "ledger",
-               "budget", "stopped_early", "history")
+               "budget", "stopped_early", "history", "independent_counts", "counts_agree")
+DEFENSE_KEYS = ("l1_val", "l1_test", "defender_acc", "ece", "nll")  # per victim x defense, mean/std over seeds
 _NUMERIC = ("defender_acc", "clone_acc", "agreement", "l1", "queries_used", "victim_ledger_total")
 
 
@@ -37,9 +38,11 @@ class DivQATSpec(StudySpec):
         """Splits, victims (``victims.json``), calibrated defenses (``defenses.json``, cached); the cells'
         context: the seed, the test/transfer tensors, the attacked victims and their defense parameters."""
         data = SeedData(cfg, seed, stages.device)
-        models, victims = stages.timed("victims", lambda: train_victims(cfg, stages, data))
-        defenses = stages.json("defenses", lambda: calibrate_defenses(cfg, models, data, stages.device))
-        summary = {"splits": data.split_sizes, "victims": victims, "defenses": defenses}
+        models, victims, operating_point = stages.timed("victims", lambda: train_victims(cfg, stages, data))
+        defenses = stages.json("defenses", lambda: calibrate_defenses(cfg, models, data, stages.device),
+                               complete=lambda d: set(d) == set(victim_names(cfg)) and all(
+                                   "ece" in row for per_d in d.values() for row in per_d.values()))
+        summary = {"splits": data.split_sizes, "victims": victims, "defenses": defenses, **operating_point}
         attacked = victim_names(cfg)
         ctx = {"seed": seed, "data": data.for_cells(), "models": {name: models[name] for name in attacked},
                "defense_params": {name: {d: defenses[name][d]["params"] for d in cfg.defense.names}
@@ -79,6 +82,9 @@ class DivQATSpec(StudySpec):
                 "budget": budget,
                 "stopped_early": result.stopped_early,
                 "history": [[q, a] for q, a in result.history],
+                # counted where the rows are computed, not from the ledger: can disagree with it
+                "independent_counts": victim.independent_counts,
+                "counts_agree": victim.counts_agree(result.queries_used),
             }
 
     def cell_complete(self, cfg: StudyConfig, cell: Cell, record: dict) -> bool:
@@ -89,8 +95,13 @@ class DivQATSpec(StudySpec):
 
     def aggregate(self, cfg: StudyConfig, per_seed: list[dict]) -> dict:
         agg = aggregate(per_seed)
-        return {**agg, "error_gain_over_qat": error_gains(cfg, agg), "splits": per_seed[0]["splits"],
-                "transfer_set": transfer_name(cfg)}
+        out = {**agg, "error_gain_over_qat": error_gains(cfg, agg), "splits": per_seed[0]["splits"],
+               "transfer_set": transfer_name(cfg)}
+        for key in ("divqat", "divqat_hinge"):
+            if f"{key}_operating_point" in per_seed[0]:
+                for part in ("operating_point", "sweep"):
+                    out[f"{key}_{part}"] = {r["seed"]: r[f"{key}_{part}"] for r in per_seed}
+        return out
 
     def report(self, cfg: StudyConfig, results: dict, root: Path) -> str:
         return report(cfg, results, root)
@@ -121,8 +132,7 @@ def aggregate(per_seed: list[dict]) -> dict:
                           if k in ("test_acc", "tie_rate", "kl_to_fp")
                           else v) for k, v in meta.items()} for name, meta in first["victims"].items()}
     defenses = {v: {d: {"params": [r["defenses"][v][d]["params"] for r in per_seed],
-                        **{k: mean_std([r["defenses"][v][d][k] for r in per_seed])
-                           for k in ("l1_val", "l1_test", "defender_acc")}}
+                        **{k: mean_std([r["defenses"][v][d][k] for r in per_seed]) for k in DEFENSE_KEYS}}
                     for d in per_d} for v, per_d in first["defenses"].items()}
     cells: dict = {}
     for v, per_d in first["cells"].items():
@@ -130,7 +140,8 @@ def aggregate(per_seed: list[dict]) -> dict:
             for a in per_a:
                 rows = [r["cells"][v][d][a] for r in per_seed]
                 cell = {k: mean_std([row[k] for row in rows]) for k in _NUMERIC}
-                cell["ledger_matches_queries"] = all(row["victim_ledger_total"] == row["queries_used"] for row in rows)
+                # independent counts (rows the model computed, rows the defense saw) = ledger = reported
+                cell["ledger_matches_queries"] = all(row["counts_agree"] for row in rows)
                 cell["stopped_early"] = any(row["stopped_early"] for row in rows)
                 cell["history"] = [row["history"] for row in rows]
                 cells.setdefault(v, {}).setdefault(d, {})[a] = cell

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qrobust.attacks.patch import PatchConfig
 from qrobust.config import check_act_range
-from qrobust.defenses.patch_training import PatchSpec
 from qrobust.errors import ConfigError
-from qrobust.experiment import StudyBase, load_study, study_preset
+from qrobust.experiment import DataSection, FloatSection, StudyBase, load_study, study_preset
 
 
 @dataclass
-class DataCfg:
-    name: str = "fashion-mnist"
-    dir: str = ""  # empty = $QROBUST_DATA or the data set's default place
-    download: bool = False
-    augment: bool = True
+class DataCfg(DataSection):
     train_subset: int = 12000  # images the models train on (0 = all the rest)
     attack_subset: int = 2000  # other train images, used by the attacker to optimise patches
     test_subset: int = 1000  # held-out test images on which ASR and accuracy are measured (0 = all)
@@ -26,13 +22,6 @@ class DataCfg:
 class ModelCfg:
     arch: str = "convnet"
     width: int = 16  # convnet only: channels of the first block (the registered convnet has 32)
-
-
-@dataclass
-class FloatCfg:
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05  # peak LR, Nesterov SGD, cosine schedule
 
 
 @dataclass
@@ -72,8 +61,11 @@ class PatchCfg:
     sizes: list[float] = field(default_factory=lambda: [0.08])  # seen sizes (PBAT trains on these)
     aqapa_sizes: list[float] = field(default_factory=lambda: [0.06, 0.08, 0.1])  # A-QAPA's size ladder
     region: list[float] = field(default_factory=lambda: [0.0, 0.6])  # seen places (top-left box)
-    unseen: list[str] = field(default_factory=lambda: ["circle:0.1", "square:0.14"])  # "shape:size"
-    unseen_region: list[float] = field(default_factory=lambda: [0.75, 1.0])  # unseen places
+    # Unseen patches change one factor of the (first) seen patch at a time, then all three (Table 2):
+    unseen_shape: str = "circle"  # new shape only
+    unseen_size: float = 0.14  # new size only (share of the image; the report states the area in pixels)
+    unseen_region: list[float] = field(default_factory=lambda: [0.75, 1.0])  # new places only
+    size_curve: list[float] = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16])  # ASR vs size (0 = off)
 
 
 @dataclass
@@ -83,7 +75,9 @@ class AttackCfg:
     batch_size: int = 128
     draws: int = 2  # placements per test image in ASR
     adaptive: bool = True
-    adaptive_steps: int = 40  # adaptive patches against each defended model and width
+    adaptive_steps: int = 100  # adaptive patches against each defended model and width (>= steps)
+    steps_curve: bool = True  # adaptive ASR after steps/4, /2, 1x, 2x adaptive_steps, one model per defense
+    heatmap_grid: int = 5  # ASR of the float model's patch on a grid x grid of fixed places (0 = off)
     table1_switched: bool = False  # Table 1 also for one 8-bit model switched between widths
 
 
@@ -100,7 +94,7 @@ class StudyConfig(StudyBase):
     name: str = "qadtr-quick"
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
-    fp: FloatCfg = field(default_factory=FloatCfg)
+    fp: FloatSection = field(default_factory=FloatSection)
     qat: QATCfg = field(default_factory=QATCfg)
     defense: DefenseCfg = field(default_factory=DefenseCfg)
     patches: PatchCfg = field(default_factory=PatchCfg)
@@ -133,29 +127,42 @@ class StudyConfig(StudyBase):
         for key, value in {"fp.lr": self.fp.lr, "qat.lr": self.qat.lr, "defense.lr": self.defense.lr}.items():
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
+        if self.attack.adaptive and self.attack.adaptive_steps < self.attack.steps:
+            raise ConfigError(
+                f"attack.adaptive_steps ({self.attack.adaptive_steps}) < attack.steps ({self.attack.steps}): an "
+                "adaptive attack weaker than the transfer attack it is compared with; raise adaptive_steps"
+            )
+        if self.attack.heatmap_grid < 0 or self.attack.heatmap_grid == 1:
+            raise ConfigError(f"attack.heatmap_grid must be 0 (off) or >= 2, got {self.attack.heatmap_grid}")
         if not self.patches.sizes:
             raise ConfigError("patches.sizes is empty; give the seen patch sizes, e.g. [0.08]")
         self.seen_specs()
         self.unseen_specs()
+        for size in self.patches.size_curve:
+            PatchConfig(self.patches.shape, size)
         return self
 
-    def seen_specs(self) -> list[PatchSpec]:
+    def seen_specs(self) -> list[PatchConfig]:
         region = region_of(self.patches.region, "patches.region")
-        return [PatchSpec(self.patches.shape, s, region) for s in self.patches.sizes]
+        return [PatchConfig(self.patches.shape, s, region=region) for s in self.patches.sizes]
 
-    def unseen_specs(self) -> list[PatchSpec]:
-        region = region_of(self.patches.unseen_region, "patches.unseen_region")
-        specs = []
-        for item in self.patches.unseen:
-            shape, _, size = str(item).partition(":")
-            try:
-                value = float(size)
-            except ValueError:
-                raise ConfigError(
-                    f"patches.unseen entry {item!r} must be 'shape:size', e.g. 'circle:0.1'"
-                ) from None
-            specs.append(PatchSpec(shape.strip(), value, region))
-        return specs
+    def unseen_specs(self) -> dict[str, PatchConfig]:
+        """Table 2's unseen patches, one factor of the first seen patch changed at a time, then all:
+        ``unseen_size``, ``unseen_shape``, ``unseen_place``, ``unseen_all``."""
+        p = self.patches
+        seen = self.seen_specs()[0]
+        region = region_of(p.unseen_region, "patches.unseen_region")
+        try:
+            return {"unseen_size": replace(seen, size=p.unseen_size),
+                    "unseen_shape": replace(seen, shape=p.unseen_shape),
+                    "unseen_place": replace(seen, region=region),
+                    "unseen_all": PatchConfig(p.unseen_shape, p.unseen_size, region=region)}
+        except ConfigError as err:
+            raise ConfigError(f"patches.unseen_*: {err}") from None
+
+    def table2_specs(self) -> dict[str, PatchConfig]:
+        """Every patch of Table 2 by its name: ``seen:<shape>@<size>`` per seen size, then the unseen ones."""
+        return {f"seen:{s.key}": s for s in self.seen_specs()} | self.unseen_specs()
 
     def widths(self) -> list[str]:
         """Table 1's models: the float model (``"32"``) and the QAT models of ``qat.bits``."""

@@ -11,23 +11,17 @@ import torch
 from torch import nn
 
 from qrobust import data as datasets
-from qrobust.defenses.patch_training import DWQ, PBAT, QADTR, RandomPrecision
-from qrobust.errors import ConfigError
-from qrobust.models import QNet, _convnet, model_for_data
-from qrobust.quant import QuantConfig, get_bit_width, quantize, set_bit_width
+from qrobust.defenses.patch_training import DWQ, PBAT, QADTR
+from qrobust.models import model_for_data
+from qrobust.quant import QuantConfig, RandomPrecision, get_bit_width, quantize, set_bit_width
 from qrobust.studies.qadtr.config import StudyConfig, region_of
 from qrobust.train.objectives import Objective
 
 
 def build_float_model(cfg: StudyConfig, info: datasets.DatasetInfo) -> nn.Module:
-    if cfg.model.arch == "convnet" and cfg.model.width != 32:
-        if cfg.model.width < 1:
-            raise ConfigError(f"model.width must be >= 1, got {cfg.model.width}")
-        body = _convnet(info.channels, info.num_classes, info.image_size, width=cfg.model.width)
-        model = QNet("convnet", body, info.mean, info.std)
-        model.input_shape, model.num_classes = (info.channels, *info.image_size), info.num_classes
-        return model
-    return model_for_data(cfg.model.arch, info)
+    """The registered architecture ``model.arch`` sized for the data (``model.width``: the ConvNet's)."""
+    settings = {"width": cfg.model.width} if cfg.model.arch == "convnet" else {}
+    return model_for_data(cfg.model.arch, info, **settings)
 
 
 def qat_model(float_model: nn.Module, bits: int, act_range: str = "ema") -> nn.Module:
@@ -62,41 +56,42 @@ class DefenseSpec:
     randomised: bool = False
 
 
-def _qadtr(aqapa: bool, dbwt: bool, gir: bool, **extra) -> Callable[[StudyConfig, int], Objective]:
+def _qadtr(**parts) -> Callable[[StudyConfig, int], Objective]:
+    """QADT-R with ``parts`` (aqapa/dbwt/gir switches, gir_mode) over the study's ``defense.*`` settings."""
     def make(cfg: StudyConfig, seed: int) -> Objective:
         d, p = cfg.defense, cfg.patches
-        kwargs = dict(
-            bit_widths=d.bit_widths, dbwt_mode=d.dbwt_mode, shapes=[p.shape], sizes=p.aqapa_sizes,
-            region=region_of(p.region, "patches.region"), asr_low=d.asr_low, asr_high=d.asr_high,
-            fraction=d.fraction, patch_steps=d.patch_steps, patch_lr=d.patch_lr, gir_weight=d.gir_weight,
-            gir_mode=d.gir_mode, gir_sigma=d.gir_sigma, gir_batch=d.gir_batch, seed=seed,
-        )
-        return QADTR(aqapa, dbwt, gir, **(kwargs | extra))
+        settings = dict(bit_widths=d.bit_widths, dbwt_mode=d.dbwt_mode, shapes=[p.shape], sizes=p.aqapa_sizes,
+                        region=region_of(p.region, "patches.region"), asr_low=d.asr_low, asr_high=d.asr_high,
+                        fraction=d.fraction, patch_steps=d.patch_steps, patch_lr=d.patch_lr,
+                        gir_weight=d.gir_weight, gir_mode=d.gir_mode, gir_sigma=d.gir_sigma, gir_batch=d.gir_batch,
+                        seed=seed)
+        return QADTR(settings | parts)
 
     return make
 
 
 def _pbat(cfg: StudyConfig, seed: int) -> Objective:
     d = cfg.defense
-    return PBAT(cfg.seen_specs(), fraction=d.fraction, patch_steps=d.patch_steps, patch_lr=d.patch_lr, seed=seed)
+    return PBAT(specs=cfg.seen_specs(), fraction=d.fraction, patch_steps=d.patch_steps, patch_lr=d.patch_lr,
+                seed=seed)
 
 
 def _dwq(cfg: StudyConfig, seed: int) -> Objective:
     d = cfg.defense
-    return DWQ(d.bit_widths, adversary=d.dwq_adversary, eps=d.dwq_eps, alpha=d.dwq_alpha, seed=seed)
+    return DWQ(bit_widths=d.bit_widths, adversary=d.dwq_adversary, eps=d.dwq_eps, alpha=d.dwq_alpha, seed=seed)
 
 
 DEFENSES: dict[str, DefenseSpec] = {
     "none": DefenseSpec(None),
     "pbat": DefenseSpec(_pbat),
     "dwq": DefenseSpec(_dwq, _always, randomised=True),
-    "aqapa": DefenseSpec(_qadtr(True, False, False), _qadtr_sbn),
-    "aqapa+dbwt": DefenseSpec(_qadtr(True, True, False), _qadtr_sbn, randomised=True),
-    "qadtr": DefenseSpec(_qadtr(True, True, True), _qadtr_sbn, randomised=True),
-    "dbwt": DefenseSpec(_qadtr(False, True, False), _qadtr_sbn, randomised=True),
-    "dbwt+gir": DefenseSpec(_qadtr(False, True, True), _qadtr_sbn, randomised=True),
-    "aqapa+gir": DefenseSpec(_qadtr(True, False, True), _qadtr_sbn),
-    "qadtr-noise": DefenseSpec(_qadtr(True, True, True, gir_mode="noise"), _qadtr_sbn, randomised=True),
+    "aqapa": DefenseSpec(_qadtr(dbwt=False, gir=False), _qadtr_sbn),
+    "aqapa+dbwt": DefenseSpec(_qadtr(gir=False), _qadtr_sbn, randomised=True),
+    "qadtr": DefenseSpec(_qadtr(), _qadtr_sbn, randomised=True),
+    "dbwt": DefenseSpec(_qadtr(aqapa=False, gir=False), _qadtr_sbn, randomised=True),
+    "dbwt+gir": DefenseSpec(_qadtr(aqapa=False), _qadtr_sbn, randomised=True),
+    "aqapa+gir": DefenseSpec(_qadtr(dbwt=False), _qadtr_sbn),
+    "qadtr-noise": DefenseSpec(_qadtr(gir_mode="noise"), _qadtr_sbn, randomised=True),
 }
 LABELS = {"none": "none (QAT per width)", "pbat": "PBAT", "dwq": "DWQ", "aqapa": "A-QAPA",
           "aqapa+dbwt": "A-QAPA+DBWT", "qadtr": "QADT-R", "dbwt": "DBWT", "dbwt+gir": "DBWT+GIR",

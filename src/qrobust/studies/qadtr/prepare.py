@@ -11,14 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from qrobust import data as datasets
-from qrobust.attacks.patch import apply_patch, train_patch
+from qrobust.attacks.patch import apply_patch, make_patch_attack
 from qrobust.attacks.whitebox import pgd
 from qrobust.config import TrainSection
-from qrobust.defenses.patch_training import make_switchable_bn
 from qrobust.errors import ConfigError
 from qrobust.experiment import QAT_EDGES, Stages, act_range_tag
 from qrobust.metrics import as_float_images
-from qrobust.quant import set_bit_width
+from qrobust.quant import make_switchable_bn, set_bit_width
 from qrobust.runs import atomic_write_bytes, safe_load
 from qrobust.studies.qadtr.cells import clean_accuracy
 from qrobust.studies.qadtr.config import StudyConfig
@@ -114,16 +113,16 @@ class _Trainer:
 
 
 def float_patches(cfg: StudyConfig, seed: int, stages: Stages, float_model: nn.Module, data: dict) -> dict[str, Tensor]:
-    """A patch per seen and unseen spec made on the float model (Table 2's transfer patches, the analysis'
-    patched images), cached in ``float_patches.pt``: computed once, read by several cells."""
+    """A patch per Table-2 patch (``cfg.table2_specs()``: seen, unseen size/shape/place/all) made on the float
+    model over the places it is evaluated on (Table 2's transfer patches, the analysis' patched images),
+    cached in ``float_patches.pt``: computed once, read by several cells."""
     path = stages.root / "float_patches.pt"
     if path.exists():
         return {k: v.to(stages.device) for k, v in safe_load(path).items()}
     a = cfg.attack
-    patches = {spec.key: train_patch(float_model, data["attack_x"], data["attack_y"], spec.config(), steps=a.steps,
-                                     lr=a.lr, batch_size=a.batch_size, progress=False,
-                                     generator=torch.Generator().manual_seed(seed))
-               for spec in cfg.seen_specs() + cfg.unseen_specs()}
+    patches = {name: make_patch_attack("universal", spec, steps=a.steps, lr=a.lr, batch_size=a.batch_size)
+               .fit(float_model, data["attack_x"], data["attack_y"], generator=torch.Generator().manual_seed(seed))
+               for name, spec in cfg.table2_specs().items()}
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in patches.items()}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -138,7 +137,7 @@ def analysis_inputs(cfg: StudyConfig, seed: int, float_model: nn.Module, patches
     x, y = data["test_x"][:n], data["test_y"][:n]
     spec = cfg.seen_specs()[0]
     locs = spec.locations(len(x), x.shape[-2:], torch.Generator().manual_seed(seed + 3)).to(x.device)
-    x_patch, _ = apply_patch(x, patches[spec.key], spec.config(), locations=locs)
+    x_patch, _ = apply_patch(x, patches[f"seen:{spec.key}"], spec, locations=locs)
     x_pgd = pgd(float_model, x, y, cfg.analysis.pgd_eps, steps=cfg.analysis.pgd_steps, check=False,
                 generator=torch.Generator().manual_seed(seed + 4))
     return {"clean": x, "patch": x_patch, "pixel": x_pgd, "y": y}

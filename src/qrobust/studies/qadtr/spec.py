@@ -17,7 +17,7 @@ from qrobust.studies.qadtr.defenses import evaluated_widths
 from qrobust.studies.qadtr.prepare import prepare
 from qrobust.studies.qadtr.report import results_markdown, study_figures
 
-TABLES = ("table1", "table2", "gradients", "features")  # the keys of results.json the cells fill
+TABLES = ("table1", "table2", "gradients", "features", "figures")  # the keys of results.json the cells fill
 
 
 def _table1_row(ctx: dict, cfg: StudyConfig, source: str, switched: bool = False) -> dict:
@@ -33,6 +33,9 @@ CELL_KINDS: dict[str, Callable[..., dict]] = {
     "gradients-float": compute.gradients_float,
     "gradients-alignment": compute.gradients_alignment,
     "features": compute.features,
+    "steps-curve": compute.steps_curve,
+    "size-curve": compute.size_curve,
+    "heatmap": compute.heatmap,
 }
 
 
@@ -63,6 +66,12 @@ class QADTRSpec(StudySpec):
         grid += [Cell(f"gradients/alignment/{name}", {"kind": "gradients-alignment", "name": name})
                  for name in cfg.defense.names]
         grid.append(Cell("features", {"kind": "features"}))
+        if cfg.attack.adaptive and cfg.attack.steps_curve:
+            grid += [Cell(f"steps-curve/{name}", {"kind": "steps-curve", "name": name}) for name in cfg.defense.names]
+        if cfg.patches.size_curve:
+            grid += [Cell(f"size-curve/{w}", {"kind": "size-curve", "width": w}) for w in cfg.widths()]
+        if cfg.attack.heatmap_grid:
+            grid.append(Cell("heatmap", {"kind": "heatmap"}))
         return grid
 
     def run_cell(self, cfg: StudyConfig, ctx: dict, cell: Cell) -> dict:
@@ -74,14 +83,15 @@ class QADTRSpec(StudySpec):
         with ``attack.adaptive=false`` lacks the adaptive ASRs)."""
         if cell.params["kind"] != "table2":
             return True
-        specs = [f"seen:{s.key}" for s in cfg.seen_specs()] + [f"unseen:{s.key}" for s in cfg.unseen_specs()]
+        specs = list(cfg.table2_specs())
         per_spec = record.get("per_spec", {})
         return all(k in per_spec and all(a in per_spec[k] for a in compute.table2_attacks(cfg)) for k in specs)
 
     def seed_result(self, cfg: StudyConfig, seed: int, summary: dict, records: dict[str, dict]) -> dict:
         """The old per-seed layout: ``table1``, ``table2`` (defense -> width -> row), ``gradients``, ``features``."""
         clean = records["table1/clean"]
-        table1 = {"patch": cfg.seen_specs()[0].to_dict(), "clean_acc": clean["clean_acc"], "tie_rate": clean["tie_rate"],
+        table1 = {"patch": cfg.seen_specs()[0].to_dict(), "image_hw": clean.get("image_hw", [28, 28]),
+                  "clean_acc": clean["clean_acc"], "tie_rate": clean["tie_rate"],
                   "asr": {w: records[f"table1/asr/{w}"] for w in cfg.widths()},
                   "random_patch_asr": clean["random_patch_asr"]}
         if _switched(cfg):
@@ -93,8 +103,15 @@ class QADTRSpec(StudySpec):
         gradients = {"float_vs_quantized": grads["float_vs_quantized"],
                      "defense_width_alignment": {n: records[f"gradients/alignment/{n}"] for n in cfg.defense.names},
                      "num_images": grads["num_images"]}
+        figures: dict[str, Any] = {}
+        if cfg.attack.adaptive and cfg.attack.steps_curve:
+            figures["steps_curve"] = {n: records[f"steps-curve/{n}"] for n in cfg.defense.names}
+        if cfg.patches.size_curve:
+            figures["size_curve"] = {w: records[f"size-curve/{w}"] for w in cfg.widths()}
+        if cfg.attack.heatmap_grid:
+            figures["heatmap"] = records["heatmap"]
         return {"seed": seed, **summary, "table1": table1, "table2": table2, "gradients": gradients,
-                "features": records["features"]}
+                "features": records["features"], "figures": figures}
 
     def aggregate(self, cfg: StudyConfig, per_seed: list[dict]) -> dict:
         return {k: aggregate_seeds([r[k] for r in per_seed], average_lists=False) for k in TABLES}

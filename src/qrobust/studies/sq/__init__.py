@@ -12,15 +12,19 @@ and the SQ's distribution, not its draws, so it may average gradients over draws
 
 Models (per seed, each its own resumable run folder ``seed-<s>/models/<name>``):
 
-* ``fp32``: the float network, cross-entropy;
+* ``fp32``: the float network, cross-entropy; ``fp32-ft``: it fine-tuned for the SQ models' extra epochs
+  (the matched control);
 * ``qat<b>``: deterministic QAT fine-tuned from it, ``b = ceil(log2 K)`` bits (the SQ's resolution);
 * ``sq``: SQs at the input and after ``sq.after`` layers, fine-tuned from fp32 with the ensemble loss and
   ``beta = 0`` (no MI term);
-* ``sq-mi``: the same with the MI ensemble objective (:class:`~qrobust.train.sq_objective.MIEnsembleLoss`)::
+* ``sq-mi``: the same with the MI ensemble objective (:class:`~qrobust.train.sq_objective.MIEnsembleLoss`),
+  in the reading ``sq.mi_on`` (docs/CHOICES.md): ``last-sq`` (default) / ``every-sq``::
 
-      L = mean_n CE(f_n(x), y) - beta * [H(T) - H(T|X)] + w * sum_SQ R_spacing
+      L = mean_n CE(f_n(x), y) + beta * I(X; T) + w * sum_SQ R_spacing
 
-  with ``H(T) = H(mean_n p_n)``, ``H(T|X) = mean_n H(p_n)`` over the N draws of one image.
+  with ``T`` the quantized values of the SQ before the classifier (or of every SQ), their law given the
+  image estimated across the N draws; ``output``: ``L = CE - beta * [H(T) - H(T|X)]`` with ``T`` a draw's
+  class output (``H(T) = H(mean_n p_n)``, ``H(T|X) = mean_n H(p_n)`` over the N draws of one image).
 
 Each SQ's bins start uniform over a range calibrated on the trained float model's activations at that
 insertion point (``[min(0, q_lo), q_hi]``, ``q`` the ``sq.percentile``-th percentiles; the input SQ uses
@@ -33,10 +37,12 @@ Evaluation (all on the same held-out test images, attacks in one batched pass pe
   black-box check) and BPDA (Athalye et al. 2018): PGD on the model's *float twin* (the same weights
   with every fake quantizer off and every SQ replaced by the identity), evaluated on the model itself.
   Quantizers give gradients only through straight-through estimates; if BPDA beats PGD on a quantized
-  model, its PGD number was inflated by gradient masking and BPDA's is the honest one. An input counts as robust only if it is classified correctly, clean and attacked,
-  on every one of ``attack.draws`` independent evaluations (the definition of
-  :func:`~qrobust.attacks.whitebox.robust_accuracy`; here every test image is attacked once and the
-  adversarial inputs are reused for the AIP and the detector);
+  model, its PGD number was inflated by gradient masking and BPDA's is the honest one. One counting rule
+  for every model: ``attack.draws`` evaluations of the deployed model; ``accuracy_expected`` = their
+  mean, ``accuracy_strict`` = correct (clean and attacked) on all of them (``robust`` holds the strict
+  figure, the definition of :func:`~qrobust.attacks.whitebox.robust_accuracy`); the worst case is per
+  image over the attacks. Every test image is attacked once and the adversarial inputs are reused for the
+  AIP and the detector;
 * the adversarial information plane (:func:`~qrobust.defenses.detection.information_plane`): mean MI
   ``I(x) = H(T) - H(T|X)`` vs ensemble accuracy per eps;
 * the MI detector (:class:`~qrobust.defenses.detection.MIDetector`): threshold at ``attack.detector_fpr``

@@ -1,20 +1,20 @@
-"""The study's attacks, by name: each makes adversarial versions of the test images for one model and
-budget. To add one: write ``_run_<name>(target, eps) -> x_adv`` and add ``name: Attack(run, label)`` to
-:data:`ATTACKS` (plus a switch in ``config.ATTACK_SWITCHES`` if a setting can turn it off); every model's
-evaluation, the tables and the figures pick it up from there."""
+"""The study's attacks, by name: each is an evasion attack of the registry (:mod:`qrobust.attacks.evasion`)
+with settings taken from the study's ``[attack]`` section, and the model it is made on. To add one: add
+``name: StudyAttack(registry name, label, settings)`` to :data:`ATTACKS` (plus a switch in
+``config.ATTACK_SWITCHES`` if a setting can turn it off); every model's evaluation, the tables and the
+figures pick it up from there. A setting the registered attack does not take is a ConfigError."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from qrobust.attacks.blackbox import square_attack
-from qrobust.attacks.whitebox import GradientMaskingWarning, apgd_ce, fgsm, pgd
-from qrobust.quant.sq_model import float_twin
+from qrobust.attacks.evasion import make_evasion_attack
+from qrobust.attacks.whitebox import GradientMaskingWarning
 from qrobust.studies.sq.config import AttackCfg
 
 
@@ -47,81 +47,40 @@ class Target:
         """The random starts' generator: the same stream for every attack, model and budget of a seed."""
         return torch.Generator(device=self.x.device).manual_seed(self.seed * 1000 + 17)
 
-    def batched(self, fn: Callable[..., Tensor], **kwargs) -> Tensor:
-        """``fn(x_b, y_b, check=<first batch only>, **kwargs)`` over batches of ``settings.batch_size``."""
-        x, y, size = self.x, self.y, self.settings.batch_size
-        return torch.cat([fn(x[s : s + size], y[s : s + size], check=i == 0, **kwargs)
-                          for i, s in enumerate(range(0, len(y), size))])
-
-
-def _gradient(t: Target, eps: float, fn: Callable[..., Tensor], eot: int, **kwargs) -> Tensor:
-    """A gradient attack on the deployed model (``eot`` draws per gradient). A single-gradient attack
-    on a randomised model is intended here (EOT-PGD is its own entry), so its warning is silenced."""
-    net, norm = t.model.net, t.settings.norm
-    with warnings.catch_warnings():
-        if t.model.randomised and eot == 1:
-            warnings.simplefilter("ignore", GradientMaskingWarning)
-        return t.batched(lambda xb, yb, **k: fn(net, xb, yb, eps, norm=norm, eot=eot, **k), **kwargs)
-
-
-def _run_fgsm(t: Target, eps: float) -> Tensor:
-    return _gradient(t, eps, fgsm, 1)
-
-
-def _run_pgd(t: Target, eps: float) -> Tensor:
-    """PGD with one gradient of the deployed model (for an SQ model: of its N-draw ensemble) per step."""
-    return _gradient(t, eps, pgd, 1, steps=t.settings.steps, generator=t.generator())
-
-
-def _run_eot_pgd(t: Target, eps: float) -> Tensor:
-    """PGD with the gradient averaged over ``attack.eot`` draws of the deployed model per step."""
-    return _gradient(t, eps, pgd, t.settings.eot, steps=t.settings.steps, generator=t.generator())
-
-
-def _run_apgd_ce(t: Target, eps: float) -> Tensor:
-    """APGD-CE, one gradient of the deployed model per step, as PGD (see docs/CHOICES.md)."""
-    return _gradient(t, eps, apgd_ce, 1, steps=t.settings.apgd_steps, generator=t.generator())
-
-
-def _run_transfer(t: Target, eps: float) -> Tensor:
-    """PGD made on the float model (a black-box check), the same examples for every target. Made
-    under ``fork_rng``: the global RNG (the target's SQ noise) is left as it was."""
-    fp, a = t.float_net, t.settings
-    with torch.random.fork_rng(devices=[]):
-        return t.batched(lambda xb, yb, **k: pgd(fp, xb, yb, eps, norm=a.norm, **k), steps=a.steps,
-                         generator=t.generator())
-
-
-def _run_bpda(t: Target, eps: float) -> Tensor:
-    """BPDA: PGD on the model's float twin (quantizers off, SQs as the identity)."""
-    twin, a = float_twin(t.model.raw if t.model.randomised else t.model.net), t.settings
-    return t.batched(lambda xb, yb, **k: pgd(twin, xb, yb, eps, norm=a.norm, **k), steps=a.steps,
-                     generator=t.generator())
-
-
-def _run_square(t: Target, eps: float) -> Tensor:
-    """Square Attack on the deployed model's outputs; paired (common random numbers) on SQ models."""
-    net, a = t.model.net, t.settings
-    return t.batched(lambda xb, yb, check, **k: square_attack(net, xb, yb, eps, queries=a.square_queries,
-                                                              p_init=a.square_p_init,
-                                                              common_noise=t.model.randomised, **k),
-                     generator=t.generator())
-
 
 @dataclass(frozen=True)
-class Attack:
-    run: Callable[[Target, float], Tensor]
-    label: str  # its name in tables and figures
+class StudyAttack:
+    """One attack of the study: ``attack`` (a name in ``EVASION``), its table ``label``, its ``settings``
+    from the study's ``[attack]`` section, and what it is made on: ``"deployed"`` (the deployed model,
+    for an SQ model its N-draw ensemble), ``"network"`` (the network with its quantizers: BPDA builds
+    its float twin from it) or ``"float"`` (the float model: a transfer attack). ``settings(cfg,
+    randomised)`` gets the ``[attack]`` section and whether the target is randomised. A single-gradient
+    attack (no ``eot`` setting) on a randomised model is intended here, so its warning is silenced."""
+
+    attack: str
+    label: str
+    settings: Callable[[AttackCfg, bool], dict] = field(default=lambda a, randomised: {})
+    on: str = "deployed"
 
 
-ATTACKS: dict[str, Attack] = {
-    "fgsm": Attack(_run_fgsm, "FGSM"),
-    "pgd": Attack(_run_pgd, "PGD"),
-    "eot-pgd": Attack(_run_eot_pgd, "EOT-PGD"),
-    "apgd-ce": Attack(_run_apgd_ce, "APGD-CE"),
-    "transfer": Attack(_run_transfer, "transfer (PGD on float)"),
-    "bpda": Attack(_run_bpda, "BPDA (PGD on the float twin)"),
-    "square": Attack(_run_square, "Square (black-box)"),
+ATTACKS: dict[str, StudyAttack] = {
+    "fgsm": StudyAttack("fgsm", "FGSM"),
+    # PGD with one gradient of the deployed model (for an SQ model: of its N-draw ensemble) per step
+    "pgd": StudyAttack("pgd", "PGD", lambda a, r: {"steps": a.steps}),
+    # the same with the gradient averaged over ``attack.eot`` draws of the deployed model per step
+    "eot-pgd": StudyAttack("pgd", "EOT-PGD", lambda a, r: {"steps": a.steps, "eot": a.eot}),
+    # one gradient of the deployed model per step, as PGD (see docs/CHOICES.md); on a randomised model a
+    # point counts as fooling only if attack.draws evaluations all misclassify it
+    "apgd-ce": StudyAttack("apgd-ce", "APGD-CE", lambda a, r: {"steps": a.apgd_steps,
+                                                              "fooled_draws": a.draws if r else 1}),
+    # PGD made on the float model (a black-box check), the same examples for every target
+    "transfer": StudyAttack("pgd", "transfer (PGD on float)", lambda a, r: {"steps": a.steps}, on="float"),
+    # BPDA: PGD on the model's float twin (quantizers off, SQs as the identity)
+    "bpda": StudyAttack("bpda", "BPDA (PGD on the float twin)", lambda a, r: {"steps": a.steps}, on="network"),
+    # Square Attack on the deployed model's outputs; paired (common random numbers) on SQ models
+    "square": StudyAttack("square", "Square (black-box)", lambda a, r: {"queries": a.square_queries,
+                                                                      "p_init": a.square_p_init,
+                                                                      "common_noise": r}),
 }
 ATTACK_LABELS = {name: attack.label for name, attack in ATTACKS.items()}
 STRENGTH_CHECKS = ("apgd-ce", "bpda", "square")  # attacks that reveal where fixed-step PGD overstates robustness
@@ -129,5 +88,27 @@ ABLATION_ATTACKS = ("pgd", "eot-pgd", *STRENGTH_CHECKS)  # what every ablation v
 
 
 def run_attack(name: str, target: Target, eps: float) -> Tensor:
-    """Adversarial test images of attack ``name`` against ``target`` at budget ``eps``."""
-    return ATTACKS[name].run(target, eps)
+    """Adversarial test images of attack ``name`` against ``target`` at budget ``eps``, in batches of
+    ``attack.batch_size`` (the set-up checks on the first batch only), the random starts from
+    :meth:`Target.generator`. A transfer attack runs under ``fork_rng``: the global RNG (the target's
+    SQ noise) is left as it was."""
+    spec, a, model = ATTACKS[name], target.settings, target.model
+    settings = spec.settings(a, model.randomised)
+    attack = make_evasion_attack(spec.attack, norm=a.norm, **settings)
+    net = {"deployed": model.net, "network": model.raw if model.randomised else model.net,
+           "float": target.float_net}[spec.on]
+    checks = spec.attack != "square"  # Square has no set-up checks
+    x, y, size, gen = target.x, target.y, a.batch_size, target.generator()
+
+    def batches() -> Tensor:
+        return torch.cat([attack(net, x[s : s + size], y[s : s + size], eps=eps, generator=gen,
+                                 **({"check": i == 0} if checks else {}))
+                          for i, s in enumerate(range(0, len(y), size))])
+
+    if spec.on == "float":
+        with torch.random.fork_rng(devices=[]):
+            return batches()
+    with warnings.catch_warnings():
+        if spec.on == "deployed" and model.randomised and settings.get("eot", 1) == 1:
+            warnings.simplefilter("ignore", GradientMaskingWarning)
+        return batches()

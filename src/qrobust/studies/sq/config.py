@@ -12,17 +12,13 @@ from typing import Any
 from qrobust.attacks.whitebox import parse_eps
 from qrobust.config import check_act_range
 from qrobust.errors import ConfigError
-from qrobust.experiment import StudyBase, load_study, study_preset
+from qrobust.experiment import DataSection, FloatSection, StudyBase, load_study, study_preset
 from qrobust.quant.stochastic import SQConfig, check_num_draws
 from qrobust.train.sq_objective import MIEnsembleLoss
 
 
 @dataclass
-class DataCfg:
-    name: str = "fashion-mnist"
-    dir: str = ""  # empty = $QROBUST_DATA or the data set's default place
-    download: bool = False
-    augment: bool = True
+class DataCfg(DataSection):
     train_subset: int = 10000  # training images (0 = all but the validation ones)
     val_subset: int = 500  # other train images: calibration of the SQ ranges, detector threshold
     test_subset: int = 200  # held-out test images every attack runs on (0 = all)
@@ -31,13 +27,6 @@ class DataCfg:
 @dataclass
 class ModelCfg:
     arch: str = "lenet5"
-
-
-@dataclass
-class FloatCfg:
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05  # peak LR, Nesterov SGD, 0.5 epoch warm-up then cosine
 
 
 @dataclass
@@ -55,10 +44,13 @@ class SQCfg:
     tau: float = 1.0  # Gumbel-softmax temperature (shapes the straight-through gradient only)
     learnable: bool = True  # learnable bin offset and gaps (+ spacing regulariser)
     at_input: bool = True  # an SQ on the input pixels, range [0, 1]
-    after: list[str] = field(default_factory=lambda: ["body.0"])  # SQs after these modules
+    # SQs after these modules: the paper's pipeline input -> SQ -> features -> SQ -> classifier (LeNet-5's
+    # features end with body.1, its second conv block)
+    after: list[str] = field(default_factory=lambda: ["body.1"])
     percentile: float = 99.9  # calibrated range: [min(0, q_(100-p)), q_p] of the float activations
-    n_draws: int = 4  # N: ensemble draws per training step and at inference
+    n_draws: int = 16  # N: ensemble draws per training step and at inference (the paper's 16)
     beta: float = 0.1  # MI weight of the sq-mi model (the sq model has beta = 0)
+    mi_on: str = "last-sq"  # which MI: output (T = class output, X = draw) | last-sq | every-sq (T = quantized values)
     spacing_weight: float = 0.01
     ce_on: str = "draws"  # draws | mean (see MIEnsembleLoss)
     epochs: int = 2
@@ -102,6 +94,7 @@ class AblationCfg:
     tau: list[float] = field(default_factory=list)
     n_draws: list[int] = field(default_factory=list)
     beta: list[float] = field(default_factory=list)
+    mi_on: list[str] = field(default_factory=list)  # other MI readings (MI_READINGS)
     eps: str = ""  # one eps for the ablation table; empty = the middle one of attack.eps
 
 
@@ -110,7 +103,7 @@ class StudyConfig(StudyBase):
     name: str = "sq-quick"
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
-    fp: FloatCfg = field(default_factory=FloatCfg)
+    fp: FloatSection = field(default_factory=FloatSection)
     qat: QATCfg = field(default_factory=QATCfg)
     sq: SQCfg = field(default_factory=SQCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
@@ -203,6 +196,7 @@ class StudyConfig(StudyBase):
             beta=s.beta,
             spacing_weight=s.spacing_weight,
             ce_on=s.ce_on,
+            mi_on=s.mi_on,
         )
         return base | changes
 
@@ -216,6 +210,8 @@ class StudyConfig(StudyBase):
             out.append((f"sq-mi-N{n}", self.sq_settings(n_draws=n)))
         for b in a.beta:
             out.append((f"sq-mi-beta{b:g}", self.sq_settings(beta=b)))
+        for reading in a.mi_on:
+            out.append((f"sq-mi-{reading}", self.sq_settings(mi_on=reading)))
         return out
 
 
@@ -257,6 +253,7 @@ def _check_sq(settings: dict, variant: str) -> None:
             spacing_weight=settings["spacing_weight"],
             n_draws=settings["n_draws"],
             ce_on=settings["ce_on"],
+            mi_on=settings["mi_on"],
         )
     except ConfigError as err:
         raise ConfigError(f"{variant} (config section [sq] / [ablation]): {err}") from None
@@ -264,4 +261,4 @@ def _check_sq(settings: dict, variant: str) -> None:
 
 def model_names(cfg: StudyConfig) -> list[str]:
     """The models every seed trains and evaluates, in table order (ablation variants come on top)."""
-    return ["fp32", f"qat{cfg.qat_bits}", "sq", "sq-mi"]
+    return ["fp32", "fp32-ft", f"qat{cfg.qat_bits}", "sq", "sq-mi"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from qrobust import plotstyle
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACK_LABELS, ATTACKS, STRENGTH_CHECKS
 from qrobust.studies.sq.config import StudyConfig, model_names
 from qrobust.studies.tables import fmt, mean_of
@@ -29,9 +28,10 @@ def model_label(cfg: StudyConfig, name: str) -> str:
     n = cfg.sq.n_draws
     return {
         "fp32": "float",
+        "fp32-ft": f"float + {cfg.sq.epochs} epochs (matched control)",
         f"qat{cfg.qat_bits}": f"QAT {cfg.qat_bits}-bit (deterministic)",
         "sq": f"SQ, no MI (beta=0, N={n})",
-        "sq-mi": f"SQ + MI (beta={cfg.sq.beta:g}, N={n})",
+        "sq-mi": f"SQ + MI (beta={cfg.sq.beta:g}, MI on {cfg.sq.mi_on}, N={n})",
     }.get(name, name)
 
 
@@ -56,30 +56,38 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
         f"{a.square_queries} queries per image, p_init {a.square_p_init:g}, margin of the deployed model's output; "
         f"on a randomised model each step compares candidate and current point under the same SQ noise "
         f"(common random numbers, 2 queries per step); no gradients, so "
-        f"no gradient masking). Robust = correct clean *and* attacked on "
-        f"all {a.draws} independent evaluations of the deployed ensemble (deterministic models: one). "
-        f"**worst case** = the lowest robust accuracy over all attacks: the number to quote.",
+        f"no gradient masking). APGD-CE on a randomised model counts a point as fooling only if "
+        f"{a.draws} evaluations all misclassify it.",
         "",
-        "## Robust accuracy (%) vs eps",
+        f"**Counting rule (every model alike)**: each model is evaluated {a.draws} times (for an SQ model each "
+        f"evaluation is one N-draw ensemble, the deployed model; a deterministic model gives the same answer "
+        f"each time); an image is robust in an evaluation when it is classified correctly clean *and* "
+        f"attacked in that evaluation. **expected** = mean over the evaluations and images; **strict** = share "
+        f"of images robust in all {a.draws} evaluations. **worst case** = per image over every attack: robust "
+        f"only if it survives all of them (in the same evaluation), the number to quote.",
         "",
-        "| model | clean (ensemble) | clean (all draws) | tie rate | attack | "
+        "## Robust accuracy (%) vs eps: strict / expected",
+        "",
+        "| model | clean strict / expected | clean (one ensemble) | tie rate | attack | "
         + " | ".join(f"eps={e}" for e in a.eps)
         + " |",
         "|---|---|---|---|---|" + "---|" * len(a.eps),
     ]
     for name in model_names(cfg):
         e = ev[name]
+        strict, expected = e["accuracy_strict"], e["accuracy_expected"]
         for attack in ATTACKS:
             lines.append(
-                f"| {model_label(cfg, name)} | {fmt(e['clean_acc'], seeds)} | "
-                f"{fmt(e['clean_acc_all_draws'], seeds)} | "
+                f"| {model_label(cfg, name)} | {fmt(strict['clean'], seeds)} / {fmt(expected['clean'], seeds)} | "
+                f"{fmt(e['clean_acc'], seeds)} | "
                 f"{fmt(e['tie_rate'], seeds) if 'tie_rate' in e else '-'} | {ATTACK_LABELS[attack]} | "
-                + " | ".join(fmt(e["robust"][attack][spec], seeds) for spec in a.eps)
+                + " | ".join(f"{fmt(strict['attacks'][attack][spec], seeds)} / "
+                             f"{fmt(expected['attacks'][attack][spec], seeds)}" for spec in a.eps)
                 + " |"
             )
-        worst = [_worst(e["robust"], spec) for spec in a.eps]
-        lines.append(f"| {model_label(cfg, name)} | | | | **worst case** | "
-                     + " | ".join(f"**{100 * w:.1f}**" for w in worst) + " |")
+        lines.append(f"| {model_label(cfg, name)} | | | | **worst case (per image)** | "
+                     + " | ".join(f"**{fmt(strict['worst'][spec], seeds)}** / **{fmt(expected['worst'][spec], seeds)}**"
+                                  for spec in a.eps) + " |")
     masking = []
     for name in model_names(cfg):
         e = ev[name]["robust"]
@@ -94,6 +102,10 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
              if masking else "**Attack-strength check**: neither APGD-CE, BPDA nor the black-box Square Attack "
              "beats PGD by more than 2 points on any model: no sign that PGD's gradients are masked by the "
              "quantizers.")
+    if "fp32-ft" in ev:
+        lines_ft = ev["fp32-ft"]["accuracy_strict"]
+        check += (" The matched float control (fine-tuned for the SQ models' extra epochs) has worst case "
+                  + ", ".join(f"{fmt(lines_ft['worst'][spec], 1)}%" for spec in a.eps) + f" (eps {', '.join(a.eps)}).")
     fp = ev["fp32"]["robust"]
     square_strength = [(mean_of(fp["square"][spec]), mean_of(fp["pgd"][spec])) for spec in a.eps]
     if not any(math.isnan(q) for q, _ in square_strength):
@@ -110,8 +122,11 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
         "## MI detector and adversarial information plane",
         "",
         f"Threshold at {100 * a.detector_fpr:g}% FPR on {cfg.data.val_subset} clean validation images, flags "
-        f"MI {a.detector_direction} the threshold. AUROC clean test vs attacked test images (0.5 = chance); "
-        "detection rate = share of attacked images flagged; ensemble accuracy on the attacked images.",
+        f"MI {a.detector_direction} the threshold (MI = the class-output reading, between the draws). "
+        "**AUROC pooled**: all clean test images vs all attacked ones (failed attacks and images wrong when "
+        "clean included: pulls it toward 0.5); **AUROC successful**: clean-correct images vs the attacked "
+        "versions of clean-correct images that fool the ensemble (n/a when none does). Detection rate = share "
+        "of attacked images flagged; ensemble accuracy on the attacked images.",
         "",
     ]
     for name in ("sq", "sq-mi"):
@@ -120,8 +135,8 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
             f"**{model_label(cfg, name)}**: clean MI {fmt(d['clean_mi'], seeds, False)} nats, "
             f"FPR val {fmt(d['fpr_val'], seeds)}%, FPR test {fmt(d['fpr_test'], seeds)}%",
             "",
-            "| attack | eps | ensemble acc | mean MI | AUROC | detection rate |",
-            "|---|---|---|---|---|---|",
+            "| attack | eps | ensemble acc | mean MI | AUROC pooled | AUROC successful | detection rate |",
+            "|---|---|---|---|---|---|---|",
         ]
         for attack in ATTACKS:
             for spec in a.eps:
@@ -129,10 +144,33 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
                     f"| {ATTACK_LABELS[attack]} | {spec} | {fmt(ev[name]['adv_acc'][attack][spec], seeds)} | "
                     f"{fmt(d['adv_mi'][attack][spec], seeds, False)} | "
                     f"{fmt(d['auroc'][attack][spec], seeds, False)} | "
+                    f"{fmt(d['auroc_successful'][attack][spec], seeds, False)} | "
                     f"{fmt(d['detection_rate'][attack][spec], seeds)} |"
                 )
         lines.append("")
     lines.append("Figure: aip.png (mean MI vs ensemble accuracy, points in eps order).")
+    lines += [
+        "",
+        "## Diversity of the draws and the bin spacing (clean test images)",
+        "",
+        "T = the quantized values at the last SQ (before the classifier), X = the image, per value (nats; "
+        "max log K): H(T|X) = the draws' diversity on one image, H(T) = the batch marginal's entropy, "
+        "I = H(T) - H(T|X). Output MI = the class-output reading between the draws; disagreement = share of "
+        "draws whose top-1 differs from the ensemble's. Gaps = learned bin gaps / the uniform gap of the "
+        "calibrated range, per SQ (the spacing term's quantity: > 1 amplifies the quantization noise).",
+        "",
+        "| model | H(T\\|X) | H(T) | I(X;T) | output MI | disagreement | gaps / uniform gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in model_names(cfg):
+        if "diversity" not in ev[name]:
+            continue
+        dv = ev[name]["diversity"]
+        gaps = "; ".join(f"{sq}: " + ", ".join(f"{mean_of(g):.2f}" for g in gs)
+                         for sq, gs in ev[name].get("sq_gaps", {}).items())
+        lines.append(f"| {model_label(cfg, name)} | {fmt(dv['h_t_given_x'], seeds, False)} | "
+                     f"{fmt(dv['h_t'], seeds, False)} | {fmt(dv['mi'], seeds, False)} | "
+                     f"{fmt(dv['output_mi'], seeds, False, '.4f')} | {fmt(dv['disagreement'], seeds)}% | {gaps} |")
     if "adaptive" in agg:
         ad = agg["adaptive"]
         lines += [
@@ -143,14 +181,17 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
             "score on the unflagged side), vs plain EOT-PGD (lambda=0). Undetected success = share of test "
             "images classified correctly clean that end misclassified *and* unflagged.",
             "",
-            "| attack | robust acc | ensemble acc | mean MI | AUROC | detection rate | undetected success |",
-            "|---|---|---|---|---|---|---|",
+            "| attack | robust acc strict / expected | ensemble acc | mean MI | AUROC pooled | AUROC successful "
+            "| detection rate | undetected success |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for label in ("eot-pgd", "adaptive"):
             r = ad[label]
             lines.append(
-                f"| {label} | {fmt(r['robust_acc'], seeds)} | {fmt(r['adv_acc'], seeds)} | "
+                f"| {label} | {fmt(r['robust_acc'], seeds)} / {fmt(r.get('accuracy_expected'), seeds)} | "
+                f"{fmt(r['adv_acc'], seeds)} | "
                 f"{fmt(r['mean_mi'], seeds, False)} | {fmt(r['auroc'], seeds, False)} | "
+                f"{fmt(r.get('auroc_successful'), seeds, False)} | "
                 f"{fmt(r['detection_rate'], seeds)} | {fmt(r['undetected_success'], seeds)} |"
             )
     else:
@@ -161,24 +202,28 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
             "",
             f"## Ablations (SQ + MI, one setting changed; eps={ab['eps']})",
             "",
-            "| variant | clean acc | clean MI | PGD | EOT-PGD | APGD-CE | BPDA | Square | worst case |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "Robust accuracy strict per attack; worst case per image, strict / expected. Diversity as in the "
+            "table above (T at the last SQ).",
+            "",
+            "| variant | clean acc (ensemble) | H(T\\|X) | H(T) | disagreement | output MI | PGD | EOT-PGD | APGD-CE "
+            "| BPDA | Square | worst case |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in ab["rows"].items():
-            robust = [r[k] for k in ABLATION_ATTACKS if k in r]
-            worst = min(v for v in (mean_of(c) for c in robust) if not math.isnan(v))
             cells = " | ".join(fmt(r[k], seeds) if k in r else "n/a"
                                for k in ABLATION_ATTACKS)
-            lines.append(f"| {name} | {fmt(r['clean_acc'], seeds)} | {fmt(r['clean_mi'], seeds, False)} | "
-                         f"{cells} | **{100 * worst:.1f}** |")
+            dv = r["diversity"]
+            lines.append(f"| {name} | {fmt(r['clean_acc'], seeds)} | {fmt(dv['h_t_given_x'], seeds, False)} | "
+                         f"{fmt(dv['h_t'], seeds, False)} | {fmt(dv['disagreement'], seeds)}% | "
+                         f"{fmt(dv['output_mi'], seeds, False, '.4f')} | {cells} | "
+                         f"**{fmt(r['accuracy_strict']['worst'], seeds)}** / {fmt(r['accuracy_expected']['worst'], seeds)} |")
     lines += ["", "## Reading", "", _reading(cfg, agg), ""]
     return "\n".join(lines)
 
 
-def _worst(robust: dict, spec: str) -> float:
-    """Lowest robust accuracy over every attack that ran (NaN = not run) at ``spec``."""
-    return min((v for v in (mean_of(robust[k][spec]) for k in ATTACKS if k in robust) if not math.isnan(v)),
-               default=float("nan"))
+def _worst(record: dict, spec: str, count: str = "accuracy_strict") -> float:
+    """The per-image worst case over every attack (robust only if it survives all) at ``spec``."""
+    return mean_of(record[count]["worst"][spec])
 
 
 def _reading(cfg: StudyConfig, agg: dict) -> str:
@@ -201,50 +246,54 @@ def _reading(cfg: StudyConfig, agg: dict) -> str:
     else:
         text += "EOT changes little here: the single-gradient attack was already about as strong. "
     text += (
-        f"Over all attacks the worst case is {100 * _worst(ev['fp32']['robust'], spec):.1f}% (float), "
-        f"{100 * _worst(ev[qat]['robust'], spec):.1f}% (QAT) and {100 * _worst(ev['sq-mi']['robust'], spec):.1f}% "
-        "(SQ+MI): those are the numbers to compare. "
+        f"Over all attacks (per image, strict) the worst case is {100 * _worst(ev['fp32'], spec):.1f}% (float), "
+        f"{100 * _worst(ev['fp32-ft'], spec):.1f}% (float, matched fine-tuning), "
+        f"{100 * _worst(ev[qat], spec):.1f}% (QAT) and {100 * _worst(ev['sq-mi'], spec):.1f}% (SQ+MI); expected: "
+        f"{100 * _worst(ev['fp32'], spec, 'accuracy_expected'):.1f}%, "
+        f"{100 * _worst(ev['fp32-ft'], spec, 'accuracy_expected'):.1f}%, "
+        f"{100 * _worst(ev[qat], spec, 'accuracy_expected'):.1f}% and "
+        f"{100 * _worst(ev['sq-mi'], spec, 'accuracy_expected'):.1f}%: those are the numbers to compare. "
         "The paper's claim (> 50% under PGD(5/255) on CIFAR-10 without adversarial training) should be "
         "judged against the worst case, on the `paper` preset."
     )
     return text
 
 
-@plotstyle.styled
 def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
-    """``robust_accuracy.png`` (one panel per attack, the worst case first) and ``aip.png``; style:
-    :mod:`qrobust.plotstyle`, one legend under the panels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     a, ev = cfg.attack, agg["evaluation"]
     eps = cfg.eps_values()
     panels = ["worst"] + list(ATTACKS)  # the worst case first: the number to quote
     cols = 4
     rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4 * cols, 3.3 * rows + 0.5), layout="constrained")
+    fig = Figure(figsize=(4 * cols, 3.4 * rows))
     for i, attack in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for name in model_names(cfg):
             e = ev[name]
-            curve = [_worst(e["robust"], s) if attack == "worst" else mean_of(e["robust"][attack][s]) for s in a.eps]
+            curve = [_worst(e, s) if attack == "worst" else mean_of(e["robust"][attack][s]) for s in a.eps]
             ax.plot(
                 [0.0] + eps,
                 [100 * mean_of(e["clean_acc_all_draws"])] + [100 * v for v in curve],
                 "-o",
-                markersize=4,
                 label=model_label(cfg, name),
             )
-        ax.set_title("worst case over all attacks" if attack == "worst" else ATTACK_LABELS[attack],
+        ax.set_title("worst case per image over all attacks" if attack == "worst" else ATTACK_LABELS[attack],
                      fontweight="bold" if attack == "worst" else "normal")
         ax.set_xlabel(f"eps ({a.norm})")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # at most 5 tick labels: they do not run together
-    plotstyle.legend_below(fig, *plotstyle.legend_entries(fig.axes))
-    plotstyle.save_png(fig, root / "robust_accuracy.png")
+        ax.grid(True, alpha=0.3)
+        if attack == "worst":
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(root / "robust_accuracy.png"))
 
-    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4.2))
     for i, name in enumerate(("sq", "sq-mi")):
         ax = fig.add_subplot(1, 2, i + 1)
         for attack, rows in ev[name]["aip"].items():
@@ -258,14 +307,17 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
                 ax.annotate(
                     f"{mean_of(r['eps']):.3g}",
                     (mean_of(r["mean_mi"]), mean_of(r["accuracy"])),
-                    fontsize=7.5,
-                    color="#333333",
+                    fontsize=6,
                     textcoords="offset points",
                     xytext=(3, 3),
                 )
-        ax.set_title(f"AIP: {model_label(cfg, name)}")
+        ax.set_title(f"AIP: {model_label(cfg, name)}", fontsize=9)
         ax.set_xlabel("mean MI between draws [nats]")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # legible ticks: at most 5, no overlap
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         ax.set_ylabel("ensemble accuracy")
         ax.set_ylim(-0.02, 1.02)
-    plotstyle.legend_below(fig, *plotstyle.legend_entries(fig.axes))
-    plotstyle.save_png(fig, root / "aip.png")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(root / "aip.png"))

@@ -1,7 +1,8 @@
 """The SQ study as a specification of the study engine (:mod:`qrobust.experiment`).
 
 Per seed, ``prepare`` loads the data and trains (or loads) the models, each a resumable run folder
-``seed-<s>/models/<name>``: ``fp32``, ``qat<b>``, ``sq`` (beta = 0), ``sq-mi`` and the ablation variants,
+``seed-<s>/models/<name>``: ``fp32``, ``fp32-ft`` (the float model fine-tuned for the SQ models' extra
+epochs: the matched control), ``qat<b>``, ``sq`` (beta = 0), ``sq-mi`` and the ablation variants,
 the SQ ranges being a cached stage (``calibration.json``). The grid (``cells.json``):
 
 * ``eval/<model>``: one model under every attack and budget, with the AIP and the MI detector for SQ
@@ -16,6 +17,7 @@ so its record depends on nothing but the config, the seed and the trained models
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +34,7 @@ from qrobust.metrics import as_float_images
 from qrobust.models import model_for_data
 from qrobust.quant import QuantConfig, quantize
 from qrobust.quant.sq_model import build_sq_model, calibrate_ranges
-from qrobust.quant.stochastic import EnsembleSQ, correct_on_all_draws, ensemble_stats
+from qrobust.quant.stochastic import EnsembleSQ, correct_per_draw, ensemble_stats
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACKS, Deployed
 from qrobust.studies.sq.config import StudyConfig, model_names
 from qrobust.studies.sq.evaluate import ablation_row, adaptive, evaluate_model
@@ -90,13 +92,13 @@ class _Trainer:
 
     def eval_det(self, model: nn.Module) -> dict:
         with eval_mode(model):
-            ok = correct_on_all_draws(model, self.data.test_x, self.data.test_y, 1, 512)
+            ok = correct_per_draw(model, self.data.test_x, self.data.test_y, 1, 512).all(0)
         return {"test_acc": ok.float().mean().item()}
 
     def eval_sq(self, n_draws: int) -> Callable[[nn.Module], dict]:
         def evaluate_fn(model: nn.Module) -> dict:
             with eval_mode(model):
-                correct, mi = ensemble_stats(model, self.data.test_x, self.data.test_y, n_draws, 256)
+                correct, _, mi = ensemble_stats(model, self.data.test_x, self.data.test_y, n_draws, 256)
             return {"test_acc": correct.float().mean().item(), "test_mi": mi.mean().item()}
 
         return evaluate_fn
@@ -109,6 +111,11 @@ class _Trainer:
         fp, fp_res = self.fit("fp32", fp, CrossEntropy(), _train_section(cfg, cfg.fp.epochs, cfg.fp.lr, 0.5), {},
                               self.eval_det)
         models = {"fp32": Deployed(fp)}
+        # the matched float control: the float model fine-tuned for the SQ models' extra epochs at their LR
+        torch.manual_seed(seed)
+        ft, ft_res = self.fit("fp32-ft", copy.deepcopy(fp), CrossEntropy(),
+                              _train_section(cfg, cfg.sq.epochs, cfg.sq.lr, 0.0), {"from": "fp32"}, self.eval_det)
+        models["fp32-ft"] = Deployed(ft)
         bits = cfg.qat_bits
         torch.manual_seed(seed)
         q = quantize(fp, QuantConfig(weight_bits=bits, act_bits=bits, act_range=cfg.qat.act_range))
@@ -117,12 +124,12 @@ class _Trainer:
         models[f"qat{bits}"] = Deployed(q)
         ranges = self.stages.json("calibration", lambda: calibrate_ranges(fp, self.data.val_x, list(cfg.sq.after),
                                                                            cfg.sq.percentile))
-        summary = {"fp32": fp_res, f"qat{bits}": q_res}
+        summary = {"fp32": fp_res, "fp32-ft": ft_res, f"qat{bits}": q_res}
         for name, settings in sq_variants(cfg):
             torch.manual_seed(seed)
             model = build_sq_model(fp, ranges, settings, cfg.sq.at_input)
             objective = SQEnsembleObjective(MIEnsembleLoss(settings["beta"], settings["spacing_weight"],
-                                                           settings["n_draws"], settings["ce_on"]))
+                                                           settings["n_draws"], settings["ce_on"], settings["mi_on"]))
             describe = {k: settings[k] for k in ("num_bins", "alpha", "tau", "learnable")} | {
                 "at_input": cfg.sq.at_input, "after": list(cfg.sq.after), "ranges": ranges}
             model, res = self.fit(name, model, objective, _train_section(cfg, cfg.sq.epochs, cfg.sq.lr, 0.0), describe,
