@@ -48,7 +48,8 @@ _API: dict[str, str] = {
     # white-box and score-based attacks
     "fgsm": "qrobust.attacks.whitebox", "pgd": "qrobust.attacks.whitebox", "apgd_ce": "qrobust.attacks.whitebox",
     "robust_accuracy": "qrobust.attacks.whitebox", "input_gradient": "qrobust.attacks.whitebox",
-    "square_attack": "qrobust.attacks.blackbox",
+    "square_attack": "qrobust.attacks.blackbox", "bpda": "qrobust.attacks.whitebox",
+    "make_evasion_attack": "qrobust.attacks.evasion", "register_evasion": "qrobust.attacks.evasion",
     # patches
     "PatchConfig": "qrobust.attacks.patch", "apply_patch": "qrobust.attacks.patch", "train_patch": "qrobust.attacks.patch",
     "attack_success_rate": "qrobust.attacks.patch", "patch_transfer_matrix": "qrobust.attacks.patch",
