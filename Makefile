@@ -23,7 +23,7 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
-# The main job (issue 3): the DivQAT extraction study, quick preset (~8 min here). `qrobust demo` is the
+# The main job (issue 3): the DivQAT extraction study, quick preset (~14 min on a 2-core Xeon). `qrobust demo` is the
 # shorter float -> 8-bit QAT -> int8 deployment demo.
 demo: setup data
 	$(VENV)/bin/qrobust run divqat --preset quick
