@@ -6,8 +6,10 @@ attack, adversary error gain over QAT of the same backend), ``defender_vs_clone.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
+from qrobust import plotstyle
 from qrobust.defenses.output import defense_accuracy_warning
 from qrobust.studies.divqat.attacks import ATTACK_LABELS, EXTRACTION_ATTACKS
 from qrobust.studies.divqat.config import StudyConfig, victim_names
@@ -220,11 +222,12 @@ def _num(cell: dict | None, scale: float, digits: int) -> str:
     return f"{scale * cell['mean']:.{digits}f}"
 
 
+@plotstyle.styled
 def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
     """Defender vs clone accuracy per attack (one point per victim and defense: colour = victim, marker =
-    defense, both in legends, so no text sits on the points); clone accuracy vs queries per attack
-    (undefended victims, the first seed; for the defense-aware attacker the first defended cell)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    defense, both in the legend under the panels, so no text sits on the points); clone accuracy vs queries
+    per attack (undefended victims, the first seed; for the defense-aware attacker the first defended cell).
+    Style: :mod:`qrobust.plotstyle`."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
@@ -233,59 +236,67 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
     attacks = [a for a in cfg.attack.names if not EXTRACTION_ATTACKS[a].reference]
     markers = {"none": "o", "rs": "s", "dcp": "^"}
     names = victim_names(cfg)
-    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    colors = dict(zip(names, plotstyle.colors(len(names)), strict=True))
     n = max(1, len(attacks))
-    fig = Figure(figsize=(3.3 * n + 2.2, 3.4))
-    for i, attack in enumerate(attacks):
-        ax = fig.add_subplot(1, n, i + 1)
+    fig = Figure(figsize=(3.8 * n, 3.6), layout="constrained")
+    axes = [fig.add_subplot(1, n, i + 1) for i in range(len(attacks))]
+    for i, (ax, attack) in enumerate(zip(axes, attacks, strict=True)):
         for defense in cfg.defense.names:
             for name in names:
                 cell = cells.get(name, {}).get(defense, {}).get(attack)
                 if cell is not None:
                     ax.scatter(100 * cell["clone_acc"]["mean"], 100 * defenses[name][defense]["defender_acc"]["mean"],
-                               marker=markers.get(defense, "o"), color=colors[name], s=28, alpha=0.85)
-        ax.set_xlabel("clone accuracy (%)", fontsize=8)
+                               marker=markers.get(defense, "o"), color=colors[name], s=36, alpha=0.85, zorder=3)
+        ax.set_xlabel("clone accuracy (%)")
         if i == 0:
-            ax.set_ylabel("defender accuracy (%)", fontsize=8)
-        ax.set_title(ATTACK_LABELS[attack], fontsize=8)
-        ax.tick_params(which="both", labelsize=7)
+            ax.set_ylabel("defender accuracy (%)")
+        ax.set_title(ATTACK_LABELS[attack])
     handles = [Line2D([], [], linestyle="", marker="o", color=colors[name], label=_short_label(v_info[name]))
                for name in names]
     handles += [Line2D([], [], linestyle="", marker=markers.get(d, "o"), color="gray", label=f"defense: {d}")
                 for d in cfg.defense.names]
-    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (3.3 * n + 2.2), 1))
-    FigureCanvasAgg(fig).print_png(str(root / "defender_vs_clone.png"))
+    plotstyle.legend_below(fig, handles, [h.get_label() for h in handles])
+    plotstyle.save_png(fig, root / "defender_vs_clone.png")
 
-    fig = Figure(figsize=(3.3 * n + 2.2, 3.4))
-    for i, attack in enumerate(attacks):
-        ax = fig.add_subplot(1, n, i + 1)
+    fig = Figure(figsize=(3.8 * n, 3.6), layout="constrained")
+    axes = [fig.add_subplot(1, n, i + 1) for i in range(len(attacks))]
+    for i, (ax, attack) in enumerate(zip(axes, attacks, strict=True)):
         defense = "none"
         if EXTRACTION_ATTACKS[attack].defended_only:
             defense = next((d for d in cfg.defense.names if d != "none"), "none")
-        for name in names:
+        for k, name in enumerate(names):
             cell = cells.get(name, {}).get(defense, {}).get(attack)
             if cell is None:
                 continue
             points = [(q, a) for q, a in cell["history"][0] if a is not None and q > 0]  # log x: no 0
             if points:
-                ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", color=colors[name])
+                ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=plotstyle.MARKERS[k % 8],
+                        markersize=4, color=colors[name])
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(_queries_label))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: _queries_label(v) if _leading_digit(v) in (2, 5) else ""))
-        ax.set_xlabel("queries", fontsize=8)
+        ax.xaxis.set_minor_formatter(FuncFormatter(partial(_minor_queries_label, ax)))
+        ax.tick_params(axis="x", which="minor", pad=5.0)  # minor labels on the major labels' baseline
+        ax.set_xlabel("queries")
         if i == 0:
-            ax.set_ylabel("clone accuracy (%)", fontsize=8)
-        ax.set_title(f"{ATTACK_LABELS[attack]} ({defense}, seed {cfg.seeds[0]})", fontsize=8)
-        ax.tick_params(which="both", labelsize=7)
-    handles = [Line2D([], [], marker=".", color=colors[name], label=_short_label(v_info[name])) for name in names]
-    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (3.3 * n + 2.2), 1))
-    FigureCanvasAgg(fig).print_png(str(root / "clone_vs_queries.png"))
+            ax.set_ylabel("clone accuracy (%)")
+        ax.set_title(f"{ATTACK_LABELS[attack]}\n({defense}, seed {cfg.seeds[0]})")
+    handles = [Line2D([], [], marker=plotstyle.MARKERS[k % 8], markersize=4, color=colors[name],
+                      label=_short_label(v_info[name])) for k, name in enumerate(names)]
+    plotstyle.legend_below(fig, handles, [h.get_label() for h in handles])  # one entry per victim (labels may repeat)
+    plotstyle.save_png(fig, root / "clone_vs_queries.png")
 
 
 def _leading_digit(value: float) -> int:
     return int(f"{value:.0e}"[0]) if value > 0 else 0
+
+
+def _minor_queries_label(ax, value: float, _position=None) -> str:
+    """Minor tick labels at 2 and 5 x 10^k, only while the axis spans under 3 decades (wider, they run
+    together)."""
+    low, high = ax.get_xlim()
+    if low <= 0 or high / low >= 1e3 or _leading_digit(value) not in (2, 5):
+        return ""
+    return _queries_label(value)
 
 
 def _queries_label(value: float, _position=None) -> str:
@@ -296,18 +307,18 @@ def _queries_label(value: float, _position=None) -> str:
     return f"{value:g}"
 
 
+@plotstyle.styled
 def transition_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
     """``divqat_transition.png``: validation accuracy and mean KL(f_q || f_fp) against alpha (log x), one
     line per epoch checkpoint (dashed: the beyond-paper hinge variant, when run), the first seed; QAT's values and the accuracy floor of the operating point
-    as dashed lines, the operating point circled."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    as dashed lines, the operating point circled; one legend under both panels (style: :mod:`qrobust.plotstyle`)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
     seed = next(iter(agg["divqat_sweep"]))
     sweep, op = agg["divqat_sweep"][seed], agg["divqat_operating_point"][seed]
     hinge = agg.get("divqat_hinge_sweep", {}).get(seed, [])  # the beyond-paper variant, dashed
-    fig = Figure(figsize=(8, 3.3))
+    fig = Figure(figsize=(9, 4.0), layout="constrained")
     for j, (key, label, scale) in enumerate((("acc", "validation accuracy (%)", 100), ("kl", "mean KL(f_q || f_fp)", 1))):
         ax = fig.add_subplot(1, 2, j + 1)
         for name, rows_all, style in (("", sweep, "-"), ("hinge ", hinge, "--")):
@@ -323,15 +334,12 @@ def transition_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
                    label="operating point")
         ax.set_xscale("log")
         alphas = sorted({r["alpha"] for r in sweep})
-        ax.set_xticks(alphas, [f"{a:g}" for a in alphas], fontsize=6, rotation=45)  # the trained alphas only
+        ax.set_xticks(alphas, [f"{a:g}" for a in alphas], rotation=45, ha="right", rotation_mode="anchor")  # the trained alphas only
         ax.xaxis.set_minor_formatter(NullFormatter())
         if key == "kl":
-            ax.set_yscale("log")
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("alpha", fontsize=8)
-        ax.set_ylabel(label, fontsize=8)
-        ax.tick_params(which="both", labelsize=7)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"DivQAT transition ({cfg.data.name}, seed {seed}, validation images)", fontsize=9)
-    fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(root / "divqat_transition.png"))
+            ax.set_yscale("log")  # matplotlib's minor labels: shown only when the axis spans under a decade
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(label)
+    fig.suptitle(f"DivQAT transition ({cfg.data.name}, seed {seed}, validation images)", fontweight="bold")
+    plotstyle.legend_below(fig, *plotstyle.legend_entries(fig.axes))
+    plotstyle.save_png(fig, root / "divqat_transition.png")

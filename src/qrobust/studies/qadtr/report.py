@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qrobust import plotstyle
 from qrobust.studies.qadtr.cells import input_grad, layer_outputs, patch_area
 from qrobust.studies.qadtr.config import StudyConfig
 from qrobust.studies.qadtr.defenses import LABELS
@@ -212,16 +213,14 @@ def _analysis_markdown(cfg: StudyConfig, grads: dict, feats: dict, seeds: int) -
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height))
+    return Figure(figsize=(width, height), layout="constrained")  # constrained: labels and colour bars fit
 
 
 def _save(fig, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(path))
+    plotstyle.save_png(fig, path)
 
 
+@plotstyle.styled
 def study_figures(cfg: StudyConfig, results: dict, root: Path) -> None:
     """``transfer_matrix.png`` (Table 1 as a heat map) and ``table2_asr.png`` (Table 2's ASRs as bars)."""
     widths = cfg.widths()
@@ -232,12 +231,13 @@ def study_figures(cfg: StudyConfig, results: dict, root: Path) -> None:
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="magma")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=9)
     ax.set_xticks(range(len(widths)), [f"{w}" for w in widths])
     ax.set_yticks(range(len(widths)), [f"{w}" for w in widths])
     ax.set_xlabel("target bits")
     ax.set_ylabel("source bits")
     ax.set_title("patch ASR (%)")
+    ax.grid(False)  # no grid lines over the cells
     fig.colorbar(im, ax=ax)
     _save(fig, root / "transfer_matrix.png")
 
@@ -249,14 +249,20 @@ def study_figures(cfg: StudyConfig, results: dict, root: Path) -> None:
             labels.append(f"{name} @ {width}")
             for k in kinds:
                 values[k].append(100 * mean_of(row[k]) if k in row else float("nan"))
-    fig = _figure(max(6.0, 0.45 * len(labels)), 4.4)
+    fig = _figure(max(6.0, 0.5 * len(labels)), 4.6)
     ax = fig.add_subplot(1, 1, 1)
     step = 0.8 / max(1, len(kinds))
-    for i, k in enumerate(kinds):
-        ax.bar([j + i * step for j in range(len(labels))], values[k], width=step, label=k.replace("_", " "))
-    ax.set_xticks([j + 0.4 - step / 2 for j in range(len(labels))], labels, fontsize=7, rotation=90)
+    factor_colors = dict(zip(FACTORS, plotstyle.colors(len(FACTORS)), strict=True))
+    for i, k in enumerate(kinds):  # colour = patch factor, hatched = adaptive (10 kinds: colours alone would repeat)
+        attack, factor = k.split("_", 1)
+        ax.bar([j + i * step for j in range(len(labels))], values[k], width=step, label=k.replace("_", " "),
+               color=factor_colors[factor], hatch="////" if attack == "adaptive" else None, edgecolor="white",
+               linewidth=0.3)
+    ax.set_xticks([j + 0.4 - step / 2 for j in range(len(labels))], labels, rotation=55, ha="right",
+                  rotation_mode="anchor")
+    ax.set_xlim(-0.5, len(labels) - 0.1)
     ax.set_ylabel("ASR (%)")
-    ax.legend(fontsize=7)
+    plotstyle.legend_below(fig, *ax.get_legend_handles_labels())
     _save(fig, root / "table2_asr.png")
     _reader_figures(cfg, results.get("figures", {}), root)
 
@@ -274,7 +280,7 @@ def _reader_figures(cfg: StudyConfig, figs: dict, root: Path) -> None:
         ax.set_xlabel("patch area (% of the image)")
         ax.set_ylabel("ASR (%)")
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=7)
+        plotstyle.legend_below(fig, *ax.get_legend_handles_labels())
         _save(fig, root / "size_curve.png")
     if "heatmap" in figs:
         hm = figs["heatmap"]
@@ -284,15 +290,15 @@ def _reader_figures(cfg: StudyConfig, figs: dict, root: Path) -> None:
             grid = [[100 * mean_of(hm["asr"][w][f"{r},{c}"]) for c in hm["cols"]] for r in hm["rows"]]
             ax = fig.add_subplot(1, len(widths), i + 1)
             im = ax.imshow(grid, vmin=0, vmax=100, cmap="magma")
-            ax.set_xticks(range(len(hm["cols"])), hm["cols"], fontsize=6)
-            ax.set_yticks(range(len(hm["rows"])), hm["rows"], fontsize=6)
-            ax.set_title(f"{w}-bit", fontsize=8)
+            ax.set_xticks(range(len(hm["cols"])), hm["cols"])
+            ax.set_yticks(range(len(hm["rows"])), hm["rows"])
+            ax.set_title(f"{w}-bit")
+            ax.grid(False)  # no grid lines over the cells
         fig.colorbar(im, ax=fig.axes, label="ASR (%)", fraction=0.02)  # axes: top-left positions (px)
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-        FigureCanvasAgg(fig).print_png(str(root / "heatmap.png"))  # no tight_layout: the bar spans all panels
+        _save(fig, root / "heatmap.png")  # constrained layout: the bar spans all panels
 
 
+@plotstyle.styled
 def seed_figures(cfg: StudyConfig, ctx: dict, root: Path) -> None:
     """A seed's ``gradient_maps.png`` (|grad_x| of the first analysis image per width, patched and PGD
     inputs; paper Fig. 4) and ``feature_maps.png`` (first layers' channel means, clean vs patched; Fig. 3)."""
@@ -306,7 +312,7 @@ def seed_figures(cfg: StudyConfig, ctx: dict, root: Path) -> None:
             ax.imshow(g.numpy(), cmap="inferno")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{attack}, {w}-bit", fontsize=8)
+            ax.set_title(f"{attack}, {w}-bit", fontsize=9)
     _save(fig, root / "gradient_maps.png")
 
     layers = cfg.analysis.feature_layers
@@ -326,5 +332,5 @@ def seed_figures(cfg: StudyConfig, ctx: dict, root: Path) -> None:
             ax.imshow(img.numpy(), cmap="gray" if c_idx < 2 else "viridis")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{w}-bit {title}" if c_idx == 0 else title, fontsize=7)
+            ax.set_title(f"{w}-bit {title}" if c_idx == 0 else title, fontsize=8.5)
     _save(fig, root / "feature_maps.png")

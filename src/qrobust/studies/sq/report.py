@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from qrobust import plotstyle
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACK_LABELS, ATTACKS, STRENGTH_CHECKS
 from qrobust.studies.sq.config import StudyConfig, model_names
 from qrobust.studies.tables import fmt, mean_of
@@ -259,16 +260,25 @@ def _reading(cfg: StudyConfig, agg: dict) -> str:
     return text
 
 
+# offset (points), horizontal and vertical alignment of a series' point labels in aip.png: above right, above
+# left, right, left
+_LABEL_SIDES = (((4, 3), "left", "bottom"), ((-4, 3), "right", "bottom"), ((7, 0), "left", "center"),
+                ((-7, 0), "right", "center"))
+
+
+@plotstyle.styled
 def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """``robust_accuracy.png`` (one panel per attack, the worst case first) and ``aip.png``; style:
+    :mod:`qrobust.plotstyle`, one legend under the panels."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     a, ev = cfg.attack, agg["evaluation"]
     eps = cfg.eps_values()
     panels = ["worst"] + list(ATTACKS)  # the worst case first: the number to quote
     cols = 4
     rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4 * cols, 3.4 * rows))
+    fig = Figure(figsize=(4 * cols, 3.3 * rows + 0.5), layout="constrained")
     for i, attack in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for name in model_names(cfg):
@@ -278,6 +288,7 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
                 [0.0] + eps,
                 [100 * mean_of(e["clean_acc_all_draws"])] + [100 * v for v in curve],
                 "-o",
+                markersize=4,
                 label=model_label(cfg, name),
             )
         ax.set_title("worst case per image over all attacks" if attack == "worst" else ATTACK_LABELS[attack],
@@ -285,39 +296,40 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
         ax.set_xlabel(f"eps ({a.norm})")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
-        ax.grid(True, alpha=0.3)
-        if attack == "worst":
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(root / "robust_accuracy.png"))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # at most 5 tick labels: they do not run together
+    plotstyle.legend_below(fig, *plotstyle.legend_entries(fig.axes))
+    plotstyle.save_png(fig, root / "robust_accuracy.png")
 
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(10, 4.2))
+    fig = Figure(figsize=(10, 4.4), layout="constrained")
     for i, name in enumerate(("sq", "sq-mi")):
         ax = fig.add_subplot(1, 2, i + 1)
-        for attack, rows in ev[name]["aip"].items():
-            ax.plot(
+        for k, (attack, rows) in enumerate(ev[name]["aip"].items()):
+            (line,) = ax.plot(
                 [mean_of(r["mean_mi"]) for r in rows],
                 [mean_of(r["accuracy"]) for r in rows],
                 "-o",
+                markersize=5,
                 label=ATTACK_LABELS[attack],
             )
+            # eps labels in the series' colour, each series on another side of its points: the attacks share
+            # the eps grid, and their points often coincide
+            (dx, dy), ha, va = _LABEL_SIDES[k % len(_LABEL_SIDES)]
             for r in rows:
                 ax.annotate(
                     f"{mean_of(r['eps']):.3g}",
                     (mean_of(r["mean_mi"]), mean_of(r["accuracy"])),
-                    fontsize=6,
+                    fontsize=8,
+                    color=line.get_color(),
                     textcoords="offset points",
-                    xytext=(3, 3),
+                    xytext=(dx, dy),
+                    ha=ha,
+                    va=va,
                 )
-        ax.set_title(f"AIP: {model_label(cfg, name)}", fontsize=9)
+        ax.set_title(f"AIP: {model_label(cfg, name)}")
         ax.set_xlabel("mean MI between draws [nats]")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # legible ticks: at most 5, no overlap
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         ax.set_ylabel("ensemble accuracy")
         ax.set_ylim(-0.02, 1.02)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(root / "aip.png"))
+    plotstyle.legend_below(fig, *plotstyle.legend_entries(fig.axes))
+    plotstyle.save_png(fig, root / "aip.png")
