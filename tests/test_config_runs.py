@@ -133,3 +133,20 @@ def test_a_folder_from_an_older_version_resumes_when_new_settings_hold_their_def
         RunDir(tmp_path / "run", {"seed": 0, "qat": {"bits": 2, "act_range": "learned"}}, defaults=defaults)
     with pytest.raises(RunFolderError, match="bits"):  # a stored setting that changed still refuses
         RunDir(tmp_path / "run", {"seed": 0, "qat": {"bits": 4, "act_range": "ema"}}, defaults=defaults)
+
+
+def test_atomic_writes_give_plain_file_permissions(tmp_path):
+    """Run-folder files and figures get 0o666 minus the umask, like open(), not mkstemp's 0o600."""
+    import os
+
+    from qrobust.fileio import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a" / "results.json", b"{}")
+        mode = (tmp_path / "a" / "results.json").stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert mode == 0o644
+    assert (tmp_path / "a" / "results.json").read_bytes() == b"{}"
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.endswith(".tmp")]  # no temp file left behind

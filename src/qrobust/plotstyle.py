@@ -16,7 +16,8 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+
+from qrobust.fileio import atomic_write_bytes
 
 # Okabe-Ito: distinguishable with every common colour-vision deficiency, and in grey print
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -162,20 +163,8 @@ def png_bytes(fig, dpi: int = DPI) -> bytes:
 
 
 def save_png(fig, path) -> None:
-    """Write the figure as a PNG file at ``path`` (through a temporary file and a rename, so a reader never
-    sees half a file; this module sits below ``qrobust.runs`` in the layers and does not import it)."""
-    import os
-    import tempfile
-
-    path, data = Path(path), png_bytes(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the figure as a PNG file at ``path``, atomically (:func:`qrobust.fileio.atomic_write_bytes`)."""
+    atomic_write_bytes(path, png_bytes(fig), fsync=False)
 
 
 __all__ = ["DPI", "MARKERS", "PALETTE", "RC", "colors", "figure", "label_bars", "legend_below", "legend_entries",

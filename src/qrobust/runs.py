@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import pickletools
 import platform
 import re
 import subprocess
-import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -31,22 +29,7 @@ import torch
 
 from qrobust.config import to_toml
 from qrobust.errors import CheckpointError, RunFolderError
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from qrobust.fileio import atomic_write_bytes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
