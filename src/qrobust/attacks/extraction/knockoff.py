@@ -413,8 +413,12 @@ class KnockoffNets:
     def _round_size(self, wanted: int) -> int:
         return min(self.config.batch_size, wanted, self.victim.remaining)
 
-    def _query_random(self, transfer_set: Tensor, num_queries: int) -> tuple[Tensor, Tensor, int, dict]:
-        order = self.select(transfer_set.shape[0], num_queries).to(transfer_set.device)
+    def _query_rounds(
+        self, transfer_set: Tensor, num_queries: int, pick, learn=None
+    ) -> tuple[Tensor, Tensor, int]:
+        """Query the victim in rounds of at most ``batch_size`` until ``num_queries`` are answered (or the
+        victim's budget ends): ``pick(size) -> images`` chooses each round, ``learn(images, answers)`` (if
+        given) sees each answered round. Returns all images, all answers and the number of rounds."""
         xs, ys, done, rounds = [], [], 0, 0
         with tqdm(
             total=num_queries, desc=f"{self.phase} queries", disable=not self.config.progress, leave=False
@@ -423,16 +427,30 @@ class KnockoffNets:
                 size = self._round_size(num_queries - done)
                 if size == 0:
                     break
-                x = transfer_set[order[done : done + size]]
+                x = pick(size)
                 y = self.query(x)
                 if y is None:
                     break
+                if learn is not None:
+                    learn(x, y)
                 xs.append(x)
                 ys.append(y)
                 done += size
                 rounds += 1
                 bar.update(size)
         x, y = self._stack(xs, ys, transfer_set)
+        return x, y, rounds
+
+    def _query_random(self, transfer_set: Tensor, num_queries: int) -> tuple[Tensor, Tensor, int, dict]:
+        order = self.select(transfer_set.shape[0], num_queries).to(transfer_set.device)
+        start = [0]
+
+        def pick(size: int) -> Tensor:
+            x = transfer_set[order[start[0] : start[0] + size]]
+            start[0] += size
+            return x
+
+        x, y, rounds = self._query_rounds(transfer_set, num_queries, pick)
         return x, y, rounds, {}
 
     def _stack(self, xs: list[Tensor], ys: list[Tensor], transfer_set: Tensor) -> tuple[Tensor, Tensor]:
@@ -458,62 +476,50 @@ class KnockoffNets:
         shuffled = torch.randperm(n_images, generator=self.rng)
         pools = [shuffled[groups[shuffled] == g] for g in range(num_groups)]
         taken = torch.zeros(num_groups, dtype=torch.long)
-        preference = torch.zeros(num_groups)
-        reward_sum, reward_count = 0.0, 0
-        answer_mean: Tensor | None = None
         device = module_device(self.clone)
 
-        xs, ys, done, rounds = [], [], 0, 0
-        with tqdm(
-            total=num_queries, desc=f"{self.phase} queries", disable=not self.config.progress, leave=False
-        ) as bar:
-            while done < num_queries:
-                size = self._round_size(num_queries - done)
-                if size == 0:
-                    break
-                available = torch.tensor([len(p) for p in pools]) - taken
-                policy = self._policy(preference, available)
-                index, actions = self._draw(pools, taken, available, preference, size)
-                x = transfer_set[index.to(transfer_set.device)]
-                y = self.query(x)
-                if y is None:
-                    break
-                # rewards use the clone's prediction before it trains on this round
-                with torch.no_grad(), eval_mode(self.clone):
-                    logits = self.clone(x.to(device)).cpu()
-                y_cpu = y.detach().cpu()
-                if answer_mean is None:
-                    answer_mean = torch.full_like(y_cpu[0], 1.0 / y_cpu.shape[1])
-                top2 = y_cpu.topk(2, dim=1).values
-                certainty = top2[:, 0] - top2[:, 1]
-                diversity = (y_cpu - answer_mean).clamp_min(0).sum(dim=1)
-                ce = -(y_cpu * F.log_softmax(logits, dim=1)).sum(dim=1)
-                reward = (certainty + diversity + (1 - torch.exp(-ce))) / 3
-                baseline = reward_sum / reward_count if reward_count else 0.0
-                preference = gradient_bandit_step(
-                    preference, policy, actions, reward, baseline, self.config.bandit_lr
-                )
-                reward_sum += reward.sum().item()
-                reward_count += reward.numel()
-                answer_mean = 0.9 * answer_mean + 0.1 * y_cpu.mean(dim=0)
-                # online step of the clone on this round (the paper trains the knockoff as it queries)
-                if x.shape[0] > 1:
-                    self.clone.train()
-                    loss = soft_cross_entropy(self.clone(x.to(device)), y.to(device))
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                xs.append(x)
-                ys.append(y)
-                done += size
-                rounds += 1
-                bar.update(size)
+        state = {"preference": torch.zeros(num_groups), "reward_sum": 0.0, "reward_count": 0, "answer_mean": None}
+
+        def pick(size: int) -> Tensor:
+            available = torch.tensor([len(p) for p in pools]) - taken
+            state["policy"] = self._policy(state["preference"], available)
+            index, state["actions"] = self._draw(pools, taken, available, state["preference"], size)
+            return transfer_set[index.to(transfer_set.device)]
+
+        def learn(x: Tensor, y: Tensor) -> None:
+            # rewards use the clone's prediction before it trains on this round
+            with torch.no_grad(), eval_mode(self.clone):
+                logits = self.clone(x.to(device)).cpu()
+            y_cpu = y.detach().cpu()
+            if state["answer_mean"] is None:
+                state["answer_mean"] = torch.full_like(y_cpu[0], 1.0 / y_cpu.shape[1])
+            top2 = y_cpu.topk(2, dim=1).values
+            certainty = top2[:, 0] - top2[:, 1]
+            diversity = (y_cpu - state["answer_mean"]).clamp_min(0).sum(dim=1)
+            ce = -(y_cpu * F.log_softmax(logits, dim=1)).sum(dim=1)
+            reward = (certainty + diversity + (1 - torch.exp(-ce))) / 3
+            baseline = state["reward_sum"] / state["reward_count"] if state["reward_count"] else 0.0
+            state["preference"] = gradient_bandit_step(
+                state["preference"], state["policy"], state["actions"], reward, baseline, self.config.bandit_lr
+            )
+            state["reward_sum"] += reward.sum().item()
+            state["reward_count"] += reward.numel()
+            state["answer_mean"] = 0.9 * state["answer_mean"] + 0.1 * y_cpu.mean(dim=0)
+            # online step of the clone on this round (the paper trains the knockoff as it queries)
+            if x.shape[0] > 1:
+                self.clone.train()
+                loss = soft_cross_entropy(self.clone(x.to(device)), y.to(device))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+
+        x, y, rounds = self._query_rounds(transfer_set, num_queries, pick, learn)
+        preference = state["preference"]
         left = torch.tensor([len(p) for p in pools]) - taken
         final_policy = (
             self._policy(preference, left) if (left > 0).any() else torch.softmax(preference, dim=0)
         )
         info = {"num_groups": num_groups, "policy": [round(v, 6) for v in final_policy.tolist()]}
-        x, y = self._stack(xs, ys, transfer_set)
         return x, y, rounds, info
 
     @staticmethod
