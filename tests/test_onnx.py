@@ -8,7 +8,7 @@ import json
 import onnx
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import train_tiny_qat
 from onnx import numpy_helper
 from torch import nn
 
@@ -30,20 +30,7 @@ from qrobust.quant.onnx import (
 
 def _train_qat(arch, synthetic, steps=30, **config):
     """A short QAT run on the synthetic data (Adam, batch 64): ranges and BatchNorm statistics are real."""
-    torch.manual_seed(0)
-    info = synthetic.info
-    model = build_model(arch, channels=info.channels, num_classes=info.num_classes, image_size=info.image_size)
-    qmodel = quantize(model, QuantConfig(**config))
-    opt = torch.optim.Adam(qmodel.parameters(), lr=3e-3)
-    x, y = synthetic.train_x.float() / 255, synthetic.train_y
-    qmodel.train()
-    for i in range(steps):
-        idx = torch.arange(i * 64, (i + 1) * 64) % len(x)
-        loss = F.cross_entropy(qmodel(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qmodel.eval()
+    return train_tiny_qat(synthetic, arch, steps, **config)
 
 
 @pytest.fixture(scope="module")

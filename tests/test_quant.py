@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import train_tiny_qat
 
 from qrobust.errors import ConfigError
 from qrobust.models import build_model
@@ -198,20 +199,7 @@ def test_unknown_backend_is_refused():
 
 
 def _trained_qat(arch, backend, synthetic, steps=30):
-    torch.manual_seed(0)
-    info = synthetic.info
-    model = build_model(arch, channels=info.channels, num_classes=info.num_classes, image_size=info.image_size)
-    qmodel = quantize(model, QuantConfig(backend=backend))
-    opt = torch.optim.Adam(qmodel.parameters(), lr=3e-3)
-    x, y = synthetic.train_x.float() / 255, synthetic.train_y
-    qmodel.train()
-    for i in range(steps):
-        idx = torch.arange(i * 64, (i + 1) * 64) % len(x)
-        loss = F.cross_entropy(qmodel(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qmodel.eval()
+    return train_tiny_qat(synthetic, arch, steps, backend=backend)
 
 
 @pytest.mark.parametrize("arch,backend", [("convnet", "server"), ("convnet", "mobile"), ("resnet8", "server"),

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import train_tiny_qat
 from torch import nn
 
 from qrobust.attacks.extraction.dfme import DFME
@@ -18,25 +18,11 @@ from qrobust.defenses.output import make_defense
 from qrobust.errors import ConfigError
 from qrobust.metrics import expected_calibration_error, nll
 from qrobust.models import build_model
-from qrobust.quant import QuantConfig, quantize, set_bit_width, set_quantization_enabled
+from qrobust.quant import set_bit_width, set_quantization_enabled
 
 
 def tiny_qat(synthetic, backend="server", steps=40, **quant):
-    torch.manual_seed(0)
-    info = synthetic.info
-    model = build_model("convnet", channels=info.channels, num_classes=info.num_classes, image_size=info.image_size,
-                        width=8)
-    qmodel = quantize(model, QuantConfig(backend=backend, **quant))
-    opt = torch.optim.Adam(qmodel.parameters(), lr=3e-3)
-    x, y = synthetic.train_x.float() / 255, synthetic.train_y
-    qmodel.train()
-    for i in range(steps):
-        idx = torch.arange(i * 64, (i + 1) * 64) % len(x)
-        loss = F.cross_entropy(qmodel(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qmodel.eval()
+    return train_tiny_qat(synthetic, "convnet", steps, model_kwargs={"width": 8}, backend=backend, **quant)
 
 
 @pytest.fixture(scope="module")
