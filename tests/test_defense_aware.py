@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_extraction import GlyphNet, K, place
+from test_extraction import GlyphNet, K, glyph_task
 
 from qrobust.attacks.extraction.defense_aware import (
     defense_aware_answer,
@@ -25,22 +24,7 @@ from qrobust.defenses.output import make_defense
 
 @pytest.fixture(scope="module")
 def glyphs():
-    g = torch.Generator().manual_seed(0)
-    shapes = (torch.rand(K, 3, 3, generator=g) < 0.5).float()
-    shapes[:, 1, 1] = 1.0
-    y_train, y_test = torch.randint(0, K, (500,), generator=g), torch.randint(0, K, (500,), generator=g)
-    x_train, x_test = place(shapes[y_train], g), place(shapes[y_test], g)
-    transfer = place((torch.rand(800, 3, 3, generator=g) < 0.5).float(), g)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = GlyphNet()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(100):
-            loss = F.cross_entropy(model(x_train), y_train)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return {"model": model.eval(), "x_test": x_test, "transfer": transfer}
+    return glyph_task()
 
 
 def clone(seed: int) -> GlyphNet:

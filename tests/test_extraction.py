@@ -57,8 +57,9 @@ class GlyphNet(nn.Module):
         return self.head(F.relu(self.conv(x)).amax(dim=(2, 3)))
 
 
-@pytest.fixture(scope="module")
-def task():
+def glyph_task() -> dict:
+    """The glyph task: a GlyphNet victim trained on placed glyphs (seed 0), test images and labels, and a
+    transfer set of random glyphs (what KnockoffNets queries)."""
     g = torch.Generator().manual_seed(0)
     glyphs = (torch.rand(K, 3, 3, generator=g) < 0.5).float()
     glyphs[:, 1, 1] = 1.0  # at least one stroke each
@@ -74,9 +75,14 @@ def task():
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
-    assert (model(x_test).argmax(1) == y_test).float().mean() > 0.95
-    return {"model": model, "x_test": x_test, "y_test": y_test, "transfer": transfer}
+    return {"model": model.eval(), "x_test": x_test, "y_test": y_test, "transfer": transfer}
+
+
+@pytest.fixture(scope="module")
+def task():
+    task = glyph_task()
+    assert (task["model"](task["x_test"]).argmax(1) == task["y_test"]).float().mean() > 0.95
+    return task
 
 
 def fresh_clone(seed: int = 1) -> nn.Module:
