@@ -22,6 +22,11 @@ Ratios, not absolute times, are the contract (they transfer across machines bett
   with ``precision="bf16"`` (bfloat16 autocast of clone training and generator). ``dfme_gen64_...``:
   DFME (fp32) with the paper's generator (width 64, latent 256) instead of width 16. Target (issue 12):
   >= 5,000 on the project's 2-core CPU. The threads are the process's (``environment.threads``).
+  ``dfme_mflop_per_query`` / ``maze_mflop_per_query`` / ``dfme_gen64_mflop_per_query``: the float work
+  one query costs (clone and generator forwards and backwards, counted by torch's FlopCounterMode over
+  one iteration; the int8 victim's integer work is not counted), and ``..._gflops_over_matmul_peak``:
+  the float FLOP/s the fp32 run achieves over the measured matmul peak. Together they say whether a
+  queries-per-second target is reachable on a machine: 5,000 queries/s need 5,000 x MFLOP/query.
 - ``sq_ensemble16_over_single_forward``: a 16-draw stochastic-quantizer ensemble forward over one
   deterministic forward (the same network and weights without SQs), batch 256; "well under 16" is the
   goal. The SQ is at the input, as the study deploys it: every draw runs the whole network, so nothing
@@ -266,6 +271,16 @@ def bench_divqat(min_seconds: float) -> dict:
     }
 
 
+def iteration_mflop_per_query(attack) -> float:
+    """Float MFLOP per victim query of one DFME/MAZE iteration (torch's FlopCounterMode; int8 ops not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cost = attack.cost_per_iteration
+    with FlopCounterMode(display=False) as counter:
+        attack.run(cost)
+    return counter.get_total_flops() / cost / 1e6
+
+
 def bench_extraction(min_seconds: float) -> dict:
     """Queries per second of DFME and MAZE (see the module docstring); whole iterations, after one warm-up."""
     try:
@@ -292,11 +307,14 @@ def bench_extraction(min_seconds: float) -> dict:
             key = f"{name}_queries_per_s" if precision == "fp32" else f"{name}_bf16_queries_per_s"
             out[key] = cost / seconds
             out["extraction_victim_answers_from"] = victim.answers_from
+            if precision == "fp32":
+                out[f"{name}_mflop_per_query"] = iteration_mflop_per_query(attack)
     # DFME with its paper generator (width 64, latent 256), which learns far more per query than width 16
     victim = Victim(twin, budget=10**12)
     attack = DFME(victim, convnet(), generator=Generator(SHAPE, latent_dim=256, width=64), latent_dim=256, seed=0)
     cost = attack.cost_per_iteration
     out["dfme_gen64_queries_per_s"] = cost / timeit(lambda: attack.run(cost), min_seconds, warmup=1)
+    out["dfme_gen64_mflop_per_query"] = iteration_mflop_per_query(attack)
     return out
 
 
@@ -308,6 +326,10 @@ def main() -> None:
     min_seconds = 0.5 if args.quick else 3.0
     results = bench_core(min_seconds) | bench_attacks(min_seconds) | bench_patch_defenses(min_seconds)
     results |= bench_divqat(min_seconds) | bench_extraction(min_seconds)
+    for name in ("dfme", "maze", "dfme_gen64"):  # achieved float FLOP/s of the fp32 attack over the matmul peak
+        if f"{name}_mflop_per_query" in results and "matmul_fp32_peak_gflops" in results:
+            gflops = results[f"{name}_queries_per_s"] * results[f"{name}_mflop_per_query"] / 1e3
+            results[f"{name}_gflops_over_matmul_peak"] = gflops / results["matmul_fp32_peak_gflops"]
     results["environment"] = environment("cpu")
     atomic_write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"{'metric':45s} value")
