@@ -319,3 +319,47 @@ def test_the_hinge_variant_is_searched_and_attacked_at_the_same_accuracy_cost(tm
     assert "DivQAT-hinge op. point, beyond paper" in md and "| DivQAT-hinge (beyond paper) | 0 |" in md
     with pytest.raises(ConfigError, match="needs divqat.search_alphas"):
         load_study_config(preset_path("smoke"), ["divqat.search_alphas=[]", "divqat.hinge_cap=0.1"])
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_zeroth_order_budget_script_reuses_the_victims_and_leaves_the_study_alone(study, tmp_path):
+    """benchmarks/zeroth_order_budget.py: at the study's own budget a DFME cell gives the study's numbers
+    (same victims, same cell seed); at another budget the cells spend that budget; the study folder is
+    not written; two shards together run every DFME/MAZE cell once."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "zeroth_order_budget.py"
+    spec = importlib.util.spec_from_file_location("zeroth_order_budget", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, _ = study
+    before = _tree(out)
+    threads = torch.get_num_threads()
+    try:
+        script.main([str(out), "--out", str(tmp_path / "same"), "attack.zeroth_order_victims=[\"qat-server\"]",
+                     "attack.zeroth_order_defenses=[\"none\"]"])
+        for shard in ("0/2", "1/2"):
+            script.main([str(out), "--out", str(tmp_path / "more"), "--shard", shard, "dfme.queries=96",
+                         "maze.queries=96"])
+    finally:
+        torch.set_num_threads(threads)
+    assert _tree(out) == before
+    same = json.loads((tmp_path / "same" / "records-0of1.json").read_text())
+    assert sorted(same) == ["0@qat-server/none/dfme", "0@qat-server/none/maze", "1@qat-server/none/dfme",
+                            "1@qat-server/none/maze"]
+    stored = json.loads((out / "seed-0" / "cells.json").read_text())["qat-server/none/dfme"]
+    # the same cell on the same victim: equal up to kernel rounding of a loaded vs trained model (one test image)
+    assert abs(same["0@qat-server/none/dfme"]["clone_acc"] - stored["clone_acc"]) <= 1 / 64 + 1e-9
+    assert same["0@qat-server/none/dfme"]["queries_used"] == stored["queries_used"]
+    more = {}
+    for shard in (0, 1):
+        more |= json.loads((tmp_path / "more" / f"records-{shard}of2.json").read_text())
+    zeroth_order_cells = [key for key in cell_plan(load_study_config(preset_path("smoke"))) if key[2] in ("dfme", "maze")]
+    assert len(more) == 2 * len(zeroth_order_cells)  # two seeds, every cell once over the two shards
+    assert all(r["queries_used"] > 48 and r["queries_used"] <= 96 and r["counts_agree"] for r in more.values())
+    summary = json.loads((tmp_path / "more" / "summary.json").read_text())
+    assert all(row["seeds"] == 2 for row in summary.values())

@@ -1,0 +1,146 @@
+"""DFME / MAZE at a working budget on a finished divqat study's victims, over its seeds (issue 12).
+
+The divqat study trains its victims (QAT, the DivQAT operating point, ...) once per seed; its DFME and
+MAZE cells then run at the preset's budget (quick: ~50k queries, where clones stay far from converged).
+This script re-runs only the DFME / MAZE cells of a *finished* study at another budget and generator,
+on the same trained victims (loaded from the study folder, never retrained) and with the study's own
+cell function (``DivQATSpec.run_cell``: a fresh clone, a fresh budget, seeded per cell), so the answer to
+"does DivQAT at its operating point raise the data-free adversary's error at a budget where it learns?"
+gets mean +- std over the study's seeds without re-running the rest of the study.
+
+    python benchmarks/zeroth_order_budget.py runs/divqat-quick --out runs/zo-budget \\
+        dfme.queries=200192 dfme.generator_width=64 dfme.latent_dim=256 [--shard 0/2]
+
+``key=value`` overrides change the attack settings (``dfme.*``, ``maze.*``, ``attack.zeroth_order_*``);
+everything that decides the victims stays as the study ran it (an override of another section is refused).
+The study folder is read, not written: the victims are loaded from a private copy of it. Records go to
+``OUT/records.json`` as each cell finishes (a rerun skips finished cells; ``--shard i/n`` runs every n-th
+cell, so several processes can share the work), then ``OUT/summary.json`` and ``OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from qrobust.config import apply_values, load_dataclass_config, read_toml
+from qrobust.errors import ConfigError
+from qrobust.experiment.engine import seed_stages
+from qrobust.runs import atomic_write_text
+from qrobust.studies.divqat.config import StudyConfig
+from qrobust.studies.divqat.spec import SPEC
+
+ATTACK_SECTIONS = ("dfme.", "maze.", "attack.zeroth_order_victims=", "attack.zeroth_order_defenses=")
+ZEROTH_ORDER = ("dfme", "maze")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("study", type=Path, help="a finished divqat study folder (with config.toml)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for records.json and the summary")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (default 0/1)")
+    parser.add_argument("overrides", nargs="*", help="dfme.* / maze.* / attack.zeroth_order_* settings")
+    args = parser.parse_intermixed_args(argv)
+    for item in args.overrides:
+        if not item.startswith(ATTACK_SECTIONS):
+            parser.error(f"{item!r}: only DFME/MAZE settings may change (keys starting with {', '.join(ATTACK_SECTIONS)})")
+    try:
+        index, count = (int(v) for v in args.shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard {args.shard!r}: give i/n with 0 <= i < n, e.g. 0/2")
+    args.shard_index, args.shard_count = index, count
+    if not (args.study / "config.toml").is_file():
+        parser.error(f"{args.study} holds no config.toml: give the folder of a divqat study run")
+    return args
+
+
+def stored_config(study: Path, overrides: list[str]) -> StudyConfig:
+    """The study's config as it ran (its ``config.toml``, written by the engine), plus ``overrides``."""
+    values = read_toml(study / "config.toml")
+    for key in ("meta", "quant_edges"):  # the engine's additions, not settings
+        values.pop(key, None)
+    cfg = StudyConfig()
+    apply_values(cfg, values)
+    return load_dataclass_config(cfg, None, overrides)
+
+
+def read_records(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is corrupt ({err}); delete it to start the cells again") from None
+
+
+def summarise(records: dict) -> dict:
+    """Per victim/defense/attack: clone and defender accuracy, mean +- std over seeds, and the curves."""
+    groups: dict[str, list[dict]] = {}
+    for key, record in records.items():
+        groups.setdefault(key.split("@", 1)[1], []).append(record)
+    out = {}
+    for cell, recs in sorted(groups.items()):
+        row = {"seeds": len(recs), "queries_used": [r["queries_used"] for r in recs]}
+        for name in ("clone_acc", "defender_acc", "agreement"):
+            values = [100 * r[name] for r in recs]
+            row[name] = {"mean": statistics.fmean(values),
+                         "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+        row["histories"] = [r.get("history") for r in recs]
+        out[cell] = row
+    return out
+
+
+def markdown(summary: dict, overrides: list[str], study: Path) -> str:
+    lines = [f"# DFME / MAZE at a working budget on the victims of `{study}`", "",
+             f"Overrides: `{' '.join(overrides) or '(none)'}`. Accuracies in %, mean ± std over seeds.", "",
+             "| victim / defense / attack | seeds | queries | defender acc | clone acc | agreement |",
+             "|---|---|---|---|---|---|"]
+    for cell, row in summary.items():
+        acc = {k: f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" for k in ("defender_acc", "clone_acc", "agreement")}
+        lines.append(f"| {cell} | {row['seeds']} | {max(row['queries_used']):,} | {acc['defender_acc']} | "
+                     f"{acc['clone_acc']} | {acc['agreement']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    study_cfg, attack_cfg = stored_config(args.study, []), stored_config(args.study, args.overrides)
+    study_cfg.progress = attack_cfg.progress = False
+    args.out.mkdir(parents=True, exist_ok=True)
+    records_path = args.out / f"records-{args.shard_index}of{args.shard_count}.json"
+    records = read_records(records_path)
+    work = [(seed, cell) for seed in study_cfg.seeds for cell in SPEC.cells(attack_cfg, seed)
+            if cell.params["attack"] in ZEROTH_ORDER]
+    work.sort(key=lambda item: (item[1].params["attack"], item[0], item[1].key))  # shards share DFME and MAZE
+    work = work[args.shard_index::args.shard_count]
+    with tempfile.TemporaryDirectory(prefix="zo-budget-") as tmp:
+        copy = Path(tmp) / "study"
+        shutil.copytree(args.study, copy)  # the study folder itself is never written
+        contexts: dict[int, dict] = {}
+        for i, (seed, cell) in enumerate(work):
+            key = f"{seed}@{cell.key}"
+            if key in records:
+                continue
+            if seed not in contexts:
+                contexts[seed] = SPEC.prepare(study_cfg, seed, seed_stages(SPEC, study_cfg, copy, seed))[1]
+            print(f"[{i + 1}/{len(work)}] seed {seed} {cell.key}", file=sys.stderr, flush=True)
+            records[key] = SPEC.run_cell(attack_cfg, contexts[seed], cell)
+            atomic_write_text(records_path, json.dumps(records, indent=1) + "\n")
+    everything = {}
+    for path in sorted(args.out.glob("records-*.json")):
+        everything |= read_records(path)
+    summary = summarise(everything)
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(args.out / "summary.md", markdown(summary, args.overrides, args.study))
+    print(markdown(summary, args.overrides, args.study))
+
+
+if __name__ == "__main__":
+    main()
