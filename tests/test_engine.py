@@ -91,6 +91,20 @@ def test_local_run_writes_results_and_resumes_without_recomputing(tmp_path):
     assert again["cells"] == res["cells"]
 
 
+def test_results_record_the_environment_the_run_started_with(tmp_path, monkeypatch):
+    """A long study may outlive the checkout it started from (commits land while it runs): results.json names
+    the code the call started with, not the HEAD at the moment it is written."""
+    import qrobust.experiment.engine as engine
+
+    CALLS.clear()  # HEAD "moves" once the study has started work (prepared a seed or run a cell)
+    monkeypatch.setattr(engine, "environment", lambda device: {
+        "git_commit": "commit-later" if CALLS else "commit-at-start", "device": device})
+    res = run_study(Toy(), _cfg(tmp_path))
+    assert CALLS  # work was done after the start
+    assert res["environment"]["git_commit"] == "commit-at-start"
+    assert json.loads((tmp_path / "toy" / "results.json").read_text())["environment"]["git_commit"] == "commit-at-start"
+
+
 def test_an_incomplete_or_missing_record_is_recomputed_and_only_that(tmp_path):
     run_study(Toy(), _cfg(tmp_path))
     path = tmp_path / "toy" / "seed-1" / "cells.json"

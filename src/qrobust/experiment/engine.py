@@ -63,6 +63,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
     executor = executor or LocalExecutor()
     root, run = open_study(cfg)
     t0 = time.perf_counter()
+    started_with = environment(str(cfg.device))  # the code this call ran (HEAD may move while it runs)
     prepared = executor.prepare(_Bound(_prepare, spec, cfg, root), list(cfg.seeds))
     stages = {seed: seed_stages(spec, cfg, root, seed) for seed in cfg.seeds}
     stores = {seed: CellStore(stages[seed]) for seed in cfg.seeds}
@@ -91,7 +92,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
     results = {"complete": True, "name": cfg.name, "seeds": list(cfg.seeds), **spec.aggregate(cfg, per_seed),
                "seconds": {str(seed): stages[seed].read_json("timings.json") or {} for seed in cfg.seeds},
                "executor": executor.name, "wall_seconds_this_call": time.perf_counter() - t0,
-               "environment": environment(str(cfg.device))}
+               "environment": started_with}
     run.write_json("results.json", results)
     run.write_text("results.md", spec.report(cfg, results, root))
     return results
