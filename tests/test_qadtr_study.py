@@ -113,6 +113,24 @@ def test_table2_has_every_defense_width_and_metric(study):
             assert set(row["per_spec"]) == {"seen:square@0.08", *FACTORS[1:]}
 
 
+def test_accuracy_under_the_patch_is_clean_accuracy_times_one_minus_asr(study):
+    """Per seed, patched_acc_<kind> = clean_acc x (1 - <kind> ASR) for every row; the report shows the table."""
+    for seed in (0, 1):
+        t2 = json.loads((study / f"seed-{seed}" / "results.json").read_text())["table2"]
+        checked = 0
+        for rows in t2.values():
+            for row in rows.values():
+                for kind in ("transfer_seen", "adaptive_seen", "adaptive_unseen_all"):
+                    if math.isnan(row[kind]):
+                        assert math.isnan(row[f"patched_acc_{kind}"])
+                        continue
+                    assert row[f"patched_acc_{kind}"] == pytest.approx(row["clean_acc"] * (1 - row[kind]), abs=1e-12)
+                    assert 0 <= row[f"patched_acc_{kind}"] <= row["clean_acc"]
+                    checked += 1
+        assert checked > 0
+    assert "Accuracy under the patch" in (study / "results.md").read_text()
+
+
 def test_unseen_patches_change_one_factor_at_a_time_then_all():
     cfg = load_study_config(preset_path("quick"))
     seen, unseen = cfg.seen_specs()[0], cfg.unseen_specs()

@@ -97,9 +97,28 @@ def results_markdown(cfg: StudyConfig, results: dict) -> str:
                 cells += [_pct(row[k], seeds) if k in row else "-" for k in kinds]
                 lines.append(f"| {LABELS[name]} | {width} | " + " | ".join(cells) + " |")
     lines += _defense_sentences(cfg, t2, seeds)
+    lines += _patched_accuracy_markdown(cfg, t2, seeds)
     lines += _figures_markdown(cfg, results.get("figures", {}), seeds)
     lines += _analysis_markdown(cfg, grads, feats, seeds)
     return "\n".join(lines)
+
+
+def _patched_accuracy_markdown(cfg: StudyConfig, t2: dict, seeds: int) -> list[str]:
+    """Accuracy under the patch (clean accuracy x (1 - ASR)) per defense and width: higher is better."""
+    kinds = ["transfer_seen"] + [f"adaptive_{f}" for f in FACTORS]
+    if not any(f"patched_acc_{k}" in row for per in t2.values() for row in per.values() for k in kinds):
+        return []
+    lines = ["", "Accuracy under the patch, % of all test images (correct clean *and* under the patch = clean "
+             "accuracy x (1 - ASR); higher is better). ASR is measured on each model's own clean-correct images, "
+             "so a defense that lowers ASR by losing clean accuracy shows here, not in the ASR tables:", "",
+             "| defense | width | clean acc | transfer seen | " + " | ".join(f"adaptive {FACTOR_LABELS[f]}" for f in FACTORS)
+             + " |", "|---|---|---|---|" + "---|" * len(FACTORS)]
+    for name in cfg.defense.names:
+        for width, row in t2.get(name, {}).items():
+            cells = [_pct(row["clean_acc"], seeds)]
+            cells += [_pct(row[f"patched_acc_{k}"], seeds) if f"patched_acc_{k}" in row else "-" for k in kinds]
+            lines.append(f"| {LABELS[name]} | {width} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _image_hw(results: dict) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from qrobust.studies.qadtr import cells as compute
 from qrobust.studies.qadtr.config import StudyConfig
 from qrobust.studies.qadtr.defenses import evaluated_widths
 from qrobust.studies.qadtr.prepare import prepare
-from qrobust.studies.qadtr.report import results_markdown, study_figures
+from qrobust.studies.qadtr.report import KINDS, results_markdown, study_figures
 
 TABLES = ("table1", "table2", "gradients", "features", "figures")  # the keys of results.json the cells fill
 
@@ -97,7 +97,7 @@ class QADTRSpec(StudySpec):
         if _switched(cfg):
             table1["asr_switched"] = {w: records[f"table1/switched/asr/{w}"] for w in cfg.widths()}
             table1 |= records["table1/switched/clean"]
-        table2 = {name: {w: records[f"table2/{name}/{w}"] for w in evaluated_widths(cfg, name)}
+        table2 = {name: {w: with_patched_accuracy(records[f"table2/{name}/{w}"]) for w in evaluated_widths(cfg, name)}
                   for name in cfg.defense.names}
         grads = records["gradients/float"]
         gradients = {"float_vs_quantized": grads["float_vs_quantized"],
@@ -122,6 +122,13 @@ class QADTRSpec(StudySpec):
 
 
 SPEC = QADTRSpec()
+
+
+def with_patched_accuracy(row: dict) -> dict:
+    """``row`` plus ``patched_acc_<kind>`` = clean accuracy x (1 - ASR of <kind>): the share of all test images a
+    model gets right both clean and under that patch. ASR alone is measured on each model's own clean-correct
+    images, so it cannot compare a model that lost clean accuracy with one that did not; this can."""
+    return row | {f"patched_acc_{k}": row["clean_acc"] * (1 - row[k]) for k in KINDS if k in row}
 
 
 def run_study(cfg: StudyConfig, executor: Any = None) -> dict:
