@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import train_tiny_float
 
 from qrobust.attacks.whitebox import pgd
 from qrobust.errors import ConfigError
@@ -24,19 +25,7 @@ STEP_SIZE = 2.5 * EPS / STEPS  # our pgd's default rule, given to both attacks e
 @pytest.fixture(scope="module")
 def lenet(synthetic):
     """A tiny LeNet-5 trained briefly on the synthetic data (clean accuracy ~0.97 on the test images)."""
-    torch.manual_seed(0)
-    info = synthetic.info
-    model = build_model("lenet5", channels=info.channels, num_classes=info.num_classes, image_size=info.image_size)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = synthetic.train_x.float() / 255, synthetic.train_y
-    model.train()
-    for i in range(40):
-        idx = torch.arange(i * 64, (i + 1) * 64) % len(x)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_tiny_float(synthetic, "lenet5", steps=40)
 
 
 def _art_pgd(classifier, x, y, random_init: int, steps: int = STEPS):
