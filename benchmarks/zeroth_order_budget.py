@@ -28,9 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qrobust.config import apply_values, load_dataclass_config, read_toml
+from qrobust.config import load_dataclass_config
 from qrobust.errors import ConfigError
 from qrobust.experiment.engine import seed_stages
+from qrobust.experiment.settings import stored_study_config
 from qrobust.runs import atomic_write_text
 from qrobust.studies.divqat.config import StudyConfig
 from qrobust.studies.divqat.spec import SPEC
@@ -63,12 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def stored_config(study: Path, overrides: list[str]) -> StudyConfig:
     """The study's config as it ran (its ``config.toml``, written by the engine), plus ``overrides``."""
-    values = read_toml(study / "config.toml")
-    for key in ("meta", "quant_edges"):  # the engine's additions, not settings
-        values.pop(key, None)
-    cfg = StudyConfig()
-    apply_values(cfg, values)
-    return load_dataclass_config(cfg, None, overrides)
+    return load_dataclass_config(stored_study_config(StudyConfig(), study), None, overrides)
 
 
 def read_records(path: Path) -> dict:

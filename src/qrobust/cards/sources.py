@@ -22,9 +22,9 @@ from pathlib import Path
 
 from torch import nn
 
-from qrobust.config import apply_values
 from qrobust.data import ImageData, load_dataset
 from qrobust.errors import CheckpointError, ConfigError
+from qrobust.experiment.settings import stored_study_config, stored_study_values
 from qrobust.quant import QuantConfig, quantize, set_bit_width
 from qrobust.runs import safe_load
 
@@ -121,14 +121,12 @@ _STUDY_SECTIONS = {"divqat": "divqat", "qadtr": "patches", "sq": "sq"}  # a sect
 def _study_config(root: Path):
     import importlib
 
-    values = _toml(root / "config.toml")
-    values.pop("quant_edges", None)
+    values = stored_study_values(root)
     study = next((s for s, section in _STUDY_SECTIONS.items() if section in values), None)
     if study is None:
         raise ConfigError(f"{root} is not a folder of a known study (divqat, qadtr, sq)")
     cfg = importlib.import_module(f"qrobust.studies.{study}.config").StudyConfig()
-    apply_values(cfg, values)
-    return study, cfg.validate()
+    return study, stored_study_config(cfg, root).validate()
 
 
 def _load_state(model: nn.Module, folder: Path) -> nn.Module:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qrobust.config import load_dataclass_config, preset_path
+from qrobust.config import apply_values, load_dataclass_config, preset_path
+from qrobust.errors import ConfigError
 from qrobust.registry import DATASETS, MODELS
 from qrobust.runs import DATA_LOCATION_KEYS, RunDir, environment
 from qrobust.train.loop import resolve_device
@@ -118,6 +120,30 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
     defaults = study_toml(type(cfg)())  # settings added since a folder was written resume at their defaults
     # ... but not across a change of what the quantized models are: a folder without this key holds models
     # whose input and logits followed the body's width, and its stage files would be reused.
-    config = study_toml(cfg) | {"quant_edges": QAT_EDGES["edge_bits"]}
+    config = study_toml(cfg) | {EDGES_KEY: QAT_EDGES["edge_bits"]}
     where = ("name", "out_root", *DATA_LOCATION_KEYS)  # where the study and its data are, not what it computes
     return root, RunDir(root, config, meta=environment(cfg.device), defaults=defaults, ignore=where)
+
+
+EDGES_KEY = "quant_edges"  # what open_study stores beside the settings (RunDir adds a [meta] table)
+
+
+def stored_study_values(root: str | Path) -> dict:
+    """The settings a study folder ran with: its ``config.toml`` as written by :func:`open_study`, without
+    what the engine adds (``meta``, ``quant_edges``). ConfigError if the file is missing or corrupt."""
+    path = Path(root) / "config.toml"
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is corrupt (not UTF-8 TOML); the folder cannot be read") from None
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror or err}); give the folder of a study run") from None
+    for key in ("meta", EDGES_KEY):
+        values.pop(key, None)
+    return values
+
+
+def stored_study_config(config: Any, root: str | Path) -> Any:
+    """``config`` (a study's config dataclass, e.g. its defaults) filled from :func:`stored_study_values`."""
+    apply_values(config, stored_study_values(root))
+    return config
