@@ -122,6 +122,14 @@ def test_accuracies_auroc_and_orderings(study):
     assert res["ablation"]["eps"] == "0.2" and set(res["ablation"]["rows"]) == {"sq-mi", "sq-mi-beta0.5"}
     for row in res["ablation"]["rows"].values():
         assert {"pgd", "eot-pgd", "apgd-ce", "bpda", "square"} <= set(row)
+        # the learned bin gaps of each SQ (what the spacing term acts on): one ratio per gap, K - 1 = 3
+        assert set(row["sq_gaps"]) == set(ev["sq-mi"]["sq_gaps"]) and len(row["sq_gaps"]) == 2
+        assert all(len(g) == 3 and all(_m(r) > 0 for r in g) for g in row["sq_gaps"].values())
+    # the sq-mi row's model is the evaluated sq-mi model: the same gaps
+    assert res["ablation"]["rows"]["sq-mi"]["sq_gaps"] == ev["sq-mi"]["sq_gaps"]
+    md = (study / "tiny" / "results.md").read_text()
+    ablation_md = md[md.index("## Ablations"):md.index("## Reading")]
+    assert "gaps / uniform gap" in ablation_md and "n/a" not in ablation_md
 
 
 def test_one_counting_rule_for_every_model(study):
@@ -245,12 +253,22 @@ def test_paper_preset_runs_end_to_end_on_data_of_its_shape(tmp_path):
     ("qat.act_range=minmax", "act_range"),
     ("ablation.num_bins=[1]", "num_bins >= 2"),
     ("ablation.tau=[-1.0]", "tau"),
+    ("ablation.spacing_weight=[-1.0]", "spacing_weight"),
     ("sq.percentile=30", "percentile"),
     ("attack.detector_direction=sideways", "detector_direction"),
 ])
 def test_bad_settings_are_config_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_study_config(preset_path("quick"), [override])
+
+
+def test_spacing_weight_ablation_changes_only_the_spacing_term():
+    cfg = load_study_config(preset_path("quick"), ["ablation.spacing_weight=[0, 1.0]"])
+    variants = dict(cfg.ablation_variants())
+    assert list(variants) == ["sq-mi-spacing0", "sq-mi-spacing1"]
+    base = cfg.sq_settings()
+    for name, weight in (("sq-mi-spacing0", 0.0), ("sq-mi-spacing1", 1.0)):
+        assert variants[name] == base | {"spacing_weight": weight} and base["spacing_weight"] == 0.01
 
 
 def test_bad_setting_through_the_cli_is_a_clean_error(capsys):

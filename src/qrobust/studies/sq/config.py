@@ -95,6 +95,7 @@ class AblationCfg:
     n_draws: list[int] = field(default_factory=list)
     beta: list[float] = field(default_factory=list)
     mi_on: list[str] = field(default_factory=list)  # other MI readings (MI_READINGS)
+    spacing_weight: list[float] = field(default_factory=list)  # the bin-spacing term's weight (0 = off)
     eps: str = ""  # one eps for the ablation table; empty = the middle one of attack.eps
 
 
@@ -212,6 +213,8 @@ class StudyConfig(StudyBase):
             out.append((f"sq-mi-beta{b:g}", self.sq_settings(beta=b)))
         for reading in a.mi_on:
             out.append((f"sq-mi-{reading}", self.sq_settings(mi_on=reading)))
+        for w in a.spacing_weight:
+            out.append((f"sq-mi-spacing{w:g}", self.sq_settings(spacing_weight=w)))
         return out
 
 

@@ -197,7 +197,8 @@ def adaptive(cfg: StudyConfig, ctx: dict) -> dict:
 
 
 def ablation_row(cfg: StudyConfig, ctx: dict, name: str) -> dict:
-    """Clean accuracy, the draws' diversity (:func:`diversity_stats`) and robust accuracy (PGD, EOT-PGD
+    """Clean accuracy, the draws' diversity (:func:`diversity_stats`), the learned bin gaps per SQ
+    (:func:`sq_gap_ratios`: what the spacing term acts on) and robust accuracy (PGD, EOT-PGD
     and the checks APGD-CE / BPDA / Square; strict per attack, both counts for the clean images and the
     per-image worst case) of SQ+MI variant ``name`` at the ablation's eps."""
     a = cfg.attack
@@ -207,7 +208,8 @@ def ablation_row(cfg: StudyConfig, ctx: dict, name: str) -> dict:
     ok, _, mi = ensemble_stats(model.raw, x, y, model.net.n_draws, a.batch_size)
     clean = correct_per_draw(model.net, x, y, a.draws, a.batch_size)
     row = {"clean_acc": ok.float().mean().item(), "clean_mi": mi.mean().item(),
-           "diversity": diversity_stats(model.raw, x, model.net.n_draws, a.batch_size)}
+           "diversity": diversity_stats(model.raw, x, model.net.n_draws, a.batch_size),
+           "sq_gaps": sq_gap_ratios(model.raw)}
     survived = clean.clone()
     for attack in [k for k in ABLATION_ATTACKS if a.runs(k)]:
         x_adv = run_attack(attack, t, eps)

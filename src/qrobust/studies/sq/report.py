@@ -167,11 +167,10 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
         if "diversity" not in ev[name]:
             continue
         dv = ev[name]["diversity"]
-        gaps = "; ".join(f"{sq}: " + ", ".join(f"{mean_of(g):.2f}" for g in gs)
-                         for sq, gs in ev[name].get("sq_gaps", {}).items())
         lines.append(f"| {model_label(cfg, name)} | {fmt(dv['h_t_given_x'], seeds, False)} | "
                      f"{fmt(dv['h_t'], seeds, False)} | {fmt(dv['mi'], seeds, False)} | "
-                     f"{fmt(dv['output_mi'], seeds, False, '.4f')} | {fmt(dv['disagreement'], seeds)}% | {gaps} |")
+                     f"{fmt(dv['output_mi'], seeds, False, '.4f')} | {fmt(dv['disagreement'], seeds)}% | "
+                     f"{_gaps(ev[name])} |")
     if "adaptive" in agg:
         ad = agg["adaptive"]
         lines += [
@@ -203,12 +202,12 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
             "",
             f"## Ablations (SQ + MI, one setting changed; eps={ab['eps']})",
             "",
-            "Robust accuracy strict per attack; worst case per image, strict / expected. Diversity as in the "
-            "table above (T at the last SQ).",
+            "Robust accuracy strict per attack; worst case per image, strict / expected. Diversity and gaps as "
+            "in the table above (T at the last SQ); `spacing<w>` rows change the spacing term's weight.",
             "",
-            "| variant | clean acc (ensemble) | H(T\\|X) | H(T) | disagreement | output MI | PGD | EOT-PGD | APGD-CE "
-            "| BPDA | Square | worst case |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | clean acc (ensemble) | H(T\\|X) | H(T) | disagreement | output MI | gaps / uniform gap "
+            "| PGD | EOT-PGD | APGD-CE | BPDA | Square | worst case |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in ab["rows"].items():
             cells = " | ".join(fmt(r[k], seeds) if k in r else "n/a"
@@ -216,10 +215,19 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
             dv = r["diversity"]
             lines.append(f"| {name} | {fmt(r['clean_acc'], seeds)} | {fmt(dv['h_t_given_x'], seeds, False)} | "
                          f"{fmt(dv['h_t'], seeds, False)} | {fmt(dv['disagreement'], seeds)}% | "
-                         f"{fmt(dv['output_mi'], seeds, False, '.4f')} | {cells} | "
+                         f"{fmt(dv['output_mi'], seeds, False, '.4f')} | {_gaps(r)} | {cells} | "
                          f"**{fmt(r['accuracy_strict']['worst'], seeds)}** / {fmt(r['accuracy_expected']['worst'], seeds)} |")
     lines += ["", "## Reading", "", _reading(cfg, agg), ""]
     return "\n".join(lines)
+
+
+def _gaps(record: dict) -> str:
+    """The learned bin gaps / the uniform gap per SQ, seed means ("n/a" for a record written before
+    ablation rows recorded them)."""
+    gaps = record.get("sq_gaps")
+    if not gaps:
+        return "n/a"
+    return "; ".join(f"{sq}: " + ", ".join(f"{mean_of(g):.2f}" for g in gs) for sq, gs in gaps.items())
 
 
 def _worst(record: dict, spec: str, count: str = "accuracy_strict") -> float:
