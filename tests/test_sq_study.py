@@ -125,8 +125,10 @@ def test_accuracies_auroc_and_orderings(study):
         # the learned bin gaps of each SQ (what the spacing term acts on): one ratio per gap, K - 1 = 3
         assert set(row["sq_gaps"]) == set(ev["sq-mi"]["sq_gaps"]) and len(row["sq_gaps"]) == 2
         assert all(len(g) == 3 and all(_m(r) > 0 for r in g) for g in row["sq_gaps"].values())
-    # the sq-mi row's model is the evaluated sq-mi model: the same gaps
-    assert res["ablation"]["rows"]["sq-mi"]["sq_gaps"] == ev["sq-mi"]["sq_gaps"]
+        assert set(row["sq_shift"]) == set(row["sq_gaps"]) and all(abs(_m(v)) < 1 for v in row["sq_shift"].values())
+    # the sq-mi row's model is the evaluated sq-mi model: the same gaps and shifts
+    for key in ("sq_gaps", "sq_shift"):
+        assert res["ablation"]["rows"]["sq-mi"][key] == ev["sq-mi"][key], key
     md = (study / "tiny" / "results.md").read_text()
     ablation_md = md[md.index("## Ablations"):md.index("## Reading")]
     assert "gaps / uniform gap" in ablation_md and "n/a" not in ablation_md

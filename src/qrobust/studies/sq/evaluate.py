@@ -35,6 +35,14 @@ def sq_gap_ratios(model) -> dict[str, list[float]]:
             for sq in stochastic_quantizers(model)}
 
 
+def sq_shifts(model) -> dict[str, float]:
+    """Per SQ (by module name): its learned grid offset over the configured range, ``shift / (high -
+    low)`` (the spacing regulariser's second term keeps it near 0; negative = bins moved down)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(sq)] or "input": (sq.shift / (sq.config.high - sq.config.low)).item()
+            for sq in stochastic_quantizers(model)}
+
+
 def target(cfg: StudyConfig, ctx: dict, name: str) -> Target:
     """Model ``name`` of the seed's context as the attacks' target."""
     return Target(ctx["models"][name], cfg.attack, ctx["test_x"], ctx["test_y"], ctx["seed"],
@@ -95,6 +103,7 @@ def evaluate_model(cfg: StudyConfig, ctx: dict, name: str) -> dict:
         out["clean_acc"] = ens_ok.float().mean().item()
         out["diversity"] = diversity_stats(model.raw, x, n_draws, a.batch_size)
         out["sq_gaps"] = sq_gap_ratios(model.raw)
+        out["sq_shift"] = sq_shifts(model.raw)
         out["detector"] = {
             "threshold": det.threshold, "direction": det.direction,
             "fpr_val": det.flag(val_mi).float().mean().item(), "fpr_test": det.flag(clean_mi).float().mean().item(),
@@ -197,9 +206,9 @@ def adaptive(cfg: StudyConfig, ctx: dict) -> dict:
 
 
 def ablation_row(cfg: StudyConfig, ctx: dict, name: str) -> dict:
-    """Clean accuracy, the draws' diversity (:func:`diversity_stats`), the learned bin gaps per SQ
-    (:func:`sq_gap_ratios`: what the spacing term acts on) and robust accuracy (PGD, EOT-PGD
-    and the checks APGD-CE / BPDA / Square; strict per attack, both counts for the clean images and the
+    """Clean accuracy, the draws' diversity (:func:`diversity_stats`), the learned bin gaps and offset
+    per SQ (:func:`sq_gap_ratios`, :func:`sq_shifts`: what the spacing term acts on) and robust accuracy
+    (PGD, EOT-PGD and the checks APGD-CE / BPDA / Square; strict per attack, both counts for the clean images and the
     per-image worst case) of SQ+MI variant ``name`` at the ablation's eps."""
     a = cfg.attack
     eps = cfg.ablation_eps()[1]
@@ -209,7 +218,7 @@ def ablation_row(cfg: StudyConfig, ctx: dict, name: str) -> dict:
     clean = correct_per_draw(model.net, x, y, a.draws, a.batch_size)
     row = {"clean_acc": ok.float().mean().item(), "clean_mi": mi.mean().item(),
            "diversity": diversity_stats(model.raw, x, model.net.n_draws, a.batch_size),
-           "sq_gaps": sq_gap_ratios(model.raw)}
+           "sq_gaps": sq_gap_ratios(model.raw), "sq_shift": sq_shifts(model.raw)}
     survived = clean.clone()
     for attack in [k for k in ABLATION_ATTACKS if a.runs(k)]:
         x_adv = run_attack(attack, t, eps)

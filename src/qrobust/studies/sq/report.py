@@ -158,9 +158,10 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
         "max log K): H(T|X) = the draws' diversity on one image, H(T) = the batch marginal's entropy, "
         "I = H(T) - H(T|X). Output MI = the class-output reading between the draws; disagreement = share of "
         "draws whose top-1 differs from the ensemble's. Gaps = learned bin gaps / the uniform gap of the "
-        "calibrated range, per SQ (the spacing term's quantity: > 1 amplifies the quantization noise).",
+        "calibrated range, per SQ (the spacing term's quantity: > 1 amplifies the quantization noise); shift = the "
+        "grid's learned offset / the range (the term's second part; < 0 = bins moved down).",
         "",
-        "| model | H(T\\|X) | H(T) | I(X;T) | output MI | disagreement | gaps / uniform gap |",
+        "| model | H(T\\|X) | H(T) | I(X;T) | output MI | disagreement | gaps / uniform gap (shift / range) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in model_names(cfg):
@@ -205,7 +206,7 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
             "Robust accuracy strict per attack; worst case per image, strict / expected. Diversity and gaps as "
             "in the table above (T at the last SQ); `spacing<w>` rows change the spacing term's weight.",
             "",
-            "| variant | clean acc (ensemble) | H(T\\|X) | H(T) | disagreement | output MI | gaps / uniform gap "
+            "| variant | clean acc (ensemble) | H(T\\|X) | H(T) | disagreement | output MI | gaps / uniform gap (shift / range) "
             "| PGD | EOT-PGD | APGD-CE | BPDA | Square | worst case |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -222,12 +223,13 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
 
 
 def _gaps(record: dict) -> str:
-    """The learned bin gaps / the uniform gap per SQ, seed means ("n/a" for a record written before
-    ablation rows recorded them)."""
-    gaps = record.get("sq_gaps")
+    """The learned bin gaps / the uniform gap per SQ and its grid shift / range, seed means ("n/a" for a
+    record written before ablation rows recorded them; no shift before it was recorded)."""
+    gaps, shifts = record.get("sq_gaps"), record.get("sq_shift", {})
     if not gaps:
         return "n/a"
-    return "; ".join(f"{sq}: " + ", ".join(f"{mean_of(g):.2f}" for g in gs) for sq, gs in gaps.items())
+    return "; ".join(f"{sq}: " + ", ".join(f"{mean_of(g):.2f}" for g in gs)
+                     + (f" (shift {mean_of(shifts[sq]):+.2f})" if sq in shifts else "") for sq, gs in gaps.items())
 
 
 def _worst(record: dict, spec: str, count: str = "accuracy_strict") -> float:
