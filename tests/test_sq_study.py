@@ -16,8 +16,9 @@ from qrobust.errors import ConfigError
 from qrobust.experiment.engine import seed_stages
 from qrobust.studies.sq import ATTACKS, SPEC, SQSpec, load_study_config, preset_path, run_study
 
-MODELS = ["fp32", "fp32-ft", "qat2", "sq", "sq-mi"]
-CELLS = [f"eval/{m}" for m in MODELS] + ["adaptive", "ablation/sq-mi", "ablation/sq-mi-beta0.5"]
+MODELS = ["fp32", "fp32-ft", "qat2", "sq", "sq-mi"]  # trained (a checkpoint each)
+EVALUATED = MODELS + ["sq-mi-round"]  # + the sq-mi network with its SQs rounding (deterministic control)
+CELLS = [f"eval/{m}" for m in EVALUATED] + ["adaptive", "ablation/sq-mi", "ablation/sq-mi-beta0.5"]
 # What differs between two runs of the same study by design: timings and where/how it ran.
 RUN_KEYS = ("seconds", "wall_seconds_this_call", "train_seconds_this_call", "train_seconds_total", "executor",
             "environment")
@@ -87,17 +88,17 @@ def test_study_writes_results_tables_and_figures(study):
     md = (root / "results.md").read_text()
     for text in ("Robust accuracy", "EOT-PGD", "transfer", "BPDA", "Square (black-box)", "worst case", "Attack-strength check", "AUROC",
                  "Adaptive attack", "Ablations", "| APGD-CE | BPDA | Square | worst case |", "APGD-CE (4 steps",
-                 "Reading"):
+                 "Reading", "deterministic control", "rounding to the nearest bin"):
         assert text in md, text
 
 
 def test_accuracies_auroc_and_orderings(study):
     res = _read(study / "tiny" / "results.json")
     ev = res["evaluation"]
-    assert set(ev) == set(MODELS) and res["adaptive_done"] and res["executor"] == "local"
+    assert set(ev) == set(EVALUATED) and res["adaptive_done"] and res["executor"] == "local"
     assert res["eps"] == ["0.05", "0.2"] and res["eps_values"] == [0.05, 0.2]
     assert _m(ev["fp32"]["clean_acc"]) > 0.3  # the float model learned something
-    for name in MODELS:
+    for name in EVALUATED:
         e = ev[name]
         clean = _m(e["clean_acc_all_draws"])
         assert set(e["robust"]) == set(ATTACKS)
@@ -140,7 +141,7 @@ def test_one_counting_rule_for_every_model(study):
     # attack's figure and can be below their minimum
     ev = _read(study / "tiny" / "seed-0" / "results.json")["evaluation"]
     some_gap = False
-    for name in MODELS:
+    for name in EVALUATED:
         e = ev[name]
         exp, strict = e["accuracy_expected"], e["accuracy_strict"]
         assert strict["attacks"] == e["robust"] and strict["clean"] == e["clean_acc_all_draws"]
@@ -151,7 +152,7 @@ def test_one_counting_rule_for_every_model(study):
             assert exp["worst"][spec] <= min(exp["attacks"][k][spec] for k in ATTACKS) + 1e-9
             for k in ATTACKS:
                 assert strict["attacks"][k][spec] <= exp["attacks"][k][spec] + 1e-9
-                if name in ("fp32", "fp32-ft", "qat2"):
+                if name in ("fp32", "fp32-ft", "qat2", "sq-mi-round"):
                     assert strict["attacks"][k][spec] == exp["attacks"][k][spec]
                 some_gap |= exp["attacks"][k][spec] > strict["attacks"][k][spec]
         if name in ("sq", "sq-mi"):
@@ -235,7 +236,7 @@ def test_paper_preset_runs_end_to_end_on_data_of_its_shape(tmp_path):
     cfg = load_study_config(preset_path("paper"), overrides)
     assert cfg.model.arch == "resnet20" and cfg.attack.eps == ["2/255", "5/255", "8/255"]
     res = run_study(cfg)
-    assert res["complete"] and set(res["evaluation"]) == set(MODELS) and res["adaptive_done"]
+    assert res["complete"] and set(res["evaluation"]) == set(EVALUATED) and res["adaptive_done"]
     assert set(res["evaluation"]["sq-mi"]["robust"]) == set(ATTACKS)
     md = (tmp_path / "sq-paper" / "results.md").read_text()
     assert "model resnet20" in md and "eps=5/255" in md

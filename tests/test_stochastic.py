@@ -23,6 +23,7 @@ from qrobust.quant.stochastic import (
     SQConfig,
     StochasticQuantizer,
     deterministic_sq,
+    rounded_copy,
     ensemble_entropies,
     ensemble_forward,
     ensemble_predict,
@@ -139,6 +140,24 @@ def test_sampling_is_random_and_deterministic_mode_repeatable():
         first = sq(v)
         assert torch.equal(first, sq(v))
     assert not sq.deterministic, "the context must restore sampling"
+
+
+def test_rounded_copy_rounds_and_leaves_the_network_sampling():
+    torch.manual_seed(0)
+    net = nn.Sequential(StochasticQuantizer(num_bins=4), nn.Linear(1000, 3),
+                        StochasticQuantizer(num_bins=4, low=-1.0, high=1.0)).eval()
+    with torch.no_grad():
+        net[0].raw_gaps.add_(torch.tensor([0.2, -0.1, 0.0]))  # a learned, non-uniform grid
+        net[0].shift.fill_(-0.05)
+    v = torch.rand(2, 1000)
+    rounded = rounded_copy(net)
+    assert torch.equal(rounded(v), rounded(v))  # one deterministic forward
+    with deterministic_sq(net):
+        assert torch.equal(rounded(v), net(v))  # nearest-bin rounding on the same weights and grid
+    assert not any(sq.deterministic for sq in stochastic_quantizers(net))
+    assert not torch.equal(net(v), net(v))  # the original still samples
+    for (name, p), (_, q) in zip(net.named_parameters(), rounded.named_parameters(), strict=True):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name  # a copy, not shared
 
 
 @pytest.mark.parametrize("tau", [0.3, 3.0])

@@ -44,6 +44,7 @@ activation itself, times ``N`` under :func:`ensemble_forward`. Keep ``K`` small 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -63,6 +64,7 @@ __all__ = [
     "stochastic_quantizers",
     "spacing_penalty",
     "deterministic_sq",
+    "rounded_copy",
     "insert_stochastic_quantizers",
     "check_num_draws",
     "ensemble_forward",
@@ -316,6 +318,15 @@ def deterministic_sq(model: nn.Module, deterministic: bool = True):
     finally:
         for sq, d in zip(sqs, before, strict=True):
             sq.deterministic = d
+
+
+def rounded_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose SQs round to the nearest bin: the same weights and learned grid without
+    the sampling noise (the deterministic control of an SQ network). ``model`` is left as it was."""
+    out = copy.deepcopy(model)
+    for sq in stochastic_quantizers(out):
+        sq.deterministic = True
+    return out
 
 
 def insert_stochastic_quantizers(

@@ -262,6 +262,10 @@ def _check_sq(settings: dict, variant: str) -> None:
         raise ConfigError(f"{variant} (config section [sq] / [ablation]): {err}") from None
 
 
+ROUNDED = "sq-mi-round"  # the SQ+MI network with nearest-bin rounding: trained as sq-mi, evaluated deterministic
+
+
 def model_names(cfg: StudyConfig) -> list[str]:
-    """The models every seed trains and evaluates, in table order (ablation variants come on top)."""
-    return ["fp32", "fp32-ft", f"qat{cfg.qat_bits}", "sq", "sq-mi"]
+    """The models every seed evaluates, in table order (ablation variants come on top); all but
+    :data:`ROUNDED` (the sq-mi network with its SQs rounding, not sampling) are trained."""
+    return ["fp32", "fp32-ft", f"qat{cfg.qat_bits}", "sq", "sq-mi", ROUNDED]

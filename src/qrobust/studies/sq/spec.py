@@ -34,9 +34,9 @@ from qrobust.metrics import as_float_images
 from qrobust.models import model_for_data
 from qrobust.quant import QuantConfig, quantize
 from qrobust.quant.sq_model import build_sq_model, calibrate_ranges
-from qrobust.quant.stochastic import EnsembleSQ, correct_per_draw, ensemble_stats
+from qrobust.quant.stochastic import EnsembleSQ, correct_per_draw, ensemble_stats, rounded_copy
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACKS, Deployed
-from qrobust.studies.sq.config import StudyConfig, model_names
+from qrobust.studies.sq.config import ROUNDED, StudyConfig, model_names
 from qrobust.studies.sq.evaluate import ablation_row, adaptive, evaluate_model
 from qrobust.studies.sq.report import write_report
 from qrobust.train.objectives import CrossEntropy
@@ -136,6 +136,8 @@ class _Trainer:
                                   self.eval_sq(settings["n_draws"]))
             models[name] = Deployed(EnsembleSQ(model, settings["n_draws"]).eval(), model)
             summary[name] = res
+        # the deterministic control of the randomness: the SQ+MI network, nearest-bin rounding, one forward
+        models[ROUNDED] = Deployed(rounded_copy(models["sq-mi"].raw).eval())
         return {name: {k: v for k, v in res.items() if k != "complete"} for name, res in summary.items()}, models
 
 
