@@ -17,6 +17,7 @@ from qrobust.quant.sq_model import build_sq_model, calibrate_ranges, float_twin,
 from qrobust.quant.stochastic import (
     StochasticQuantizer,
     correct_per_draw,
+    deterministic_sq,
     disagreement_rate,
     diversity_stats,
     ensemble_entropies,
@@ -29,7 +30,7 @@ from qrobust.quant.stochastic import (
     stochastic_quantizers,
 )
 from qrobust.registry import ATTACKS, EVASION
-from qrobust.studies.sq.evaluate import counts
+from qrobust.studies.sq.evaluate import counts, sq_first_boundaries, sq_gap_ratios, sq_shifts
 from qrobust.train.sq_objective import MIEnsembleLoss, SQEnsembleObjective
 
 SETTINGS = {"num_bins": 4, "alpha": 4.0, "tau": 1.0, "learnable": True}
@@ -250,3 +251,21 @@ def test_counts_expected_and_strict():
     assert counts(correct) == (pytest.approx(5 / 8), pytest.approx(2 / 4))
     same = torch.tensor([[True, False, True]] * 3)  # a deterministic model: its evaluations agree
     assert counts(same)[0] == pytest.approx(counts(same)[1])
+
+
+def test_grid_records_gaps_shift_and_first_boundary_by_hand():
+    # input SQ on [0, 1], K = 4 (uniform gap 1/3): shifted down by 0.1 with its first gap 1.2x uniform
+    net = nn.Sequential(StochasticQuantizer(num_bins=4), nn.Linear(3, 3),
+                        StochasticQuantizer(num_bins=4, low=-2.0, high=2.0))
+    with torch.no_grad():
+        target = torch.tensor([0.4, 1 / 3, 1 / 3])
+        net[0].raw_gaps.copy_(torch.log(torch.expm1(target)))  # softplus^-1
+        net[0].shift.fill_(-0.1)
+    gaps, shifts, bounds = sq_gap_ratios(net), sq_shifts(net), sq_first_boundaries(net)
+    assert gaps["0"] == pytest.approx([1.2, 1.0, 1.0], abs=1e-5) and gaps["2"] == pytest.approx([1.0] * 3, abs=1e-6)
+    assert shifts == pytest.approx({"0": -0.1, "2": 0.0}, abs=1e-6)
+    # first boundary = (b0 + b1) / 2 - low: (-0.1 + 0.3) / 2 = 0.1 for the input; half a gap (4/3 / 2) for the other
+    assert bounds == pytest.approx({"0": 0.1, "2": 2 / 3}, abs=1e-5)
+    with deterministic_sq(net[0]):  # a black pixel rounds up exactly past that boundary
+        v = torch.tensor([0.0, 0.099, 0.101])
+        assert net[0](v).tolist() == pytest.approx([-0.1, -0.1, 0.3], abs=1e-5)

@@ -88,7 +88,7 @@ def test_study_writes_results_tables_and_figures(study):
     md = (root / "results.md").read_text()
     for text in ("Robust accuracy", "EOT-PGD", "transfer", "BPDA", "Square (black-box)", "worst case", "Attack-strength check", "AUROC",
                  "Adaptive attack", "Ablations", "| APGD-CE | BPDA | Square | worst case |", "APGD-CE (4 steps",
-                 "Reading", "deterministic control", "rounding to the nearest bin"):
+                 "Reading", "deterministic control", "rounding to the nearest bin", "rounds a black pixel up only past"):
         assert text in md, text
 
 
@@ -127,8 +127,9 @@ def test_accuracies_auroc_and_orderings(study):
         assert set(row["sq_gaps"]) == set(ev["sq-mi"]["sq_gaps"]) and len(row["sq_gaps"]) == 2
         assert all(len(g) == 3 and all(_m(r) > 0 for r in g) for g in row["sq_gaps"].values())
         assert set(row["sq_shift"]) == set(row["sq_gaps"]) and all(abs(_m(v)) < 1 for v in row["sq_shift"].values())
+        assert set(row["sq_first_boundary"]) == set(row["sq_gaps"]) and 0 < _m(row["sq_first_boundary"]["sq_input"]) < 1
     # the sq-mi row's model is the evaluated sq-mi model: the same gaps and shifts
-    for key in ("sq_gaps", "sq_shift"):
+    for key in ("sq_gaps", "sq_shift", "sq_first_boundary"):
         assert res["ablation"]["rows"]["sq-mi"][key] == ev["sq-mi"][key], key
     md = (study / "tiny" / "results.md").read_text()
     ablation_md = md[md.index("## Ablations"):md.index("## Reading")]

@@ -23,11 +23,11 @@ from qrobust.quant.stochastic import (
     SQConfig,
     StochasticQuantizer,
     deterministic_sq,
-    rounded_copy,
     ensemble_entropies,
     ensemble_forward,
     ensemble_predict,
     insert_stochastic_quantizers,
+    rounded_copy,
     spacing_penalty,
     stochastic_quantizers,
 )

@@ -43,6 +43,19 @@ def sq_shifts(model) -> dict[str, float]:
             for sq in stochastic_quantizers(model)}
 
 
+def sq_first_boundaries(model) -> dict[str, float]:
+    """Per SQ (by module name): how far above the low end of its range the first rounding boundary lies,
+    ``(b_0 + b_1) / 2 - low`` (for the input SQ in pixel units: the smallest l_inf change that can move a
+    black pixel to the next bin when the SQ rounds; a sampling SQ moves it with a probability that grows
+    as the change nears the boundary)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for sq in stochastic_quantizers(model):
+        b = sq.bin_centres()
+        out[names[id(sq)] or "input"] = ((b[0] + b[1]) / 2 - sq.config.low).item()
+    return out
+
+
 def target(cfg: StudyConfig, ctx: dict, name: str) -> Target:
     """Model ``name`` of the seed's context as the attacks' target."""
     return Target(ctx["models"][name], cfg.attack, ctx["test_x"], ctx["test_y"], ctx["seed"],
@@ -104,6 +117,7 @@ def evaluate_model(cfg: StudyConfig, ctx: dict, name: str) -> dict:
         out["diversity"] = diversity_stats(model.raw, x, n_draws, a.batch_size)
         out["sq_gaps"] = sq_gap_ratios(model.raw)
         out["sq_shift"] = sq_shifts(model.raw)
+        out["sq_first_boundary"] = sq_first_boundaries(model.raw)
         out["detector"] = {
             "threshold": det.threshold, "direction": det.direction,
             "fpr_val": det.flag(val_mi).float().mean().item(), "fpr_test": det.flag(clean_mi).float().mean().item(),
@@ -218,7 +232,8 @@ def ablation_row(cfg: StudyConfig, ctx: dict, name: str) -> dict:
     clean = correct_per_draw(model.net, x, y, a.draws, a.batch_size)
     row = {"clean_acc": ok.float().mean().item(), "clean_mi": mi.mean().item(),
            "diversity": diversity_stats(model.raw, x, model.net.n_draws, a.batch_size),
-           "sq_gaps": sq_gap_ratios(model.raw), "sq_shift": sq_shifts(model.raw)}
+           "sq_gaps": sq_gap_ratios(model.raw), "sq_shift": sq_shifts(model.raw),
+           "sq_first_boundary": sq_first_boundaries(model.raw)}
     survived = clean.clone()
     for attack in [k for k in ABLATION_ATTACKS if a.runs(k)]:
         x_adv = run_attack(attack, t, eps)

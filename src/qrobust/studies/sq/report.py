@@ -160,7 +160,9 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
         "I = H(T) - H(T|X). Output MI = the class-output reading between the draws; disagreement = share of "
         "draws whose top-1 differs from the ensemble's. Gaps = learned bin gaps / the uniform gap of the "
         "calibrated range, per SQ (the spacing term's quantity: > 1 amplifies the quantization noise); shift = the "
-        "grid's learned offset / the range (the term's second part; < 0 = bins moved down).",
+        "grid's learned offset / the range (the term's second part; < 0 = bins moved down); first boundary = how far "
+        "above the range's low end values start to round to the second bin (input SQ: pixel units, the eps a "
+        "black pixel needs).",
         "",
         "| model | H(T\\|X) | H(T) | I(X;T) | output MI | disagreement | gaps / uniform gap (shift / range) |",
         "|---|---|---|---|---|---|---|",
@@ -226,11 +228,16 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
 def _gaps(record: dict) -> str:
     """The learned bin gaps / the uniform gap per SQ and its grid shift / range, seed means ("n/a" for a
     record written before ablation rows recorded them; no shift before it was recorded)."""
-    gaps, shifts = record.get("sq_gaps"), record.get("sq_shift", {})
+    gaps, shifts, bounds = record.get("sq_gaps"), record.get("sq_shift", {}), record.get("sq_first_boundary", {})
     if not gaps:
         return "n/a"
-    return "; ".join(f"{sq}: " + ", ".join(f"{mean_of(g):.2f}" for g in gs)
-                     + (f" (shift {mean_of(shifts[sq]):+.2f})" if sq in shifts else "") for sq, gs in gaps.items())
+
+    def extra(sq: str) -> str:
+        parts = ([f"shift {mean_of(shifts[sq]):+.2f}"] if sq in shifts else []) + (
+            [f"first boundary {mean_of(bounds[sq]):.3f}"] if sq in bounds else [])
+        return f" ({', '.join(parts)})" if parts else ""
+
+    return "; ".join(f"{sq}: " + ", ".join(f"{mean_of(g):.2f}" for g in gs) + extra(sq) for sq, gs in gaps.items())
 
 
 def _worst(record: dict, spec: str, count: str = "accuracy_strict") -> float:
@@ -273,6 +280,14 @@ def _reading(cfg: StudyConfig, agg: dict) -> str:
             f"{100 * _worst(ev[ROUNDED], spec):.1f}%: the sampling noise {'costs' if diff > 0 else 'adds'} "
             f"{100 * abs(diff):.1f} points (strict). "
         )
+        bound = ev["sq-mi"].get("sq_first_boundary", {}).get("sq_input")
+        if bound is not None:
+            text += (
+                f"Its input SQ rounds a black pixel up only past {mean_of(bound):.3f}: a rounding input "
+                f"quantizer protects background pixels against any eps below that and none above it "
+                f"(worst case of the rounded network: "
+                + ", ".join(f"{100 * _worst(ev[ROUNDED], e):.1f}% at {e}" for e in a.eps) + "). "
+            )
     return text + ("The paper's claim (> 50% under PGD(5/255) on CIFAR-10 without adversarial training) should "
                    "be judged against the worst case, on the `paper` preset.")
 
