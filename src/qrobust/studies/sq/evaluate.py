@@ -6,6 +6,7 @@ context (``spec.prepare``) and its own parameters, and returns the record the ol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +16,13 @@ from qrobust.attacks.evasion import make_evasion_attack
 from qrobust.defenses.detection import MIDetector, auroc, information_plane
 from qrobust.metrics import predict_logits, tie_rate
 from qrobust.quant.sq_model import has_quantizers
-from qrobust.quant.stochastic import correct_per_draw, diversity_stats, ensemble_stats, stochastic_quantizers
+from qrobust.quant.stochastic import (
+    StochasticQuantizer,
+    correct_per_draw,
+    diversity_stats,
+    ensemble_stats,
+    stochastic_quantizers,
+)
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACKS, Deployed, Target, run_attack
 from qrobust.studies.sq.config import StudyConfig, budget
 
@@ -27,20 +34,22 @@ def detector_auroc(clean: Tensor, adv: Tensor, direction: str) -> float:
     return auroc(clean, adv) if direction == "above" else auroc(-clean, -adv)
 
 
+def _per_sq(model, value: Callable[[StochasticQuantizer], Any]) -> dict[str, Any]:
+    """``value(sq)`` for every SQ of ``model``, by module name (``"input"`` for a bare SQ)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(sq)] or "input": value(sq) for sq in stochastic_quantizers(model)}
+
+
 def sq_gap_ratios(model) -> dict[str, list[float]]:
     """Per SQ (by module name): its learned bin gaps over the configured uniform gap, ``g_k / g_0`` -- the
     quantizer's local gain relative to a uniform one (the quantity the spacing regulariser keeps near 1)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return {names[id(sq)] or "input": (sq.gaps() / sq.config.nominal_gap).tolist()
-            for sq in stochastic_quantizers(model)}
+    return _per_sq(model, lambda sq: (sq.gaps() / sq.config.nominal_gap).tolist())
 
 
 def sq_shifts(model) -> dict[str, float]:
     """Per SQ (by module name): its learned grid offset over the configured range, ``shift / (high -
     low)`` (the spacing regulariser's second term keeps it near 0; negative = bins moved down)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return {names[id(sq)] or "input": (sq.shift / (sq.config.high - sq.config.low)).item()
-            for sq in stochastic_quantizers(model)}
+    return _per_sq(model, lambda sq: (sq.shift / (sq.config.high - sq.config.low)).item())
 
 
 def sq_first_boundaries(model) -> dict[str, float]:
@@ -48,12 +57,17 @@ def sq_first_boundaries(model) -> dict[str, float]:
     ``(b_0 + b_1) / 2 - low`` (for the input SQ in pixel units: the smallest l_inf change that can move a
     black pixel to the next bin when the SQ rounds; a sampling SQ moves it with a probability that grows
     as the change nears the boundary)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    out = {}
-    for sq in stochastic_quantizers(model):
+    def boundary(sq: StochasticQuantizer) -> float:
         b = sq.bin_centres()
-        out[names[id(sq)] or "input"] = ((b[0] + b[1]) / 2 - sq.config.low).item()
-    return out
+        return ((b[0] + b[1]) / 2 - sq.config.low).item()
+
+    return _per_sq(model, boundary)
+
+
+def sq_grid(model) -> dict[str, dict]:
+    """The record keys of every SQ's learned grid: ``sq_gaps``, ``sq_shift`` and ``sq_first_boundary``."""
+    return {"sq_gaps": sq_gap_ratios(model), "sq_shift": sq_shifts(model),
+            "sq_first_boundary": sq_first_boundaries(model)}
 
 
 def target(cfg: StudyConfig, ctx: dict, name: str) -> Target:
@@ -115,9 +129,7 @@ def evaluate_model(cfg: StudyConfig, ctx: dict, name: str) -> dict:
         det, val_mi = _detector(cfg, ctx, model)
         out["clean_acc"] = ens_ok.float().mean().item()
         out["diversity"] = diversity_stats(model.raw, x, n_draws, a.batch_size)
-        out["sq_gaps"] = sq_gap_ratios(model.raw)
-        out["sq_shift"] = sq_shifts(model.raw)
-        out["sq_first_boundary"] = sq_first_boundaries(model.raw)
+        out |= sq_grid(model.raw)
         out["detector"] = {
             "threshold": det.threshold, "direction": det.direction,
             "fpr_val": det.flag(val_mi).float().mean().item(), "fpr_test": det.flag(clean_mi).float().mean().item(),
@@ -220,10 +232,10 @@ def adaptive(cfg: StudyConfig, ctx: dict) -> dict:
 
 
 def ablation_row(cfg: StudyConfig, ctx: dict, name: str) -> dict:
-    """Clean accuracy, the draws' diversity (:func:`diversity_stats`), the learned bin gaps and offset
-    per SQ (:func:`sq_gap_ratios`, :func:`sq_shifts`: what the spacing term acts on) and robust accuracy
-    (PGD, EOT-PGD and the checks APGD-CE / BPDA / Square; strict per attack, both counts for the clean images and the
-    per-image worst case) of SQ+MI variant ``name`` at the ablation's eps."""
+    """Clean accuracy, the draws' diversity (:func:`diversity_stats`), every SQ's learned grid
+    (:func:`sq_grid`: what the spacing term acts on) and robust accuracy (PGD, EOT-PGD and the checks
+    APGD-CE / BPDA / Square; strict per attack, both counts for the clean images and the per-image worst
+    case) of SQ+MI variant ``name`` at the ablation's eps."""
     a = cfg.attack
     eps = cfg.ablation_eps()[1]
     t = target(cfg, ctx, name)
@@ -231,9 +243,7 @@ def ablation_row(cfg: StudyConfig, ctx: dict, name: str) -> dict:
     ok, _, mi = ensemble_stats(model.raw, x, y, model.net.n_draws, a.batch_size)
     clean = correct_per_draw(model.net, x, y, a.draws, a.batch_size)
     row = {"clean_acc": ok.float().mean().item(), "clean_mi": mi.mean().item(),
-           "diversity": diversity_stats(model.raw, x, model.net.n_draws, a.batch_size),
-           "sq_gaps": sq_gap_ratios(model.raw), "sq_shift": sq_shifts(model.raw),
-           "sq_first_boundary": sq_first_boundaries(model.raw)}
+           "diversity": diversity_stats(model.raw, x, model.net.n_draws, a.batch_size), **sq_grid(model.raw)}
     survived = clean.clone()
     for attack in [k for k in ABLATION_ATTACKS if a.runs(k)]:
         x_adv = run_attack(attack, t, eps)

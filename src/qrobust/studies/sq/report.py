@@ -226,8 +226,9 @@ def results_markdown(cfg: StudyConfig, agg: dict, seeds: int, compute_seconds: f
 
 
 def _gaps(record: dict) -> str:
-    """The learned bin gaps / the uniform gap per SQ and its grid shift / range, seed means ("n/a" for a
-    record written before ablation rows recorded them; no shift before it was recorded)."""
+    """Per SQ: the learned bin gaps / the uniform gap, then its grid shift / range and first boundary, seed
+    means ("n/a" for a record written before ablation rows recorded gaps; the others left out where a record
+    predates them)."""
     gaps, shifts, bounds = record.get("sq_gaps"), record.get("sq_shift", {}), record.get("sq_first_boundary", {})
     if not gaps:
         return "n/a"
