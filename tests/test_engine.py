@@ -145,3 +145,55 @@ def test_ray_gives_the_same_results_as_local(tmp_path, ray_executor):
         assert a == b
     with pytest.raises(ConfigError, match="on purpose"):  # a task's own error reaches the driver
         run_study(Toy(fail_on="noise-0.2"), _cfg(tmp_path / "ray2"), ray_executor)
+
+
+class _WaitsForSeed0(Toy):
+    """Seed 1's ``prepare`` waits until a cell of seed 0 has run: it can only finish if seed 0's cells
+    start before every seed is prepared (with two CPUs, both ``prepare`` tasks hold one each)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def prepare(self, cfg, seed, stages):
+        import pathlib
+        import time
+
+        if seed == 1:
+            deadline = time.monotonic() + 120
+            while not pathlib.Path(self.marker).exists():
+                if time.monotonic() > deadline:
+                    raise ConfigError("seed 0's cells never started while seed 1 was preparing")
+                time.sleep(0.1)
+        summary, ctx = super().prepare(cfg, seed, stages)
+        return summary, {**ctx, "seed": seed}
+
+    def run_cell(self, cfg, ctx, cell):
+        import pathlib
+
+        if ctx["seed"] == 0:
+            pathlib.Path(self.marker).touch()
+        return super().run_cell(cfg, ctx, cell)
+
+
+def test_ray_starts_a_seeds_cells_before_the_other_seeds_are_prepared(tmp_path, ray_executor):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out = run_study(_WaitsForSeed0(str(tmp_path / "seed0-cell-ran")), _cfg(tmp_path / "ray"), ray_executor)
+    assert (tmp_path / "seed0-cell-ran").exists()
+    assert set(out["cells"]) == {"noise-0", "noise-0.2", "noise-0.5"}
+
+
+def test_ray_reports_a_failed_prepare_with_its_own_error(tmp_path, ray_executor):
+    import ray
+
+    class FailsToPrepare(Toy):
+        def prepare(self, cfg, seed, stages):
+            if seed == 1:
+                raise ConfigError("seed 1 cannot be prepared, on purpose")
+            return super().prepare(cfg, seed, stages)
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with pytest.raises(ConfigError, match="seed 1 cannot be prepared"):
+        run_study(FailsToPrepare(), _cfg(tmp_path / "ray"), ray_executor)

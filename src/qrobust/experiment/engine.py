@@ -5,7 +5,8 @@ aggregation and atomic writes for every study (the specifications are in ``qrobu
 
 1. opens (or resumes) the study folder ``out_root/name`` after validating everything;
 2. runs every seed's ``prepare`` (data + trained models; finished stages are loaded, not retrained);
-3. runs every cell of every seed that has no complete stored record, in any order the executor likes,
+3. runs every cell of every seed that has no complete stored record, in any order the executor likes
+   (after its own seed's ``prepare``; the Ray executor does not wait for the other seeds),
    writing each record into the seed's ``cells.json`` as it arrives (a crash loses only running cells);
 4. writes each seed's ``results.json``, then the study's ``results.json`` (mean +- std over seeds),
    ``results.md`` and figures.
@@ -86,7 +87,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
     per_seed = []
     for seed in cfg.seeds:
         records = {c.key: stores[seed].get(c.key) for c in grids[seed]}
-        result = spec.seed_result(cfg, seed, prepared[seed][0]["summary"], records)
+        result = spec.seed_result(cfg, seed, executor.fetch(prepared[seed][0])["summary"], records)
         stages[seed].write_json("results.json", result)
         per_seed.append(result)
     results = {"complete": True, "name": cfg.name, "seeds": list(cfg.seeds), **spec.aggregate(cfg, per_seed),

@@ -2,9 +2,12 @@
 
 Both run the same two kinds of work: ``prepare(seed)`` (the seed's data and trained models: the
 context) and ``run_cell(ctx, cell)`` (one record). The local executor runs them in order; the Ray
-executor runs every seed's ``prepare`` as one task, then every cell of every seed as a task with the
+executor runs every seed's ``prepare`` as one task and every cell of every seed as a task with the
 cell's CPU/GPU needs, the context travelling through Ray's object store (it is put there once per
-seed, never fetched by the driver). Records come back to the driver, which writes the run folder, so
+seed, never fetched by the driver). There is no barrier between seeds: a seed's cells start as soon as
+its own ``prepare`` is done, while other seeds still train (a seed whose models are cached by an
+earlier call starts at once). The small ``info`` of each ``prepare`` is fetched with :meth:`fetch`
+when the driver needs it. Records come back to the driver, which writes the run folder, so
 ``results.json`` is the same on either executor: every record depends only on its context and cell.
 
 Ray and shared storage: trained-model stages are written by the ``prepare`` task into the run folder.
@@ -31,6 +34,10 @@ class LocalExecutor:
     def prepare(self, fn: Callable[[int], tuple[dict, Any]], seeds: list[int]) -> dict[int, tuple[dict, Any]]:
         """``fn(seed) -> (info, ctx)`` for every seed: ``{seed: (info, ctx)}``."""
         return {seed: fn(seed) for seed in seeds}
+
+    def fetch(self, info: Any) -> dict:
+        """The ``info`` that :meth:`prepare` returned (already here)."""
+        return info
 
     def run_cells(self, fn: Callable[[Any, Cell], dict], work: list[tuple[int, Any, Cell]]
                   ) -> Iterator[tuple[int, Cell, dict]]:
@@ -88,12 +95,17 @@ class RayExecutor:
             self._started = True
         self._task = ray.remote(_run_with_threads)
 
-    def prepare(self, fn: Callable[[int], tuple[dict, Any]], seeds: list[int]) -> dict[int, tuple[dict, Any]]:
-        """One task per seed; the small ``info`` comes back (a failed task raises here, with its own
-        error), the context stays in the object store as an ObjectRef that cell tasks receive."""
+    def prepare(self, fn: Callable[[int], tuple[dict, Any]], seeds: list[int]) -> dict[int, tuple[Any, Any]]:
+        """One task per seed, submitted without waiting: ``{seed: (info ref, ctx ref)}``. Cell tasks
+        receive the context's ObjectRef, so Ray starts them when their own seed is prepared; a failed
+        ``prepare`` raises its own error from :meth:`fetch` or from the first of its cells that is fetched."""
         task = self._task.options(num_cpus=self.prepare_cpus, num_gpus=self.prepare_gpus, num_returns=2)
         refs = {seed: task.remote(fn, self.prepare_cpus, seed) for seed in seeds}
-        return {seed: (self._get(info), ctx) for seed, (info, ctx) in refs.items()}
+        return {seed: (info, ctx) for seed, (info, ctx) in refs.items()}
+
+    def fetch(self, info: Any) -> dict:
+        """The ``info`` of a ``prepare`` task (waits for it; its own error if it failed)."""
+        return self._get(info)
 
     def run_cells(self, fn: Callable[[Any, Cell], dict], work: list[tuple[int, Any, Cell]]
                   ) -> Iterator[tuple[int, Cell, dict]]:
