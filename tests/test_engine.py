@@ -127,6 +127,26 @@ def test_a_failing_cell_keeps_the_records_before_it(tmp_path):
     assert CALLS == ["prepare 0", "prepare 1", "noise-0.5", "noise-0", "noise-0.2", "noise-0.5"]  # seed 1 never ran
 
 
+class _FailsOnSeed1(Toy):
+    def prepare(self, cfg, seed, stages):
+        summary, ctx = super().prepare(cfg, seed, stages)
+        return summary, {**ctx, "seed": seed}
+
+    def run_cell(self, cfg, ctx, cell):
+        if ctx["seed"] == 1:
+            raise ConfigError("seed 1 fails on purpose")
+        return super().run_cell(cfg, ctx, cell)
+
+
+def test_a_finished_seed_keeps_its_result_when_a_later_seed_fails(tmp_path):
+    with pytest.raises(ConfigError, match="seed 1 fails"):
+        run_study(_FailsOnSeed1(), _cfg(tmp_path / "fails"))
+    partial = tmp_path / "fails" / "toy" / "seed-0" / "results.json"
+    assert partial.exists() and not (tmp_path / "fails" / "toy" / "seed-1" / "results.json").exists()
+    run_study(Toy(), _cfg(tmp_path / "whole"))
+    assert json.loads(partial.read_text()) == json.loads((tmp_path / "whole" / "toy" / "seed-0" / "results.json").read_text())
+
+
 def test_unknown_executor_is_a_clear_error():
     with pytest.raises(ConfigError, match="local, ray"):
         make_executor("spark")

@@ -8,7 +8,8 @@ aggregation and atomic writes for every study (the specifications are in ``qrobu
 3. runs every cell of every seed that has no complete stored record, in any order the executor likes
    (after its own seed's ``prepare``; the Ray executor does not wait for the other seeds),
    writing each record into the seed's ``cells.json`` as it arrives (a crash loses only running cells);
-4. writes each seed's ``results.json``, then the study's ``results.json`` (mean +- std over seeds),
+4. writes each seed's ``results.json`` as soon as its last cell is in (a crash or a failing cell of
+   another seed keeps it), then the study's ``results.json`` (mean +- std over seeds),
    ``results.md`` and figures.
 
 Cell records do not hold timings (they differ between runs and executors); seconds per cell and per
@@ -75,21 +76,31 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
             raise ValueError(f"study '{spec.name}' declares a cell key twice: {sorted(k for k in keys if keys.count(k) > 1)}")
     work = [(seed, prepared[seed][1], cell) for seed, grid in grids.items() for cell in grid
             if not _done(spec, cfg, stores[seed], cell)]
+    left = {seed: sum(1 for s, _, _ in work if s == seed) for seed in cfg.seeds}
+    finished: dict[int, dict] = {}
+
+    def finish(seed: int) -> None:
+        """The seed's ``results.json``, written as soon as its last cell is in (a later crash keeps it)."""
+        records = {c.key: stores[seed].get(c.key) for c in grids[seed]}
+        finished[seed] = spec.seed_result(cfg, seed, executor.fetch(prepared[seed][0])["summary"], records)
+        stages[seed].write_json("results.json", finished[seed])
+
     bar = tqdm(total=len(work), desc=f"{spec.name}: cells", disable=not cfg.progress or not work, unit="cell")
     try:
         for seed, cell, out in executor.run_cells(_Bound(_run_cell, spec, cfg), work):
             stores[seed].put(cell.key, out["record"])
             stages[seed].add_seconds(f"cell {cell.key}", out["seconds"])
+            left[seed] -= 1
+            if left[seed] == 0:
+                finish(seed)
             bar.update(1)
             bar.set_postfix_str(f"seed {seed}: {cell.key}"[:60])
     finally:
         bar.close()
-    per_seed = []
     for seed in cfg.seeds:
-        records = {c.key: stores[seed].get(c.key) for c in grids[seed]}
-        result = spec.seed_result(cfg, seed, executor.fetch(prepared[seed][0])["summary"], records)
-        stages[seed].write_json("results.json", result)
-        per_seed.append(result)
+        if seed not in finished:
+            finish(seed)
+    per_seed = [finished[seed] for seed in cfg.seeds]
     results = {"complete": True, "name": cfg.name, "seeds": list(cfg.seeds), **spec.aggregate(cfg, per_seed),
                "seconds": {str(seed): stages[seed].read_json("timings.json") or {} for seed in cfg.seeds},
                "executor": executor.name, "wall_seconds_this_call": time.perf_counter() - t0,
