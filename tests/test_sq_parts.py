@@ -13,7 +13,7 @@ from qrobust.attacks.adaptive import mi_adaptive_pgd
 from qrobust.errors import ConfigError
 from qrobust.models import build_model
 from qrobust.quant import quantize, set_quantization_enabled
-from qrobust.quant.sq_model import build_sq_model, calibrate_ranges, float_twin, has_quantizers
+from qrobust.quant.sq_model import build_sq_model, calibrate_ranges, float_twin, has_quantizers, input_rounded
 from qrobust.quant.stochastic import (
     StochasticQuantizer,
     correct_per_draw,
@@ -103,6 +103,27 @@ def test_float_twin_has_no_quantizer_and_matches_the_float_forward():
     assert any(isinstance(m, StochasticQuantizer) for m in sq_net.modules()), "the original is left alone"
     assert torch.allclose(sq_twin(x), net(x), rtol=1e-5, atol=1e-6)
     assert has_quantizers(sq_net) and not has_quantizers(sq_twin)
+
+
+def test_input_rounded_is_the_float_net_on_pixels_rounded_to_fixed_levels():
+    net = _lenet()
+    before = copy.deepcopy(net.state_dict())
+    inq = input_rounded(net, 4).train()
+    x = torch.rand(8, 1, 28, 28)
+    by_hand = (x * 3).round() / 3  # levels 0, 1/3, 2/3, 1 (no value of torch.rand sits on a tie)
+    with torch.no_grad():
+        net.train()
+        ref = net(by_hand)
+        assert torch.equal(inq(x), inq(x)), "deterministic: no sampling, also in training"
+        # the same weights on the rounded pixels; one tolerance for the two module structures' kernels
+        assert torch.allclose(inq(x), ref, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(inq(x), net(x), rtol=1e-3, atol=1e-3), "the rounding must change the input"
+    sq = next(m for m in inq.modules() if isinstance(m, StochasticQuantizer))
+    assert sq.deterministic and not list(sq.parameters()), "a fixed grid: nothing of it is trained"
+    x_adv = x.clone().requires_grad_()
+    inq(x_adv).sum().backward()  # attacks get the straight-through relaxed gradient, not zero
+    assert x_adv.grad is not None and x_adv.grad.abs().sum() > 0
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()), "fp is left as it was"
 
 
 def test_ensemble_evaluation_per_input():

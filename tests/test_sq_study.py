@@ -16,7 +16,7 @@ from qrobust.errors import ConfigError
 from qrobust.experiment.engine import seed_stages
 from qrobust.studies.sq import ATTACKS, SPEC, SQSpec, load_study_config, preset_path, run_study
 
-MODELS = ["fp32", "fp32-ft", "qat2", "sq", "sq-mi"]  # trained (a checkpoint each)
+MODELS = ["fp32", "fp32-ft", "fp32-inq", "qat2", "sq", "sq-mi"]  # trained (a checkpoint each)
 EVALUATED = MODELS + ["sq-mi-round"]  # + the sq-mi network with its SQs rounding (deterministic control)
 CELLS = [f"eval/{m}" for m in EVALUATED] + ["adaptive", "ablation/sq-mi", "ablation/sq-mi-beta0.5"]
 # What differs between two runs of the same study by design: timings and where/how it ran.
@@ -153,7 +153,7 @@ def test_one_counting_rule_for_every_model(study):
             assert exp["worst"][spec] <= min(exp["attacks"][k][spec] for k in ATTACKS) + 1e-9
             for k in ATTACKS:
                 assert strict["attacks"][k][spec] <= exp["attacks"][k][spec] + 1e-9
-                if name in ("fp32", "fp32-ft", "qat2", "sq-mi-round"):
+                if name in ("fp32", "fp32-ft", "fp32-inq", "qat2", "sq-mi-round"):
                     assert strict["attacks"][k][spec] == exp["attacks"][k][spec]
                 some_gap |= exp["attacks"][k][spec] > strict["attacks"][k][spec]
         if name in ("sq", "sq-mi"):

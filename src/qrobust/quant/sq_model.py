@@ -23,7 +23,7 @@ from qrobust.quant.fake import is_quantized, set_quantization_enabled
 from qrobust.quant.stochastic import StochasticQuantizer, insert_stochastic_quantizers, stochastic_quantizers
 from qrobust.utils import eval_mode
 
-__all__ = ["build_sq_model", "calibrate_ranges", "float_twin", "has_quantizers"]
+__all__ = ["build_sq_model", "calibrate_ranges", "float_twin", "has_quantizers", "input_rounded"]
 
 _MAX_VALUES = 1 << 20  # values per insertion point the percentiles are taken on (an even subsample)
 
@@ -80,6 +80,15 @@ def build_sq_model(fp: nn.Module, ranges: dict[str, list[float]], settings: dict
     if at_input:
         model = insert_stochastic_quantizers(model, at_input=True, low=0.0, high=1.0, **common)
     return model
+
+
+def input_rounded(fp: nn.Module, levels: int) -> nn.Module:
+    """A copy of ``fp`` behind a fixed rounding of its input pixels to ``levels`` uniform levels of [0, 1]
+    (``0, 1/(L-1), ..., 1``; nearest level, ties down): bit-depth reduction (Xu et al. 2018, "Feature
+    Squeezing", Sec. 3.1) as a deterministic, not learned, SQ at the input -- the input-quantization control
+    of an SQ network, whose input SQ starts from this grid. ``fp`` is left as it is."""
+    sq = {"num_bins": levels, "learnable": False, "deterministic": True}
+    return insert_stochastic_quantizers(copy.deepcopy(fp), at_input=True, low=0.0, high=1.0, **sq)
 
 
 def has_quantizers(model: nn.Module) -> bool:

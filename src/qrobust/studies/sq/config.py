@@ -263,9 +263,10 @@ def _check_sq(settings: dict, variant: str) -> None:
 
 
 ROUNDED = "sq-mi-round"  # the SQ+MI network with nearest-bin rounding: trained as sq-mi, evaluated deterministic
+INPUT_ROUNDED = "fp32-inq"  # the float network fine-tuned behind a fixed uniform K-level rounding of its input
 
 
 def model_names(cfg: StudyConfig) -> list[str]:
     """The models every seed evaluates, in table order (ablation variants come on top); all but
     :data:`ROUNDED` (the sq-mi network with its SQs rounding, not sampling) are trained."""
-    return ["fp32", "fp32-ft", f"qat{cfg.qat_bits}", "sq", "sq-mi", ROUNDED]
+    return ["fp32", "fp32-ft", INPUT_ROUNDED, f"qat{cfg.qat_bits}", "sq", "sq-mi", ROUNDED]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qrobust import plotstyle
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACK_LABELS, ATTACKS, STRENGTH_CHECKS
-from qrobust.studies.sq.config import ROUNDED, StudyConfig, model_names
+from qrobust.studies.sq.config import INPUT_ROUNDED, ROUNDED, StudyConfig, model_names
 from qrobust.studies.tables import fmt, mean_of
 
 
@@ -30,6 +30,7 @@ def model_label(cfg: StudyConfig, name: str) -> str:
     return {
         "fp32": "float",
         "fp32-ft": f"float + {cfg.sq.epochs} epochs (matched control)",
+        INPUT_ROUNDED: f"float + {cfg.sq.epochs} epochs, input rounded to {cfg.sq.num_bins} fixed levels (control)",
         f"qat{cfg.qat_bits}": f"QAT {cfg.qat_bits}-bit (deterministic)",
         "sq": f"SQ, no MI (beta=0, N={n})",
         "sq-mi": f"SQ + MI (beta={cfg.sq.beta:g}, MI on {cfg.sq.mi_on}, N={n})",
@@ -289,6 +290,14 @@ def _reading(cfg: StudyConfig, agg: dict) -> str:
                 f"(worst case of the rounded network: "
                 + ", ".join(f"{100 * _worst(ev[ROUNDED], e):.1f}% at {e}" for e in a.eps) + "). "
             )
+    if INPUT_ROUNDED in ev:
+        first = 0.5 / (cfg.sq.num_bins - 1)
+        text += (
+            f"The float network fine-tuned the same way behind a fixed rounding of its pixels to "
+            f"{cfg.sq.num_bins} uniform levels (no SQ training, no noise; a black pixel moves only past "
+            f"{first:.3f}) keeps " + ", ".join(f"{100 * _worst(ev[INPUT_ROUNDED], e):.1f}% at {e}" for e in a.eps)
+            + " (worst case, strict): what input quantization alone buys. "
+        )
     return text + ("The paper's claim (> 50% under PGD(5/255) on CIFAR-10 without adversarial training) should "
                    "be judged against the worst case, on the `paper` preset.")
 

@@ -2,7 +2,8 @@
 
 Per seed, ``prepare`` loads the data and trains (or loads) the models, each a resumable run folder
 ``seed-<s>/models/<name>``: ``fp32``, ``fp32-ft`` (the float model fine-tuned for the SQ models' extra
-epochs: the matched control), ``qat<b>``, ``sq`` (beta = 0), ``sq-mi`` and the ablation variants,
+epochs: the matched control), ``fp32-inq`` (the same fine-tuning behind a fixed uniform K-level rounding of
+the pixels: the input-quantization control), ``qat<b>``, ``sq`` (beta = 0), ``sq-mi`` and the ablation variants,
 the SQ ranges being a cached stage (``calibration.json``). The grid (``cells.json``):
 
 * ``eval/<model>``: one model under every attack and budget, with the AIP and the MI detector for SQ
@@ -33,10 +34,10 @@ from qrobust.experiment import QAT_EDGES, Cell, StudySpec, act_range_tag, aggreg
 from qrobust.metrics import as_float_images
 from qrobust.models import model_for_data
 from qrobust.quant import QuantConfig, quantize
-from qrobust.quant.sq_model import build_sq_model, calibrate_ranges
+from qrobust.quant.sq_model import build_sq_model, calibrate_ranges, input_rounded
 from qrobust.quant.stochastic import EnsembleSQ, correct_per_draw, ensemble_stats, rounded_copy
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACKS, Deployed
-from qrobust.studies.sq.config import ROUNDED, StudyConfig, model_names
+from qrobust.studies.sq.config import INPUT_ROUNDED, ROUNDED, StudyConfig, model_names
 from qrobust.studies.sq.evaluate import ablation_row, adaptive, evaluate_model
 from qrobust.studies.sq.report import write_report
 from qrobust.train.objectives import CrossEntropy
@@ -116,6 +117,14 @@ class _Trainer:
         ft, ft_res = self.fit("fp32-ft", copy.deepcopy(fp), CrossEntropy(),
                               _train_section(cfg, cfg.sq.epochs, cfg.sq.lr, 0.0), {"from": "fp32"}, self.eval_det)
         models["fp32-ft"] = Deployed(ft)
+        # the input-quantization control: the same fine-tuning behind a fixed (not learned, not sampled)
+        # uniform K-level rounding of the pixels -- what the SQ models' input grid does without SQ training
+        torch.manual_seed(seed)
+        inq = input_rounded(fp, cfg.sq.num_bins)
+        inq, inq_res = self.fit(INPUT_ROUNDED, inq, CrossEntropy(), _train_section(cfg, cfg.sq.epochs, cfg.sq.lr, 0.0),
+                                {"from": "fp32", "input_levels": cfg.sq.num_bins, "grid": "uniform [0, 1], fixed"},
+                                self.eval_det)
+        models[INPUT_ROUNDED] = Deployed(inq)
         bits = cfg.qat_bits
         torch.manual_seed(seed)
         q = quantize(fp, QuantConfig(weight_bits=bits, act_bits=bits, act_range=cfg.qat.act_range))
@@ -124,7 +133,7 @@ class _Trainer:
         models[f"qat{bits}"] = Deployed(q)
         ranges = self.stages.json("calibration", lambda: calibrate_ranges(fp, self.data.val_x, list(cfg.sq.after),
                                                                            cfg.sq.percentile))
-        summary = {"fp32": fp_res, "fp32-ft": ft_res, f"qat{bits}": q_res}
+        summary = {"fp32": fp_res, "fp32-ft": ft_res, INPUT_ROUNDED: inq_res, f"qat{bits}": q_res}
         for name, settings in sq_variants(cfg):
             torch.manual_seed(seed)
             model = build_sq_model(fp, ranges, settings, cfg.sq.at_input)
