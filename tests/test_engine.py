@@ -49,7 +49,7 @@ class Toy(StudySpec):
         model, res = stages.fit("fp32", model, CrossEntropy(), train, {}, lambda: BatchLoader(
             data.train_x, data.train_y, 64, shuffle=True, seed=seed, drop_last=True),
             lambda m: {"test_acc": accuracy(m, x, y)})
-        return {"clean": res["test_acc"]}, {"model": model, "x": x.float() / 255, "y": y}
+        return {"clean": res["test_acc"]}, {"model": model, "x": x.float() / 255, "y": y, "seed": seed}
 
     def cells(self, cfg, seed):
         return [Cell(f"noise-{n:g}", {"noise": n}) for n in cfg.noise]
@@ -128,10 +128,6 @@ def test_a_failing_cell_keeps_the_records_before_it(tmp_path):
 
 
 class _FailsOnSeed1(Toy):
-    def prepare(self, cfg, seed, stages):
-        summary, ctx = super().prepare(cfg, seed, stages)
-        return summary, {**ctx, "seed": seed}
-
     def run_cell(self, cfg, ctx, cell):
         if ctx["seed"] == 1:
             raise ConfigError("seed 1 fails on purpose")
@@ -185,8 +181,7 @@ class _WaitsForSeed0(Toy):
                 if time.monotonic() > deadline:
                     raise ConfigError("seed 0's cells never started while seed 1 was preparing")
                 time.sleep(0.1)
-        summary, ctx = super().prepare(cfg, seed, stages)
-        return summary, {**ctx, "seed": seed}
+        return super().prepare(cfg, seed, stages)
 
     def run_cell(self, cfg, ctx, cell):
         import pathlib

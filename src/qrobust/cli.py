@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, "TOML study config (default: configs/<study>-<preset>.toml)")
     p.add_argument("--preset", choices=["smoke", "quick", "full", "paper"], default="quick",
                    help="smoke: seconds, synthetic data (a check that everything runs); quick: minutes on "
-                        "Fashion-MNIST; full: 3 seeds, CPU-hours (each configs/<study>-full.toml says how many; spread it with --executor ray); paper: the paper's setting (GPU)")
+                        "Fashion-MNIST; full: 3 seeds, CPU-hours (each configs/<study>-full.toml says how "
+                        "many; spread it with --executor ray); paper: the paper's setting (GPU)")
     p.add_argument("--out", help="study folder (default runs/<study>-<preset>, plus -<hash> when key=value "
                                  "overrides change the study)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",

@@ -91,6 +91,13 @@ class _Trainer:
         leaves, so a resumed study computes what a fresh one does: tested)."""
         return self.stages.fit(name, model, objective, train, describe, self.loader(train), evaluate_fn)
 
+    def fit_float_control(self, name: str, model: nn.Module, describe: dict) -> tuple[nn.Module, dict]:
+        """A float control: ``model`` fine-tuned with CE for the SQ models' extra epochs at their LR, from the
+        same seed, so that it differs from them only by what it leaves out."""
+        torch.manual_seed(self.seed)
+        return self.fit(name, model, CrossEntropy(), _train_section(self.cfg, self.cfg.sq.epochs, self.cfg.sq.lr, 0.0),
+                        describe, self.eval_det)
+
     def eval_det(self, model: nn.Module) -> dict:
         with eval_mode(model):
             ok = correct_per_draw(model, self.data.test_x, self.data.test_y, 1, 512).all(0)
@@ -113,17 +120,12 @@ class _Trainer:
                               self.eval_det)
         models = {"fp32": Deployed(fp)}
         # the matched float control: the float model fine-tuned for the SQ models' extra epochs at their LR
-        torch.manual_seed(seed)
-        ft, ft_res = self.fit("fp32-ft", copy.deepcopy(fp), CrossEntropy(),
-                              _train_section(cfg, cfg.sq.epochs, cfg.sq.lr, 0.0), {"from": "fp32"}, self.eval_det)
+        ft, ft_res = self.fit_float_control("fp32-ft", copy.deepcopy(fp), {"from": "fp32"})
         models["fp32-ft"] = Deployed(ft)
         # the input-quantization control: the same fine-tuning behind a fixed (not learned, not sampled)
         # uniform K-level rounding of the pixels -- what the SQ models' input grid does without SQ training
-        torch.manual_seed(seed)
-        inq = input_rounded(fp, cfg.sq.num_bins)
-        inq, inq_res = self.fit(INPUT_ROUNDED, inq, CrossEntropy(), _train_section(cfg, cfg.sq.epochs, cfg.sq.lr, 0.0),
-                                {"from": "fp32", "input_levels": cfg.sq.num_bins, "grid": "uniform [0, 1], fixed"},
-                                self.eval_det)
+        inq, inq_res = self.fit_float_control(INPUT_ROUNDED, input_rounded(fp, cfg.sq.num_bins), {
+            "from": "fp32", "input_levels": cfg.sq.num_bins, "grid": "uniform [0, 1], fixed"})
         models[INPUT_ROUNDED] = Deployed(inq)
         bits = cfg.qat_bits
         torch.manual_seed(seed)
