@@ -363,3 +363,36 @@ def test_zeroth_order_budget_script_reuses_the_victims_and_leaves_the_study_alon
     assert all(r["queries_used"] > 48 and r["queries_used"] <= 96 and r["counts_agree"] for r in more.values())
     summary = json.loads((tmp_path / "more" / "summary.json").read_text())
     assert all(row["seeds"] == 2 for row in summary.values())
+
+
+def test_dcp_answers_script_reports_what_the_defense_does_to_each_probe_set(study, capsys):
+    """benchmarks/dcp_answers.py on the smoke study: one row per probe set, rates in [0, 1], a reversed tail
+    scores rho = -1, and a victim or seed the folder lacks is a clear error (exit 2), not a traceback."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dcp_answers.py"
+    spec = importlib.util.spec_from_file_location("dcp_answers", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    reversed_tail = torch.tensor([[0.4, 0.1, 0.2, 0.3]], dtype=torch.float64)
+    stats = script.answer_stats(p, reversed_tail, threshold=0.6)
+    assert stats["tail_rho"] == pytest.approx(-1.0) and stats["flip"] == 0.0 and stats["gate"] == 1.0
+    assert stats["margin_defended"] == pytest.approx(0.1) and stats["l1"] == pytest.approx(0.6)
+    out, _ = study
+    threads = torch.get_num_threads()
+    try:
+        capsys.readouterr()
+        assert script.main([str(out), "--seed", "1", "--victim", "qat-server"]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+        assert [r.split(" | ")[0][2:] for r in rows[1:]] == ["test images", "uniform noise", "test 0.5 + noise 0.5",
+                                                             "DFME generator (untrained)", "MAZE generator (untrained)"]
+        for row in rows[1:]:
+            _, conf, gate, flip, l1, rho, _ = row.strip("| ").split(" | ")
+            assert 0 <= float(gate) <= 1 and 0 <= float(flip) <= 1 and 0 <= float(l1) <= 2 and -1 <= float(rho) <= 1
+        assert script.main([str(out), "--seed", "1", "--victim", "qat-nowhere"]) == 2
+        assert script.main([str(out), "--seed", "7"]) == 2
+        assert "defenses.json" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)

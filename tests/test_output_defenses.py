@@ -129,6 +129,22 @@ def test_dcp_gate_acts_below_the_threshold_only():
     torch.testing.assert_close(y[unsure], reverse_sigmoid(p[unsure], beta, gamma), atol=1e-12, rtol=0)
 
 
+def test_dcp_at_studys_operating_point_keeps_top_class_but_reverses_the_tail():
+    # The mechanism behind DCP's effect on DFME/MAZE (docs/divqat.md): at the beta the study calibrates
+    # (~0.95 for l1 0.6, gamma 0.2) a low-confidence answer keeps its argmax, but its other classes come
+    # back in reverse order and nearly flat, so an attacker fitting all log-probabilities learns a wrong tail.
+    p = torch.tensor([[0.6, 0.25, 0.1, 0.03, 0.01, 0.005, 0.003, 0.001, 0.0007, 0.0003]], dtype=torch.float64)
+    y = dcp(p, beta=0.9486, gamma=0.2, nu=1000.0)
+    assert y.argmax().item() == 0
+    assert y[0, 1:].argmax().item() == 8  # the least likely class is now the runner-up
+    rare = y[0, 3:]  # the classes with p <= 0.03 come back in exactly reversed order
+    assert torch.equal(rare.argsort(), p[0, 3:].argsort().flip(0))
+    assert y[0, 0] - y[0, 1:].max() < 0.15 < p[0, 0] - p[0, 1]  # the top margin shrinks from 0.35 to < 0.15
+    confident = torch.tensor([[0.97] + [0.03 / 9] * 9], dtype=torch.float64)  # a test image's typical answer
+    # 0.02 above the threshold the gate is sigmoid(-21) ~ 5e-10: the answer moves by ~1e-9 at most
+    torch.testing.assert_close(dcp(confident, beta=0.9486, gamma=0.2, nu=1000.0), confident, atol=1e-8, rtol=0)
+
+
 def test_dcp_threshold_defaults_to_beta():
     p = probability_batches(10, torch.float64)
     torch.testing.assert_close(dcp(p, 0.7, 0.3), dcp(p, 0.7, 0.3, threshold=0.7), atol=0, rtol=0)
