@@ -250,6 +250,22 @@ def test_config_errors_say_how_to_fix(tmp_path):
         assert load_study_config(preset_path(preset)).name == f"divqat-{preset}"
 
 
+def test_a_study_folders_config_repeats_that_run(study):
+    """``--config runs/<study>/config.toml``: the engine's additions ([meta], quant_edges) are dropped and the
+    settings come back as the run used them (here: the smoke preset, with its out_root and name; threads
+    and progress are how a run ran, not what it computed, and are not stored)."""
+    out, _ = study
+    text = (out / "config.toml").read_text()
+    assert "quant_edges" in text and "[meta]" in text  # what would otherwise be unknown keys
+    again = load_study_config(out / "config.toml")
+    ran = load_study_config(preset_path("smoke"), [f"out_root={out.parent}", "name=smoke"])
+    how = ("threads", "progress")
+    assert {k: v for k, v in again.to_dict().items() if k not in how} == {
+        k: v for k, v in ran.to_dict().items() if k not in how}
+    with pytest.raises(ConfigError, match="unknown config key 'divqat.alpha'"):  # a user's typo is still caught
+        load_study_config(out / "config.toml", ["divqat.alpha=0.1"])
+
+
 def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statistics):
     out, res = study
     per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from qrobust.config import apply_values, load_dataclass_config, preset_path
+from qrobust.config import apply_values, load_dataclass_config, preset_path, read_toml
 from qrobust.errors import ConfigError
 from qrobust.registry import DATASETS, MODELS
 from qrobust.runs import DATA_LOCATION_KEYS, RunDir, environment
@@ -67,8 +67,16 @@ class StudyBase:
 
 
 def load_study(config: Any, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults (the dataclass ``config``) < TOML file < ``key=value`` overrides, then ``validate()``."""
-    return load_dataclass_config(config, path, overrides)
+    """Defaults (the dataclass ``config``) < TOML file < ``key=value`` overrides, then ``validate()``.
+
+    The TOML file may be a study folder's own ``config.toml``: what the engine writes beside the settings
+    (``[meta]``, ``quant_edges``) is dropped, so ``--config runs/<study>/config.toml`` repeats that run."""
+    if path:
+        values = read_toml(path)
+        for key in ("meta", EDGES_KEY):
+            values.pop(key, None)
+        apply_values(config, values)
+    return load_dataclass_config(config, None, overrides)
 
 
 def study_preset(study: str, preset: str) -> Path:
