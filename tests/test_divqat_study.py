@@ -412,3 +412,40 @@ def test_dcp_answers_script_reports_what_the_defense_does_to_each_probe_set(stud
         assert "defenses.json" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_status_says_what_is_done_and_what_is_left(study, tmp_path, capsys):
+    """``qrobust status``: a finished folder is complete; with cells removed (a run stopped midway) it lists
+    them by kind and estimates their time from the finished cells of the same kind; it writes nothing; a
+    folder without a study or with a corrupt cells.json is a clear error (exit 2)."""
+    import shutil
+
+    out, _ = study
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "study 'divqat'" in text and "complete:" in text
+    assert text.count(f"{len(cell_plan(load_study_config(preset_path('smoke'))))}/") == 2  # n/n on both seeds
+    partial = tmp_path / "smoke"
+    shutil.copytree(out, partial)
+    (partial / "results.json").unlink()
+    cells = json.loads((partial / "seed-1" / "cells.json").read_text())
+    removed = ["qat-server/none/dfme", "qat-server/rs/knockoff", "qat-mobile/none/knockoff"]
+    for key in removed:
+        del cells[key]
+    (partial / "seed-1" / "cells.json").write_text(json.dumps(cells))
+    before = _tree(partial)
+    assert main(["status", str(partial), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert _tree(partial) == before
+    assert not status["complete"]
+    assert status["seeds"]["0"]["left"] == 0 and status["seeds"]["1"]["left"] == 3
+    assert status["seeds"]["1"]["left_by_kind"] == {"dfme": 1, "knockoff": 2}
+    per_kind = status["seconds_per_cell_by_kind"]
+    assert status["estimated_seconds_left"] == pytest.approx(per_kind["dfme"] + 2 * per_kind["knockoff"])
+    assert main(["status", str(partial)]) == 0
+    assert "left: dfme 1, knockoff 2" in capsys.readouterr().out
+    (partial / "seed-0" / "cells.json").write_text("{not json")
+    assert main(["status", str(partial)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "nowhere")]) == 2
+    assert "no config.toml" in capsys.readouterr().err

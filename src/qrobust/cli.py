@@ -1,4 +1,4 @@
-"""``qrobust`` command line: train / eval / export / card / demo / run <study>.
+"""``qrobust`` command line: train / eval / export / card / demo / run <study> / status <folder>.
 
 Configs: ``--config FILE.toml`` fills the defaults and ``section.key=value`` arguments override it
 (e.g. ``qrobust train train.epochs=3 quant.bits=4``). User errors print one clear line (exit 2), never a
@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from qrobust.errors import QrobustError
 
@@ -129,6 +130,40 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
+def which_study(folder: Path) -> tuple[str, Any]:
+    """The study a folder holds and its settings, from its ``config.toml`` (the study whose config accepts
+    them). ConfigError if the folder holds no study."""
+    import importlib
+
+    from qrobust.errors import ConfigError
+
+    path = folder / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no config.toml: give the folder of a study run (e.g. runs/divqat-quick), "
+                          "the one `qrobust run` printed as 'study folder'")
+    errors = []
+    for name in sorted(STUDIES):
+        study = importlib.import_module(f"qrobust.studies.{name}")
+        try:
+            return name, study.load_study_config(path)
+        except ConfigError as err:
+            errors.append(f"{name}: {err}")
+    raise ConfigError(f"{path} is not the config of a study run ({'; '.join(errors)})")
+
+
+def cmd_status(args) -> int:
+    """Where a study folder stands: cells done and left per seed, and the compute the rest needs."""
+    import importlib
+
+    from qrobust.experiment.status import format_status, study_status
+
+    folder = Path(args.folder)
+    name, cfg = which_study(folder)
+    status = study_status(importlib.import_module(f"qrobust.studies.{name}").SPEC, cfg, folder)
+    print(json.dumps(status, indent=2) if args.json else format_status(name, status))
+    return 0
+
+
 def cmd_run(args) -> int:
     """Run (or resume) a study, then print its report (results.md) and where everything is."""
     import importlib
@@ -191,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the card (default: the run folder; for two, <first>/card-vs-<second>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("status", help="where a study folder stands: cells done and left per seed, time left")
+    p.add_argument("folder", help="a study folder (the 'study folder' `qrobust run` printed)")
+    p.add_argument("--json", action="store_true", help="the status as JSON")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="float -> 8-bit QAT -> int8 on Fashion-MNIST, with a summary table")
     _config_args(p)
