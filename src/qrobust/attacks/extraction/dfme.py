@@ -68,7 +68,6 @@ from qrobust.utils import eval_mode, module_device
 
 _LOG_FLOOR = 1e-6  # victim probabilities are clamped here before the log (defenses can output exact 0)
 SCHEDULES = ("multistep", "cosine", "none")
-ANSWERS = ("probs", "top1")
 MULTISTEP_AT = (0.1, 0.3, 0.5)  # DFME: lr x MULTISTEP_GAMMA at these fractions of the iterations
 MULTISTEP_GAMMA = 0.3
 
@@ -153,8 +152,6 @@ class ZerothOrderConfig(ExtractionConfig):
     schedule: str = "multistep"  # lr schedule over the iterations the budget pays for: multistep|cosine|none
     precision: str = "fp32"  # "fp32" | "bf16": autocast clone training and generator (probes stay fp32)
     channels_last: bool = True  # clone and generator in channels-last memory during run() (restored after)
-    answers: str = "probs"  # what the attack fits: "probs" (the papers) | "top1" (see fit_targets)
-    top1_smoothing: float = 0.1  # with answers="top1": mass spread evenly over all classes
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -181,9 +178,6 @@ class ZerothOrderConfig(ExtractionConfig):
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, ("fp32", "bf16"))
         check_bool("channels_last", self.channels_last)
-        check_choice("answers", self.answers, ANSWERS)
-        if not 0 < self.top1_smoothing < 1:
-            raise ConfigError(f"top1_smoothing must be in (0, 1) (a log of the target is taken), got {self.top1_smoothing}")
 
     @property
     def cost_per_iteration(self) -> int:
@@ -326,20 +320,6 @@ class ZerothOrderExtraction:
         target = log_p - log_p.mean(dim=1, keepdim=True)
         return (logits - target).abs().mean(dim=1)
 
-    def fit_targets(self, answers: Tensor) -> Tensor:
-        """What the clone and the generator fit, from the victim's answers (one row per query).
-
-        ``answers="probs"``: the answers as given (DFME, MAZE). ``answers="top1"``: the label-smoothed one-hot
-        of each answer's argmax, ``(1 - s) onehot + s / K``: a defense-aware variant against output
-        perturbations that keep the argmax but rewrite the rest (reverse sigmoid, DCP: on the generator's
-        low-confidence queries DCP reverses the order of the non-top classes, docs/divqat.md). It uses the
-        same queries; only what is fitted changes."""
-        if self.config.answers == "probs":
-            return answers
-        k, s = answers.shape[1], self.config.top1_smoothing
-        onehot = torch.zeros_like(answers).scatter_(1, answers.argmax(dim=1, keepdim=True), 1.0)
-        return (1 - s) * onehot + s / k
-
     # ------------------------------------------------------------------ select -> query -> fit
 
     def sample_latent(self, n: int) -> Tensor:
@@ -358,7 +338,7 @@ class ZerothOrderExtraction:
             u = (u / u.norm(dim=2, keepdim=True)).view(b, m, *h.shape[1:])
             points = torch.cat([h.detach().unsqueeze(1) + eps * u, h.detach().unsqueeze(1)], dim=1)
             x = to_image(points.flatten(0, 1))  # per sample: m probes, then the unperturbed point
-            answers = self.fit_targets(self.victim.query(x, phase=self.phase_generator))
+            answers = self.victim.query(x, phase=self.phase_generator)
             with eval_mode(self.clone):
                 logits = torch.cat([self.clone(chunk) for chunk in x.split(self.victim.batch_size)])
             loss = self.disagreement(logits, answers.to(logits.device)).view(b, m + 1)
@@ -385,7 +365,7 @@ class ZerothOrderExtraction:
         with torch.no_grad(), self._autocast():
             x = self.generator(self.sample_latent(self.config.batch_size))
         x = _widen(x)
-        return x, self.fit_targets(self.victim.query(x, phase=self.phase_clone)).to(self.device)
+        return x, self.victim.query(x, phase=self.phase_clone).to(self.device)
 
     def clone_loss(self, logits: Tensor, answers: Tensor) -> Tensor:
         return self.disagreement(logits, answers).mean()

@@ -104,7 +104,6 @@ class DFMECfg:
     latent_dim: int = 256
     schedule: str = "multistep"  # lr schedule over the budget's iterations: multistep (DFME) | cosine | none
     eval_every: int = 10  # iterations between clone-accuracy points (clone acc vs queries)
-    answers: str = "probs"  # what the attack fits: probs (the paper) | top1 (argmax only: the DCP-aware variant)
 
 
 @dataclass
@@ -120,7 +119,6 @@ class MAZECfg:
     latent_dim: int = 100
     schedule: str = "cosine"  # MAZE's
     eval_every: int = 10
-    answers: str = "probs"  # what the attack fits: probs (the paper) | top1 (argmax only: the DCP-aware variant)
 
 
 @dataclass
@@ -165,9 +163,6 @@ class StudyConfig(StudyBase):
             schedule = getattr(self, key).schedule
             need(schedule in ("multistep", "cosine", "none"),
                  f"{key}.schedule '{schedule}' is unknown; use multistep, cosine or none")
-            answers = getattr(self, key).answers
-            need(answers in ("probs", "top1"), f"{key}.answers '{answers}' is unknown; use probs (fit the "
-                 "probabilities, as the paper) or top1 (fit the argmax only)")
         need(self.knockoff.ladder >= 0 and self.knockoff.queries >> self.knockoff.ladder >= 1,
              f"knockoff.ladder={self.knockoff.ladder} must be >= 0 and leave >= 1 query at queries / 2**ladder")
         for name in self.attack.zeroth_order_victims:
