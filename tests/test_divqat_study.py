@@ -5,6 +5,7 @@ steps on synthetic data of the paper's shape."""
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -276,6 +277,14 @@ def test_two_seeds_give_mean_and_std_of_the_per_seed_results(study, seed_statist
     accs = [r["victims"]["fp32"]["test_acc"] for r in per_seed]
     assert accs[0] != accs[1]
     assert "±" in (out / "results.md").read_text()
+    # DivQAT-vs-QAT gains paired by seed: the bracket's std is that of the per-seed differences
+    op, qat = ([r["cells"][v]["none"]["knockoff"]["clone_acc"] for r in per_seed] for v in ("divqat-op-server", "qat-server"))
+    assert res["cells"]["divqat-op-server"]["none"]["knockoff"]["clone_acc_per_seed"] == op
+    diffs = [100 * (q - d) for q, d in zip(qat, op, strict=True)]
+    bracket = f"({statistics.fmean(diffs):+.1f} ± {statistics.stdev(diffs):.1f})"
+    row = next(line for line in (out / "results.md").read_text().splitlines()
+               if line.startswith("| DivQAT op. point") and "| none |" in line)
+    assert bracket in row.split(" | ")[6], (bracket, row)  # the KnockoffNets column
 
 
 # The paper preset (ResNet-18 victims and clones, CIFAR-10 victims, CIFAR-100 transfer set, DFME/MAZE

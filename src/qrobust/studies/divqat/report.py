@@ -6,6 +6,7 @@ attack, adversary error gain over QAT of the same backend), ``defender_vs_clone.
 from __future__ import annotations
 
 import math
+import statistics
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +34,18 @@ def error_gains(cfg: StudyConfig, agg: dict) -> dict:
                     gain = ref["clone_acc"]["mean"] - cell["clone_acc"]["mean"]
                     out.setdefault(name, {}).setdefault(defense, {})[attack] = gain
     return out
+
+
+def paired_gain_std(cfg: StudyConfig, agg: dict, name: str, defense: str, attack: str) -> float | None:
+    """Std over seeds of the per-seed gain ``clone_acc_QAT(s) - clone_acc_DivQAT(s)`` (seeds paired: the same
+    seed's data splits and cell seed); None with fewer than two seeds or without per-seed values."""
+    cells = agg["cells"]
+    cell = cells.get(name, {}).get(defense, {}).get(attack)
+    ref = cells.get(f"qat-{cfg.divqat.backend}", {}).get(defense, {}).get(attack)
+    if not cell or not ref or "clone_acc_per_seed" not in cell or "clone_acc_per_seed" not in ref:
+        return None
+    diffs = [q - d for q, d in zip(ref["clone_acc_per_seed"], cell["clone_acc_per_seed"], strict=True)]
+    return statistics.stdev(diffs) if len(diffs) > 1 else None
 
 
 def defense_warnings(cfg: StudyConfig, defenses: dict) -> list[str]:
@@ -174,7 +187,7 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
         "",
         f"Clone accuracy (lower is better for the defender); for DivQAT rows, in brackets: adversary error "
         f"gain over QAT-{cfg.divqat.backend} with the same defense and attack, in points (positive = DivQAT "
-        "helps). `-` = cell not run (hard-label KnockoffNets and the noise floor run with "
+        "helps; with several seeds: mean ± std of the per-seed differences, paired by seed). `-` = cell not run (hard-label KnockoffNets and the noise floor run with "
         f"{cfg.attack.label_defenses} only).",
         "",
         "| victim | defense | defender acc | l1 (test) | ECE | NLL | " + " | ".join(ATTACK_LABELS[a] for a in attacks) + " |",
@@ -190,7 +203,8 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
                 text = _pct(cell["clone_acc"], seeds) if cell else "-"
                 gain = gains.get(name, {}).get(defense, {}).get(a)
                 if cell and gain is not None:
-                    text += f" ({100 * gain:+.1f})"
+                    std = paired_gain_std(cfg, agg, name, defense, a)
+                    text += f" ({100 * gain:+.1f}" + (f" ± {100 * std:.1f}" if std is not None else "") + ")"
                 parts.append(text)
             lines.append(f"| {_label(name, v_info)} | {defense} | {_pct(dmeta['defender_acc'], seeds)} | "
                          f"{dmeta['l1_test']['mean']:.3f} | {_num(dmeta.get('ece'), 100, 1)} | "

@@ -144,5 +144,6 @@ def aggregate(per_seed: list[dict]) -> dict:
                 cell["ledger_matches_queries"] = all(row["counts_agree"] for row in rows)
                 cell["stopped_early"] = any(row["stopped_early"] for row in rows)
                 cell["history"] = [row["history"] for row in rows]
+                cell["clone_acc_per_seed"] = [row["clone_acc"] for row in rows]  # in seed order: paired gains
                 cells.setdefault(v, {}).setdefault(d, {})[a] = cell
     return {"victims": victims, "defenses": defenses, "cells": cells}
