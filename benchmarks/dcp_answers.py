@@ -37,8 +37,9 @@ from qrobust.experiment.settings import stored_study_config
 from qrobust.metrics import predict_logits
 from qrobust.quant import QuantConfig, quantize
 from qrobust.runs import safe_load
-from qrobust.studies.divqat.config import StudyConfig, alpha_tag
+from qrobust.studies.divqat.config import StudyConfig, operating_point_name
 from qrobust.studies.divqat.data import SeedData, build_model
+from qrobust.studies.divqat.victims import operating_point_checkpoint
 
 PROBES = 2000
 
@@ -72,16 +73,15 @@ def load_victim(root: Path, cfg: StudyConfig, seed: int, name: str, info) -> tor
     """A quantized victim from ``seed-<s>/models/<name>/checkpoint.pt`` (the operating points from the
     epoch snapshot ``divqat_sweep.json`` names)."""
     fp = build_model(cfg, cfg.model.arch, info)
-    folder = root / f"seed-{seed}" / "models"
-    if name.startswith("divqat-") and name.endswith("op-" + cfg.divqat.backend):
-        key = "divqat_hinge_operating_point" if "hinge" in name else "divqat_operating_point"
-        point = json.loads((root / f"seed-{seed}" / "divqat_sweep.json").read_text())[key]
-        tag = "hinge-" if "hinge" in name else ""
-        alpha = alpha_tag(point["alpha"])
-        path = folder / f"divqat-{tag}{alpha}-{cfg.divqat.backend}" / f"epoch-{point['epoch']}.pt"
+    seed_root = root / f"seed-{seed}"
+    if name in (operating_point_name(cfg), operating_point_name(cfg, hinge=True)):
+        hinge = name == operating_point_name(cfg, hinge=True)
+        key = "divqat_hinge_operating_point" if hinge else "divqat_operating_point"
+        point = json.loads((seed_root / "divqat_sweep.json").read_text())[key]
+        path = operating_point_checkpoint(seed_root, cfg, point, hinge=hinge)
         backend = cfg.divqat.backend
     else:
-        path = folder / name / "checkpoint.pt"
+        path = seed_root / "models" / name / "checkpoint.pt"
         backend = next((b for b in cfg.qat.backends if name.endswith("-" + b)), None)
     if backend is None:
         raise ConfigError(f"victim {name!r}: give a quantized victim, e.g. qat-server or divqat-op-server")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qrobust.errors import QrobustError
+from qrobust.errors import ConfigError, QrobustError
 
 STUDIES = {
     "divqat": "model-extraction study (issue 3)",
@@ -134,8 +134,6 @@ def which_study(folder: Path) -> tuple[str, Any]:
     """The study a folder holds and its settings, from its ``config.toml`` (the study whose config accepts
     them). ConfigError if the folder holds no study."""
     import importlib
-
-    from qrobust.errors import ConfigError
 
     path = folder / "config.toml"
     if not path.is_file():

@@ -30,6 +30,19 @@ from qrobust.experiment.spec import Cell, StudySpec
 from qrobust.experiment.stages import CellStore, Stages
 from qrobust.runs import environment
 
+CELL_SECONDS = "cell "  # timings.json: "cell <key>" holds a cell's seconds, "prepare" the seed's preparation
+
+
+def work_seconds(timings: dict) -> float:
+    """Seconds of one seed's work in its ``timings.json``: ``prepare`` and every cell (a spec's own stages
+    run inside ``prepare`` and are not added again)."""
+    return sum(v for k, v in timings.items() if k == "prepare" or k.startswith(CELL_SECONDS))
+
+
+def compute_seconds(results: dict) -> float:
+    """Seconds of every seed's ``prepare`` and cells (``results["seconds"]``), summed over calls and seeds."""
+    return sum(work_seconds(timings) for timings in results.get("seconds", {}).values())
+
 
 def seed_stages(spec: StudySpec, cfg: Any, root: Path, seed: int) -> Stages:
     """The :class:`Stages` of one seed (``root/seed-<s>``)."""
@@ -75,7 +88,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
         if len(set(keys)) != len(keys):
             raise ValueError(f"study '{spec.name}' declares a cell key twice: {sorted(k for k in keys if keys.count(k) > 1)}")
     work = [(seed, prepared[seed][1], cell) for seed, grid in grids.items() for cell in grid
-            if not _done(spec, cfg, stores[seed], cell)]
+            if not cell_done(spec, cfg, stores[seed], cell)]
     left = {seed: sum(1 for s, _, _ in work if s == seed) for seed in cfg.seeds}
     finished: dict[int, dict] = {}
 
@@ -89,7 +102,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
     try:
         for seed, cell, out in executor.run_cells(_Bound(_run_cell, spec, cfg), work):
             stores[seed].put(cell.key, out["record"])
-            stages[seed].add_seconds(f"cell {cell.key}", out["seconds"])
+            stages[seed].add_seconds(CELL_SECONDS + cell.key, out["seconds"])
             left[seed] -= 1
             if left[seed] == 0:
                 finish(seed)
@@ -110,6 +123,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
     return results
 
 
-def _done(spec: StudySpec, cfg: Any, store: CellStore, cell: Cell) -> bool:
+def cell_done(spec: StudySpec, cfg: Any, store: CellStore | dict, cell: Cell) -> bool:
+    """Whether ``cell`` has a complete record in ``store`` (a seed's :class:`CellStore`, or its ``cells.json``)."""
     record = store.get(cell.key)
     return record is not None and spec.cell_complete(cfg, cell, record)

@@ -72,10 +72,7 @@ def load_study(config: Any, path: str | Path | None = None, overrides: list[str]
     The TOML file may be a study folder's own ``config.toml``: what the engine writes beside the settings
     (``[meta]``, ``quant_edges``) is dropped, so ``--config runs/<study>/config.toml`` repeats that run."""
     if path:
-        values = read_toml(path)
-        for key in ("meta", EDGES_KEY):
-            values.pop(key, None)
-        apply_values(config, values)
+        apply_values(config, settings_only(read_toml(path)))
     return load_dataclass_config(config, None, overrides)
 
 
@@ -136,6 +133,11 @@ def open_study(cfg: StudyBase) -> tuple[Path, RunDir]:
 EDGES_KEY = "quant_edges"  # what open_study stores beside the settings (RunDir adds a [meta] table)
 
 
+def settings_only(values: dict) -> dict:
+    """A study folder's ``config.toml`` values without what the engine adds (``meta``, ``quant_edges``)."""
+    return {k: v for k, v in values.items() if k not in ("meta", EDGES_KEY)}
+
+
 def stored_study_values(root: str | Path) -> dict:
     """The settings a study folder ran with: its ``config.toml`` as written by :func:`open_study`, without
     what the engine adds (``meta``, ``quant_edges``). ConfigError if the file is missing or corrupt."""
@@ -146,9 +148,7 @@ def stored_study_values(root: str | Path) -> dict:
         raise ConfigError(f"{path} is corrupt (not UTF-8 TOML); the folder cannot be read") from None
     except OSError as err:
         raise ConfigError(f"{path} cannot be read ({err.strerror or err}); give the folder of a study run") from None
-    for key in ("meta", EDGES_KEY):
-        values.pop(key, None)
-    return values
+    return settings_only(values)
 
 
 def stored_study_config(config: Any, root: str | Path) -> Any:

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from qrobust.errors import ConfigError
+from qrobust.experiment.engine import CELL_SECONDS, cell_done, work_seconds
 from qrobust.experiment.spec import StudySpec
-
-CELL_PREFIX = "cell "  # how the engine names a cell's seconds in timings.json (and "prepare" its prepare's)
 
 
 def _read_json(path: Path) -> Any:
@@ -51,14 +50,15 @@ def study_status(spec: StudySpec, cfg: Any, root: str | Path) -> dict:
     left_by_seed: dict[int, list[str]] = {}
     for seed in cfg.seeds:
         folder = root / f"seed-{seed}"
-        grid = [c for c in spec.cells(cfg, seed)]
+        grid = spec.cells(cfg, seed)
         records = (_read_json(folder / "cells.json") or {}) if folder.is_dir() else {}
         timings = (_read_json(folder / "timings.json") or {}) if folder.is_dir() else {}
-        done = [c.key for c in grid if c.key in records and spec.cell_complete(cfg, c, records[c.key])]
-        left = [c.key for c in grid if c.key not in set(done)]
+        finished = [cell_done(spec, cfg, records, c) for c in grid]
+        done = [c.key for c, ok in zip(grid, finished, strict=True) if ok]
+        left = [c.key for c, ok in zip(grid, finished, strict=True) if not ok]
         for key in done:
-            if CELL_PREFIX + key in timings:
-                per_kind[kind_of(key)].append(timings[CELL_PREFIX + key])
+            if CELL_SECONDS + key in timings:
+                per_kind[kind_of(key)].append(timings[CELL_SECONDS + key])
         left_by_seed[seed] = left
         seeds[seed] = {
             "started": folder.is_dir(),
@@ -66,8 +66,7 @@ def study_status(spec: StudySpec, cfg: Any, root: str | Path) -> dict:
             "done": len(done),
             "left": len(left),
             "left_by_kind": dict(Counter(kind_of(k) for k in left)),
-            # the engine's own timings (a spec's inner stages are parts of "prepare": not added again)
-            "seconds_so_far": sum(v for k, v in timings.items() if k == "prepare" or k.startswith(CELL_PREFIX)),
+            "seconds_so_far": work_seconds(timings),
             "results_written": (folder / "results.json").is_file(),
         }
     mean_by_kind = {k: statistics.fmean(v) for k, v in per_kind.items()}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qrobust import plotstyle
 from qrobust.defenses.output import defense_accuracy_warning
+from qrobust.experiment.engine import compute_seconds
 from qrobust.studies.divqat.attacks import ATTACK_LABELS, EXTRACTION_ATTACKS
 from qrobust.studies.divqat.config import StudyConfig, victim_names
 from qrobust.studies.tables import fmt, mean_of
@@ -92,12 +93,6 @@ def _short_label(meta: dict) -> str:
     if meta["kind"] == "divqat":
         return f"α={meta['alpha']:g}"
     return f"QAT-{meta['backend']}" if meta["kind"] == "qat" else "float"
-
-
-def compute_seconds(results: dict) -> float:
-    """Seconds of all work (every seed's ``prepare`` and cells, summed over calls)."""
-    return sum(v for per_seed in results.get("seconds", {}).values() for k, v in per_seed.items()
-               if k == "prepare" or k.startswith("cell "))
 
 
 def report(cfg: StudyConfig, results: dict, root: Path) -> str:
@@ -187,7 +182,8 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
         "",
         f"Clone accuracy (lower is better for the defender); for DivQAT rows, in brackets: adversary error "
         f"gain over QAT-{cfg.divqat.backend} with the same defense and attack, in points (positive = DivQAT "
-        "helps; with several seeds: mean ± std of the per-seed differences, paired by seed). `-` = cell not run (hard-label KnockoffNets and the noise floor run with "
+        "helps; with several seeds: mean ± std of the per-seed differences, paired by seed). `-` = cell not "
+        "run (hard-label KnockoffNets and the noise floor run with "
         f"{cfg.attack.label_defenses} only).",
         "",
         "| victim | defense | defender acc | l1 (test) | ECE | NLL | " + " | ".join(ATTACK_LABELS[a] for a in attacks) + " |",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -72,6 +73,13 @@ def fit_victim(stages: Stages, cfg: StudyConfig, data: SeedData, name: str, mode
 def epoch_snapshots(stages: Stages, name: str, epochs: int) -> list[dict]:
     """The ``epoch-<e>.pt`` records of DivQAT run ``name`` (epochs 1..``epochs``), loaded safely."""
     return [safe_load(stages.root / "models" / name / f"epoch-{e}.pt") for e in range(1, epochs + 1)]
+
+
+def operating_point_checkpoint(seed_root: Path, cfg: StudyConfig, point: dict, hinge: bool = False) -> Path:
+    """The epoch snapshot an operating point names (``models/divqat-[hinge-]<alpha>-<backend>/epoch-<e>.pt``
+    in a seed's folder)."""
+    name = f"divqat-{'hinge-' if hinge else ''}{alpha_tag(point['alpha'])}-{cfg.divqat.backend}"
+    return Path(seed_root) / "models" / name / f"epoch-{point['epoch']}.pt"
 
 
 def select_operating_point(candidates: list[dict], acc_qat: float, kl_qat: float, max_acc_cost: float) -> dict:
@@ -149,8 +157,7 @@ def train_victims(cfg: StudyConfig, stages: Stages, data: SeedData) -> tuple[dic
             d.max_acc_cost)
         name = operating_point_name(cfg, hinge=cap is not None)
         q = quantize(fp, QuantConfig(cfg.qat.bits, cfg.qat.bits, backend=d.backend))
-        chosen = stages.root / "models" / f"divqat-{tag}{alpha_tag(point['alpha'])}-{d.backend}"
-        q.load_state_dict(safe_load(chosen / f"epoch-{point['epoch']}.pt")["model"])
+        q.load_state_dict(safe_load(operating_point_checkpoint(stages.root, cfg, point, hinge=cap is not None))["model"])
         models[name] = q.to(device).eval()
         info[name] = {"kind": f"divqat-{tag}op", "backend": d.backend, "alpha": point["alpha"],
                       "epoch": point["epoch"], **({"kl_cap": cap} if cap is not None else {})}

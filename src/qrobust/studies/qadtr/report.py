@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qrobust import plotstyle
+from qrobust.experiment.engine import compute_seconds
 from qrobust.studies.qadtr.cells import input_grad, layer_outputs, patch_area
 from qrobust.studies.qadtr.config import StudyConfig
 from qrobust.studies.qadtr.defenses import LABELS
@@ -26,12 +27,6 @@ def _pct(cell: Any, seeds: int) -> str:
 def _num(cell: Any, seeds: int) -> str:
     """3 significant digits (gradient and feature tables)."""
     return fmt(cell, seeds, percent=False, spec=".3g")
-
-
-def compute_seconds(results: dict) -> float:
-    """Seconds of every seed's ``prepare`` and cells, summed over calls and seeds."""
-    return sum(v for per in results.get("seconds", {}).values() for k, v in per.items()
-               if k == "prepare" or k.startswith("cell "))
 
 
 def results_markdown(cfg: StudyConfig, results: dict) -> str:

@@ -7,22 +7,17 @@ import math
 from pathlib import Path
 
 from qrobust import plotstyle
+from qrobust.experiment.engine import compute_seconds
 from qrobust.studies.sq.attacks import ABLATION_ATTACKS, ATTACK_LABELS, ATTACKS, STRENGTH_CHECKS
 from qrobust.studies.sq.config import INPUT_ROUNDED, ROUNDED, StudyConfig, model_names
 from qrobust.studies.tables import fmt, mean_of
-
-
-def total_compute_seconds(results: dict) -> float:
-    """Compute time of every seed's preparation (training included) and cells, summed over calls."""
-    return sum(v for timings in results.get("seconds", {}).values() for k, v in timings.items()
-               if k == "prepare" or k.startswith("cell "))
 
 
 def write_report(cfg: StudyConfig, results: dict, root: Path) -> str:
     """results.md's text; writes the figures into ``root``."""
     agg = {k: results[k] for k in ("models", "evaluation", "adaptive", "ablation") if k in results}
     plots(cfg, agg, root)
-    return results_markdown(cfg, agg, len(cfg.seeds), total_compute_seconds(results))
+    return results_markdown(cfg, agg, len(cfg.seeds), compute_seconds(results))
 
 
 def model_label(cfg: StudyConfig, name: str) -> str:
