@@ -16,7 +16,13 @@ from qrobust.experiment import Cell
 from qrobust.experiment import stages as engine_stages
 from qrobust.experiment.engine import seed_stages
 from qrobust.studies.divqat import SPEC, DivQATSpec, cell_plan, load_study_config, preset_path, run_study
-from qrobust.studies.divqat.report import mean_error_gains, results_markdown
+from qrobust.studies.divqat.report import (
+    _short_label,
+    mean_error_gains,
+    mean_history,
+    query_panels,
+    results_markdown,
+)
 from qrobust.studies.divqat.spec import aggregate
 from qrobust.studies.divqat.victims import select_operating_point
 
@@ -458,3 +464,28 @@ def test_status_says_what_is_done_and_what_is_left(study, tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert main(["status", str(tmp_path / "nowhere")]) == 2
     assert "no config.toml" in capsys.readouterr().err
+
+
+def test_clone_vs_queries_has_a_panel_per_attack_and_defense_averaged_over_seeds(study):
+    out, res = study
+    cfg = load_study_config(out / "config.toml")
+    panels = query_panels(cfg, res["cells"])
+    # every attack x defense that ran, DCP-defended DFME/MAZE included; the noise floor is no attack
+    assert ("dfme", "dcp") in panels and ("maze", "none") in panels and ("knockoff-adaptive", "rs") in panels
+    assert ("knockoff-adaptive", "none") not in panels and not any(a == "noise" for a, _ in panels)
+    assert len(panels) == len(set(panels)) == 3 * 4  # none: 4 attacks (not the floor); rs, dcp: 4 each
+    # the curve: the mean over seeds at the budgets every seed evaluated at
+    assert mean_history([[[0, 0.1], [10, 0.2], [20, 0.4]], [[10, 0.4], [20, None], [30, 0.5]]]) == [(10, pytest.approx(0.3))]
+
+
+def test_a_per_seed_operating_point_is_labelled_per_seed():
+    """The operating point's alpha and epoch are chosen per seed: the aggregate keeps them per seed (seed
+    0's alpha would mislabel the others), a setting every seed shares stays one value."""
+    def seed(alpha):
+        meta = {"kind": "divqat-op", "backend": "server", "alpha": alpha, "epoch": 1, "test_acc": 0.8,
+                "tie_rate": 0.0, "kl_to_fp": 0.05}
+        return {"victims": {"divqat-op-server": meta}, "defenses": {}, "cells": {}}
+    op = aggregate([seed(0.55), seed(0.55), seed(0.5)])["victims"]["divqat-op-server"]
+    assert op["alpha"] == [0.55, 0.55, 0.5] and op["epoch"] == 1 and op["backend"] == "server"
+    assert _short_label(op) == "op α=0.55/0.55/0.5 ep1"
+    assert _short_label(aggregate([seed(0.5), seed(0.5)])["victims"]["divqat-op-server"]) == "op α=0.5 ep1"

@@ -26,6 +26,14 @@ def test_wrap_labels_and_colors():
     assert plotstyle.colors(10)[8] == plotstyle.PALETTE[0]
 
 
+def test_series_style_never_repeats_a_look_for_many_series():
+    looks = [tuple(sorted(plotstyle.series_style(k).items())) for k in range(3 * len(plotstyle.PALETTE))]
+    assert len(set(looks)) == len(looks)  # colour repeats after the palette; line, marker, fill do not all
+    first, ninth = plotstyle.series_style(0), plotstyle.series_style(len(plotstyle.PALETTE))
+    assert first["color"] == ninth["color"] and first["linestyle"] == "-" and ninth["linestyle"] == "--"
+    assert ninth["markerfacecolor"] == "none" and ninth["marker"] != first["marker"]
+
+
 def test_save_png_writes_one_file_and_styled_applies_the_style(tmp_path):
     import matplotlib
     from matplotlib.figure import Figure

@@ -82,6 +82,17 @@ def colors(n: int) -> list[str]:
     return [PALETTE[i % len(PALETTE)] for i in range(n)]
 
 
+def series_style(k: int) -> dict:
+    """Line keywords (``color``, ``marker``, ``linestyle``, ``markerfacecolor``) for the ``k``-th series of
+    a plot: the palette and markers, solid and filled for the first ``len(PALETTE)``; beyond, the colours
+    repeat with a dashed line, hollow markers and another marker, so no two series look alike."""
+    n = len(PALETTE)
+    color = PALETTE[k % n]
+    lap = k // n
+    return {"color": color, "marker": MARKERS[(k + 3 * lap) % len(MARKERS)],
+            "linestyle": ("-", "--", ":", "-.")[lap % 4], "markerfacecolor": color if lap == 0 else "none"}
+
+
 def figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.4, height: float = 3.2, sharey: bool = False,
            squeeze: bool = False):
     """A ``Figure`` of ``width x height`` inches with ``nrows x ncols`` axes in this style (a 2-D array of
@@ -168,4 +179,4 @@ def save_png(fig, path) -> None:
 
 
 __all__ = ["DPI", "MARKERS", "PALETTE", "RC", "colors", "figure", "label_bars", "legend_below", "legend_entries",
-           "percent_axis", "png_bytes", "save_png", "style", "styled", "wrap_labels"]
+           "percent_axis", "png_bytes", "save_png", "series_style", "style", "styled", "wrap_labels"]

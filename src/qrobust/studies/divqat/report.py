@@ -70,13 +70,19 @@ def _pct(cell: dict | None, seeds: int, signed: bool = False) -> str:
     return fmt(cell, seeds, signed=signed)
 
 
+def _per_seed(value) -> str:
+    """A victim setting as text: ``0.55`` when every seed shares it, ``0.55/0.55/0.5`` (seed order) when
+    it was chosen per seed (the operating point)."""
+    return "/".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+
 def _label(name: str, v_info: dict) -> str:
     meta = v_info[name]
     if meta["kind"] == "divqat-op":
-        return f"DivQAT op. point (α={meta['alpha']:g}, ep {meta['epoch']}, {meta['backend']})"
+        return f"DivQAT op. point (α={_per_seed(meta['alpha'])}, ep {_per_seed(meta['epoch'])}, {meta['backend']})"
     if meta["kind"] == "divqat-hinge-op":
-        return (f"DivQAT-hinge op. point, beyond paper (cap {meta['kl_cap']:g}, α={meta['alpha']:g}, "
-                f"ep {meta['epoch']}, {meta['backend']})")
+        return (f"DivQAT-hinge op. point, beyond paper (cap {meta['kl_cap']:g}, α={_per_seed(meta['alpha'])}, "
+                f"ep {_per_seed(meta['epoch'])}, {meta['backend']})")
     if meta["kind"] == "divqat":
         return f"DivQAT(α={meta['alpha']:g}, {meta['backend']})"
     if meta["kind"] == "qat":
@@ -87,9 +93,9 @@ def _label(name: str, v_info: dict) -> str:
 def _short_label(meta: dict) -> str:
     """A victim's short label in the figures: the alpha of a DivQAT victim, else QAT-<backend> or float."""
     if meta["kind"] == "divqat-op":
-        return f"op α={meta['alpha']:g} ep{meta['epoch']}"
+        return f"op α={_per_seed(meta['alpha'])} ep{_per_seed(meta['epoch'])}"
     if meta["kind"] == "divqat-hinge-op":
-        return f"hinge op α={meta['alpha']:g} ep{meta['epoch']}"
+        return f"hinge op α={_per_seed(meta['alpha'])} ep{_per_seed(meta['epoch'])}"
     if meta["kind"] == "divqat":
         return f"α={meta['alpha']:g}"
     return f"QAT-{meta['backend']}" if meta["kind"] == "qat" else "float"
@@ -98,6 +104,7 @@ def _short_label(meta: dict) -> str:
 def report(cfg: StudyConfig, results: dict, root: Path) -> str:
     """``results.md`` (returned) and the figures (written into ``root``)."""
     plots(cfg, results, root)
+    clone_vs_queries_plot(cfg, results, root)
     if results.get("divqat_sweep"):
         transition_plot(cfg, results, root)
     return results_markdown(cfg, results, results["error_gain_over_qat"], len(cfg.seeds), compute_seconds(results),
@@ -174,7 +181,7 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
     for name, meta in v_info.items():
         kl = meta["kl_to_fp"]
         kl_text = f"{kl['mean']:.4f}" + (f" ± {kl['std']:.4f}" if seeds > 1 else "")
-        lines.append(f"| {name} | {meta['backend'] or '-'} | {meta['alpha'] or '-'} | "
+        lines.append(f"| {name} | {meta['backend'] or '-'} | {_per_seed(meta['alpha']) if meta['alpha'] else '-'} | "
                      f"{_pct(meta['test_acc'], seeds)} | {_pct(meta['tie_rate'], seeds)} | {kl_text} |")
     lines += [
         "",
@@ -221,7 +228,8 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
               f"queries the attack reports) in every cell: {'yes' if ledger_ok else '**NO**'}. Agreement (clone = "
               "victim label), l1 and per-seed histories are in results.json.", "",
               "Figures: defender_vs_clone.png (defender vs clone accuracy per victim), clone_vs_queries.png "
-              "(KnockoffNets: a geometric ladder of budgets, `knockoff.ladder`).", ""]
+              "(clone accuracy against queries for every attack x defense, mean over seeds; KnockoffNets at a "
+              "geometric ladder of budgets, `knockoff.ladder`; DFME/MAZE every `eval_every` iterations).", ""]
     lines += operating_point_lines(cfg, agg)
     return "\n".join(lines)
 
@@ -234,19 +242,17 @@ def _num(cell: dict | None, scale: float, digits: int) -> str:
 
 @plotstyle.styled
 def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
-    """Defender vs clone accuracy per attack (one point per victim and defense: colour = victim, marker =
-    defense, both in the legend under the panels, so no text sits on the points); clone accuracy vs queries
-    per attack (undefended victims, the first seed; for the defense-aware attacker the first defended cell).
-    Style: :mod:`qrobust.plotstyle`."""
+    """``defender_vs_clone.png``: defender vs clone accuracy per attack (one point per victim and defense:
+    colour = victim, marker = defense, both in the legend under the panels, so no text sits on the points);
+    and ``clone_vs_queries.png`` (:func:`clone_vs_queries_plot`). Style: :mod:`qrobust.plotstyle`."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter
 
     v_info, defenses, cells = agg["victims"], agg["defenses"], agg["cells"]
     attacks = [a for a in cfg.attack.names if not EXTRACTION_ATTACKS[a].reference]
     markers = {"none": "o", "rs": "s", "dcp": "^"}
     names = victim_names(cfg)
-    colors = dict(zip(names, plotstyle.colors(len(names)), strict=True))
+    looks = {name: plotstyle.series_style(k) for k, name in enumerate(names)}  # 9+ victims: no look repeats
     n = max(1, len(attacks))
     fig = Figure(figsize=(3.8 * n, 3.6), layout="constrained")
     axes = [fig.add_subplot(1, n, i + 1) for i in range(len(attacks))]
@@ -255,44 +261,82 @@ def plots(cfg: StudyConfig, agg: dict, root: Path) -> None:
             for name in names:
                 cell = cells.get(name, {}).get(defense, {}).get(attack)
                 if cell is not None:
+                    look = looks[name]
                     ax.scatter(100 * cell["clone_acc"]["mean"], 100 * defenses[name][defense]["defender_acc"]["mean"],
-                               marker=markers.get(defense, "o"), color=colors[name], s=36, alpha=0.85, zorder=3)
+                               marker=markers.get(defense, "o"), s=36, alpha=0.85, zorder=3, edgecolors=look["color"],
+                               facecolors=look["markerfacecolor"])
         ax.set_xlabel("clone accuracy (%)")
         if i == 0:
             ax.set_ylabel("defender accuracy (%)")
         ax.set_title(ATTACK_LABELS[attack])
-    handles = [Line2D([], [], linestyle="", marker="o", color=colors[name], label=_short_label(v_info[name]))
+    handles = [Line2D([], [], linestyle="", marker="o", color=looks[name]["color"],
+                      markerfacecolor=looks[name]["markerfacecolor"], label=_short_label(v_info[name]))
                for name in names]
     handles += [Line2D([], [], linestyle="", marker=markers.get(d, "o"), color="gray", label=f"defense: {d}")
                 for d in cfg.defense.names]
     plotstyle.legend_below(fig, handles, [h.get_label() for h in handles])
     plotstyle.save_png(fig, root / "defender_vs_clone.png")
 
-    fig = Figure(figsize=(3.8 * n, 3.6), layout="constrained")
-    axes = [fig.add_subplot(1, n, i + 1) for i in range(len(attacks))]
-    for i, (ax, attack) in enumerate(zip(axes, attacks, strict=True)):
-        defense = "none"
-        if EXTRACTION_ATTACKS[attack].defended_only:
-            defense = next((d for d in cfg.defense.names if d != "none"), "none")
+
+def mean_history(histories: list[list]) -> list[tuple[float, float]]:
+    """Clone accuracy against queries, averaged over seeds: the budgets every seed evaluated at (``None``
+    accuracies and 0 queries left out; a log axis has no 0), in query order."""
+    per_seed = [{q: a for q, a in h if a is not None and q > 0} for h in histories]
+    common = set(per_seed[0]).intersection(*per_seed[1:]) if per_seed else set()
+    return [(q, statistics.fmean(s[q] for s in per_seed)) for q in sorted(common)]
+
+
+def query_panels(cfg: StudyConfig, cells: dict) -> list[tuple[str, str]]:
+    """The (attack, defense) pairs with at least one cell, in the settings' order; reference points (the
+    noise floor) are not attacks and get no panel."""
+    return [(a, d) for a in cfg.attack.names if not EXTRACTION_ATTACKS[a].reference for d in cfg.defense.names
+            if any(a in cells.get(name, {}).get(d, {}) for name in victim_names(cfg))]
+
+
+@plotstyle.styled
+def clone_vs_queries_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
+    """``clone_vs_queries.png``: clone accuracy against queries for every attack x defense that ran (one
+    panel each, one line per victim, mean over the seeds at the budgets every seed evaluated at). A panel
+    with few budgets (the KnockoffNets ladder) has its ticks at exactly those budgets."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    v_info, cells = agg["victims"], agg["cells"]
+    names = victim_names(cfg)
+    panels = query_panels(cfg, cells)
+    if not panels:
+        return
+    ncols = min(5, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(3.4 * ncols, 3.1 * nrows + 0.6), layout="constrained")
+    seeds = len(cfg.seeds)
+    fig.suptitle(f"Clone accuracy vs queries ({'mean of ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'})")
+    for i, (attack, defense) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        budgets: set[float] = set()
         for k, name in enumerate(names):
             cell = cells.get(name, {}).get(defense, {}).get(attack)
-            if cell is None:
-                continue
-            points = [(q, a) for q, a in cell["history"][0] if a is not None and q > 0]  # log x: no 0
+            points = mean_history(cell["history"]) if cell else []
             if points:
-                ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=plotstyle.MARKERS[k % 8],
-                        markersize=4, color=colors[name])
+                budgets.update(q for q, _ in points)
+                ax.plot([q for q, _ in points], [100 * a for _, a in points], markersize=4, **plotstyle.series_style(k))
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(_queries_label))
-        ax.xaxis.set_minor_formatter(FuncFormatter(partial(_minor_queries_label, ax)))
-        ax.tick_params(axis="x", which="minor", pad=5.0)  # minor labels on the major labels' baseline
-        ax.set_xlabel("queries")
-        if i == 0:
+        if 0 < len(budgets) <= 6:  # a ladder: its budgets are the ticks
+            ax.xaxis.set_major_locator(FixedLocator(sorted(budgets)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.xaxis.set_minor_formatter(FuncFormatter(partial(_minor_queries_label, ax)))
+            ax.tick_params(axis="x", which="minor", pad=5.0)  # minor labels on the major labels' baseline
+        if i >= len(panels) - ncols:
+            ax.set_xlabel("queries")
+        if i % ncols == 0:
             ax.set_ylabel("clone accuracy (%)")
-        ax.set_title(f"{ATTACK_LABELS[attack]}\n({defense}, seed {cfg.seeds[0]})")
-    handles = [Line2D([], [], marker=plotstyle.MARKERS[k % 8], markersize=4, color=colors[name],
-                      label=_short_label(v_info[name])) for k, name in enumerate(names)]
-    plotstyle.legend_below(fig, handles, [h.get_label() for h in handles])  # one entry per victim (labels may repeat)
+        ax.set_title(f"{ATTACK_LABELS[attack]}\n{'no defense' if defense == 'none' else defense.upper()}")
+    handles = [Line2D([], [], markersize=4, label=_short_label(v_info[name]), **plotstyle.series_style(k))
+               for k, name in enumerate(names)]
+    plotstyle.legend_below(fig, handles, [h.get_label() for h in handles])  # one entry per victim
     plotstyle.save_png(fig, root / "clone_vs_queries.png")
 
 

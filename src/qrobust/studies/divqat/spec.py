@@ -125,12 +125,19 @@ def nest(cells: dict) -> dict:
     return out
 
 
+def _same_or_per_seed(values: list):
+    """One value if every seed has it (a victim's kind, backend, the paper's alpha), else the list in seed
+    order (the operating point's alpha and epoch are chosen per seed)."""
+    return values[0] if all(v == values[0] for v in values) else values
+
+
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean and std over seeds of victims, defenses and cells (histories kept per seed)."""
     first = per_seed[0]
     victims = {name: {k: (mean_std([r["victims"][name][k] for r in per_seed])
                           if k in ("test_acc", "tie_rate", "kl_to_fp")
-                          else v) for k, v in meta.items()} for name, meta in first["victims"].items()}
+                          else _same_or_per_seed([r["victims"][name][k] for r in per_seed]))
+                      for k in meta} for name, meta in first["victims"].items()}
     defenses = {v: {d: {"params": [r["defenses"][v][d]["params"] for r in per_seed],
                         **{k: mean_std([r["defenses"][v][d][k] for r in per_seed]) for k in DEFENSE_KEYS}}
                     for d in per_d} for v, per_d in first["defenses"].items()}
