@@ -481,6 +481,44 @@ def test_disagreements_dfme_l1_on_mean_corrected_log_probs_and_maze_kl(task):
     torch.testing.assert_close(maze.disagreement(log_p + 3.0, p), torch.zeros(5), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("cls", [DFME, MAZE])
+def test_defense_aware_zeroth_order_is_the_plain_attack_without_a_defense(task, cls):
+    """Kerckhoffs' DFME/MAZE fits the clone's *answers* to the victim's; with nothing to see through it is
+    exactly the plain attack (so whatever it reaches against a defense is an attacker that works)."""
+    runs = []
+    for aware in (False, True):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the default generator's weights come from the global RNG
+            attack = small(cls, Victim(task["model"], budget=10_000), num_directions=2, defense_aware=aware)
+            result = attack.run(num_queries=3 * attack.cost_per_iteration)
+        runs.append(params_of(result.clone))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert result.info["defense_aware"].startswith("not needed")
+
+
+@pytest.mark.parametrize("cls", [DFME, MAZE])
+def test_defense_aware_zeroth_order_compares_the_clones_defended_answers(task, cls):
+    defense = make_defense("dcp", beta=0.9, gamma=0.2)
+    attack = small(cls, Victim(task["model"], defense=defense, budget=10_000), defense_aware=True)
+    logits = torch.randn(6, K, generator=torch.Generator().manual_seed(0))
+    log_a = defense(torch.softmax(logits, 1)).clamp_min(1e-6).log()
+    torch.testing.assert_close(attack.clone_view(logits), log_a - log_a.mean(1, keepdim=True))
+    # zero disagreement when the clone would answer what the victim answered; not so for the plain view
+    answers = defense(torch.softmax(logits, 1))
+    assert attack.disagreement(attack.clone_view(logits), answers).abs().max() < 1e-5
+    assert attack.disagreement(logits, answers).min() > 1e-3
+    plain = small(cls, Victim(task["model"], defense=defense, budget=10_000))
+    assert plain.clone_view(logits) is logits
+    result = attack.run(num_queries=2 * attack.cost_per_iteration)
+    assert result.info["defense_aware"].startswith("applied: ")
+    assert result.queries_used == 2 * attack.cost_per_iteration
+
+
+def test_defense_aware_zeroth_order_setting_is_checked(task):
+    with pytest.raises(ConfigError, match="defense_aware"):
+        small(DFME, Victim(task["model"], budget=1000), defense_aware="yes")
+
+
 def test_generator_steps_increase_the_disagreement(task):
     # the generator ascends D: after a few zeroth-order steps, fresh samples disagree more than before
     victim = Victim(task["model"], budget=10**6)

@@ -36,6 +36,12 @@ generator (as DFME's dfme/train.py), DFME's multi-step schedule (x0.3 at 10 %, 3
 iterations the budget pays for, so the schedule scales with the budget); the clone is in eval mode
 while probes are evaluated (as DFME), the generator always in train mode.
 
+Defense-aware (``defense_aware=True``; Kerckhoffs: the attacker knows the victim's defense ``A``): both
+steps compare the victim's answer with the answer the clone would give, ``A(softmax(C(x)))`` (its
+mean-corrected log, :meth:`ZerothOrderExtraction.clone_view`), instead of the clone's own output, so the
+clone fits the function under the defense. Without a defense (or with a piecewise-constant one) it is the
+plain attack, step for step.
+
 Settings: :class:`DFMEConfig` (each listed once, with its meaning). Speed (docs/divqat.md, "Speed of
 DFME and MAZE"): the clone and the generator run in channels-last memory format during the attack
 (restored after), and ``precision="bf16"`` autocasts their training steps and the generator's forwards
@@ -58,6 +64,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qrobust.attacks.extraction.base import ExtractionConfig, register_extraction
+from qrobust.attacks.extraction.defense_aware import defense_aware_answer
 from qrobust.attacks.extraction.knockoff import build_optimizer, seeded_generator, victim_image_shape
 from qrobust.attacks.extraction.metrics import ExtractionResult, clone_accuracy, ledger_delta
 from qrobust.attacks.extraction.victim import QueryBudgetExhausted, Victim
@@ -152,6 +159,7 @@ class ZerothOrderConfig(ExtractionConfig):
     schedule: str = "multistep"  # lr schedule over the iterations the budget pays for: multistep|cosine|none
     precision: str = "fp32"  # "fp32" | "bf16": autocast clone training and generator (probes stay fp32)
     channels_last: bool = True  # clone and generator in channels-last memory during run() (restored after)
+    defense_aware: bool = False  # Kerckhoffs: the clone's probabilities pass through the victim's answer function
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -178,6 +186,7 @@ class ZerothOrderConfig(ExtractionConfig):
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, ("fp32", "bf16"))
         check_bool("channels_last", self.channels_last)
+        check_bool("defense_aware", self.defense_aware)
 
     @property
     def cost_per_iteration(self) -> int:
@@ -284,6 +293,8 @@ class ZerothOrderExtraction:
             cfg.generator_weight_decay,
         )
         self.rng = seeded_generator(cfg.seed, self.device)
+        self._answer, self._defense_aware_note = (
+            defense_aware_answer(victim) if cfg.defense_aware else (None, "off (the plain attack)"))
         self._replay_x: Tensor | None = None
         self._replay_y: Tensor | None = None
         self._replay_size = 0
@@ -314,6 +325,18 @@ class ZerothOrderExtraction:
 
     # ------------------------------------------------------------------ losses
 
+    def clone_view(self, logits: Tensor) -> Tensor:
+        """What the disagreement compares with the victim's answers: the clone's logits, or, with
+        ``defense_aware`` (Kerckhoffs: the attacker knows the answer function ``A`` = defense and output
+        format), the mean-corrected log of the answers the clone would give, ``l = log max(A(softmax(z)),
+        1e-6)``, ``l - mean_k l``. The clone then fits the victim under the defense instead of the defended
+        function, as the defense-aware KnockoffNets' loss does (:mod:`.defense_aware`); DFME's l1 and MAZE's
+        KL take these as logits (``log_softmax(l) = l`` up to the centring, since ``A`` sums to 1)."""
+        if self._answer is None:
+            return logits
+        log_q = self._answer(torch.softmax(logits.float(), dim=1)).clamp_min(_LOG_FLOOR).log()
+        return log_q - log_q.mean(dim=1, keepdim=True)
+
     def disagreement(self, logits: Tensor, p: Tensor) -> Tensor:
         """Per-sample D(clone logits, victim probabilities): l1 on mean-corrected log-probabilities."""
         log_p = p.clamp_min(_LOG_FLOOR).log()
@@ -341,7 +364,7 @@ class ZerothOrderExtraction:
             answers = self.victim.query(x, phase=self.phase_generator)
             with eval_mode(self.clone):
                 logits = torch.cat([self.clone(chunk) for chunk in x.split(self.victim.batch_size)])
-            loss = self.disagreement(logits, answers.to(logits.device)).view(b, m + 1)
+            loss = self.disagreement(self.clone_view(logits), answers.to(logits.device)).view(b, m + 1)
             slopes = (loss[:, :m] - loss[:, m:]) / eps  # [B, m] directional derivatives
             grad = (d / m) * torch.einsum("bm,bm...->b...", slopes, u) / b
         x_base = x.view(b, m + 1, *h.shape[1:])[:, m]
@@ -368,7 +391,7 @@ class ZerothOrderExtraction:
         return x, self.victim.query(x, phase=self.phase_clone).to(self.device)
 
     def clone_loss(self, logits: Tensor, answers: Tensor) -> Tensor:
-        return self.disagreement(logits, answers).mean()
+        return self.disagreement(self.clone_view(logits), answers).mean()
 
     def fit_step(self, x: Tensor, answers: Tensor) -> Tensor:
         """One optimizer step of the clone on (x, victim answers); returns the loss (a detached tensor)."""
@@ -511,6 +534,7 @@ class ZerothOrderExtraction:
                 "cost_per_iteration": cost,
                 "last_losses": {k: float(v) for k, v in losses.items()},
                 "answers_from": self.victim.answers_from,
+                "defense_aware": self._defense_aware_note,
                 "seconds": seconds,
             },
         )

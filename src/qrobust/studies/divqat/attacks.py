@@ -97,7 +97,7 @@ def _zeroth_order(cls: type, z, cfg, data: dict, victim: Victim, clone: nn.Modul
     shape = data["image_shape"]
     kwargs = dict(image_shape=shape, batch_size=z.batch_size, num_directions=z.num_directions,
                   clone_steps=z.clone_steps, lr_clone=z.lr_clone, lr_generator=z.lr_generator,
-                  schedule=z.schedule, progress=cfg.progress, seed=seed, **extra)
+                  schedule=z.schedule, defense_aware=z.defense_aware, progress=cfg.progress, seed=seed, **extra)
     generator = Generator(shape, z.latent_dim, z.generator_width)  # after the clone: its init draws from the cell seed
     return cls(victim, clone, latent_dim=z.latent_dim, generator=generator, **kwargs).run(
         num_queries=z.queries, eval_data=_eval(data), eval_every=z.eval_every)

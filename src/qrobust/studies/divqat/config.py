@@ -104,6 +104,7 @@ class DFMECfg:
     latent_dim: int = 256
     schedule: str = "multistep"  # lr schedule over the budget's iterations: multistep (DFME) | cosine | none
     eval_every: int = 10  # iterations between clone-accuracy points (clone acc vs queries)
+    defense_aware: bool = False  # the clone's answers pass through the victim's known defense (Kerckhoffs)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class MAZECfg:
     latent_dim: int = 100
     schedule: str = "cosine"  # MAZE's
     eval_every: int = 10
+    defense_aware: bool = False  # as dfme.defense_aware
 
 
 @dataclass
