@@ -289,8 +289,9 @@ def mean_history(histories: list[list]) -> list[tuple[float, float]]:
 def query_panels(cfg: StudyConfig, cells: dict) -> list[tuple[str, str]]:
     """The (attack, defense) pairs with at least one cell, in the settings' order; reference points (the
     noise floor) are not attacks and get no panel."""
+    names = victim_names(cfg)
     return [(a, d) for a in cfg.attack.names if not EXTRACTION_ATTACKS[a].reference for d in cfg.defense.names
-            if any(a in cells.get(name, {}).get(d, {}) for name in victim_names(cfg))]
+            if any(a in cells.get(name, {}).get(d, {}) for name in names)]
 
 
 @plotstyle.styled
@@ -304,6 +305,7 @@ def clone_vs_queries_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
 
     v_info, cells = agg["victims"], agg["cells"]
     names = victim_names(cfg)
+    looks = {name: plotstyle.series_style(k) for k, name in enumerate(names)}  # as in defender_vs_clone.png
     panels = query_panels(cfg, cells)
     if not panels:
         return
@@ -315,12 +317,12 @@ def clone_vs_queries_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
     for i, (attack, defense) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         budgets: set[float] = set()
-        for k, name in enumerate(names):
+        for name in names:
             cell = cells.get(name, {}).get(defense, {}).get(attack)
             points = mean_history(cell["history"]) if cell else []
             if points:
                 budgets.update(q for q, _ in points)
-                ax.plot([q for q, _ in points], [100 * a for _, a in points], markersize=4, **plotstyle.series_style(k))
+                ax.plot([q for q, _ in points], [100 * a for _, a in points], markersize=4, **looks[name])
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(_queries_label))
         if 0 < len(budgets) <= 6:  # a ladder: its budgets are the ticks
@@ -334,8 +336,7 @@ def clone_vs_queries_plot(cfg: StudyConfig, agg: dict, root: Path) -> None:
         if i % ncols == 0:
             ax.set_ylabel("clone accuracy (%)")
         ax.set_title(f"{ATTACK_LABELS[attack]}\n{'no defense' if defense == 'none' else defense.upper()}")
-    handles = [Line2D([], [], markersize=4, label=_short_label(v_info[name]), **plotstyle.series_style(k))
-               for k, name in enumerate(names)]
+    handles = [Line2D([], [], markersize=4, label=_short_label(v_info[name]), **looks[name]) for name in names]
     plotstyle.legend_below(fig, handles, [h.get_label() for h in handles])  # one entry per victim
     plotstyle.save_png(fig, root / "clone_vs_queries.png")
 
