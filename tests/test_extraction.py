@@ -483,7 +483,7 @@ def test_disagreements_dfme_l1_on_mean_corrected_log_probs_and_maze_kl(task):
 
 @pytest.mark.parametrize("cls", [DFME, MAZE])
 def test_defense_aware_zeroth_order_is_the_plain_attack_without_a_defense(task, cls):
-    """Kerckhoffs' DFME/MAZE fits the clone's *answers* to the victim's; with nothing to see through it is
+    """Kerckhoffs' DFME/MAZE fits the answers inverted through the defense; with nothing to see through it is
     exactly the plain attack (so whatever it reaches against a defense is an attacker that works)."""
     runs = []
     for aware in (False, True):
@@ -497,18 +497,21 @@ def test_defense_aware_zeroth_order_is_the_plain_attack_without_a_defense(task, 
 
 
 @pytest.mark.parametrize("cls", [DFME, MAZE])
-def test_defense_aware_zeroth_order_compares_the_clones_defended_answers(task, cls):
-    defense = make_defense("dcp", beta=0.9, gamma=0.2)
+def test_defense_aware_zeroth_order_fits_the_answers_inverted_through_the_defense(task, cls):
+    """Kerckhoffs' DFME/MAZE inverts each answer through the known defense and fits the recovered clean
+    probabilities: the clone's targets keep the victim's argmax and lie nearer its clean answers than the
+    defended ones do (what the clone-inside-the-defense loss failed: docs/divqat.md)."""
+    defense = make_defense("dcp", beta=0.949, gamma=0.2)  # full's calibrated DCP: not monotone at p < 0.045
     attack = small(cls, Victim(task["model"], defense=defense, budget=10_000), defense_aware=True)
-    logits = torch.randn(6, K, generator=torch.Generator().manual_seed(0))
-    log_a = defense(torch.softmax(logits, 1)).clamp_min(1e-6).log()
-    torch.testing.assert_close(attack.clone_view(logits), log_a - log_a.mean(1, keepdim=True))
-    # zero disagreement when the clone would answer what the victim answered; not so for the plain view
-    answers = defense(torch.softmax(logits, 1))
-    assert attack.disagreement(attack.clone_view(logits), answers).abs().max() < 1e-5
-    assert attack.disagreement(logits, answers).min() > 1e-3
+    clean = torch.softmax(torch.randn(64, K, generator=torch.Generator().manual_seed(0)) * 1.5, 1)
+    clean = clean[clean.max(1).values < 0.9]  # rows where DCP acts
+    answers = defense(clean)
+    targets = attack.read_answers(answers)
+    assert (targets.argmax(1) == clean.argmax(1)).float().mean() >= (answers.argmax(1) == clean.argmax(1)).float().mean()
+    assert (targets - clean).abs().sum(1).mean() < 0.8 * (answers - clean).abs().sum(1).mean()
+    torch.testing.assert_close(defense(targets), answers, atol=0.05, rtol=0)  # a preimage of the answer
     plain = small(cls, Victim(task["model"], defense=defense, budget=10_000))
-    assert plain.clone_view(logits) is logits
+    assert plain.read_answers(answers) is answers
     result = attack.run(num_queries=2 * attack.cost_per_iteration)
     assert result.info["defense_aware"].startswith("applied: ")
     assert result.queries_used == 2 * attack.cost_per_iteration
