@@ -98,3 +98,21 @@ def test_the_defense_aware_clone_agrees_more_with_the_undefended_victim(glyphs, 
         scores[aware] = sum(per_seed) / len(per_seed)
     # measured with these 2 seeds: rs 0.81 -> 0.94, dcp 0.90 -> 0.98; the margin is well below the gap
     assert scores[True] > scores[False] + 0.03, scores
+
+
+def test_dcp_preimages_script_shows_why_the_clone_is_not_put_inside_the_defense(capsys):
+    """benchmarks/dcp_preimages.py: under full's DCP (gamma 0.2, not monotone near 0) fitting A(softmax(z))
+    from a random start finds preimages with the wrong argmax; inverting from the answer keeps it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dcp_preimages.py"
+    spec = importlib.util.spec_from_file_location("dcp_preimages", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = script.main(["--rows", "300", "--steps", "300"])
+    random_start = table["random start (clone inside A)"]
+    inverted = table["the answer (recover_probabilities)"]
+    assert random_start["argmax_kept"] < 0.7 and random_start["top_prob_median"] < 1e-3
+    assert inverted["argmax_kept"] >= 0.95 and inverted["l1"] < table["(the answer itself)"]["l1"]
+    assert "| the answer (recover_probabilities) |" in capsys.readouterr().out
