@@ -11,7 +11,8 @@ gets mean +- std over the study's seeds without re-running the rest of the study
     python benchmarks/zeroth_order_budget.py runs/divqat-quick --out runs/zo-budget \\
         dfme.queries=200192 dfme.generator_width=64 dfme.latent_dim=256 [--shard 0/2]
 
-``key=value`` overrides change the attack settings (``dfme.*``, ``maze.*``, ``attack.zeroth_order_*``);
+``key=value`` overrides change the attack settings (``dfme.*``, ``maze.*``, ``attack.zeroth_order_*``, and
+``attack.names``, e.g. ``'attack.names=["dfme","maze"]'`` for a study that ran without them);
 everything that decides the victims stays as the study ran it (an override of another section is refused).
 The study folder is read, not written: the victims are loaded from a private copy of it. Records go to
 ``OUT/records.json`` as each cell finishes (a rerun skips finished cells; ``--shard i/n`` runs every n-th
@@ -36,7 +37,7 @@ from qrobust.runs import atomic_write_text
 from qrobust.studies.divqat.config import StudyConfig
 from qrobust.studies.divqat.spec import SPEC
 
-ATTACK_SECTIONS = ("dfme.", "maze.", "attack.zeroth_order_victims=", "attack.zeroth_order_defenses=")
+ATTACK_SECTIONS = ("dfme.", "maze.", "attack.names=", "attack.zeroth_order_victims=", "attack.zeroth_order_defenses=")
 ZEROTH_ORDER = ("dfme", "maze")
 
 
@@ -114,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     records = read_records(records_path)
     work = [(seed, cell) for seed in study_cfg.seeds for cell in SPEC.cells(attack_cfg, seed)
             if cell.params["attack"] in ZEROTH_ORDER]
+    if not work:
+        names = getattr(attack_cfg.attack, "names", None)
+        raise SystemExit(f"{args.study}: no DFME/MAZE cells to run (attack.names = {names}, zeroth_order_victims = "
+                         f"{attack_cfg.attack.zeroth_order_victims}); add 'attack.names=[\"dfme\",\"maze\"]' and "
+                         "the victims with 'attack.zeroth_order_victims=[...]'")
     work.sort(key=lambda item: (item[1].params["attack"], item[0], item[1].key))  # shards share DFME and MAZE
     work = work[args.shard_index::args.shard_count]
     with tempfile.TemporaryDirectory(prefix="zo-budget-") as tmp:

@@ -394,6 +394,10 @@ def test_zeroth_order_budget_script_reuses_the_victims_and_leaves_the_study_alon
     assert all(r["queries_used"] > 48 and r["queries_used"] <= 96 and r["counts_agree"] for r in more.values())
     summary = json.loads((tmp_path / "more" / "summary.json").read_text())
     assert all(row["seeds"] == 2 for row in summary.values())
+    # a study whose attacks held no DFME/MAZE: a clear error naming the fix, not an empty table
+    with pytest.raises(SystemExit, match="attack.names"):
+        script.main([str(out), "--out", str(tmp_path / "none"), "attack.names=[\"knockoff\"]"])
+    assert not (tmp_path / "none" / "summary.json").exists()
 
 
 def test_dcp_answers_script_reports_what_the_defense_does_to_each_probe_set(study, capsys):
