@@ -104,7 +104,7 @@ class DFMECfg:
     latent_dim: int = 256
     schedule: str = "multistep"  # lr schedule over the budget's iterations: multistep (DFME) | cosine | none
     eval_every: int = 10  # iterations between clone-accuracy points (clone acc vs queries)
-    defense_aware: bool = False  # the clone's answers pass through the victim's known defense (Kerckhoffs)
+    defense_aware: bool = False  # each answer inverted through the victim's known defense before fitting (Kerckhoffs)
 
 
 @dataclass
