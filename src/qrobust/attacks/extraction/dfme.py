@@ -43,8 +43,8 @@ from the answer itself, ``inversion_steps`` Adam steps; as the defense-aware Kno
 then run unchanged on the recovered probabilities, so the clone fits the clean model under the defense.
 Not the clone inside ``A`` (``l1(log A(softmax(C(x))), log y~)``), which we ran first: DCP with gamma < 1
 is not monotone (a probability of 1e-6 becomes ~0.42 before normalising), so from a random clone that
-loss has preimages with the true class at ~0; measured on 2,000 random answers under full's DCP, fitting
-``A(softmax(z))`` to the answer from a random ``z`` kept the argmax on 43% of rows (the true class at a
+loss has preimages with the true class at ~0; on 1,969 random answers below full's DCP threshold, fitting
+``A(softmax(z))`` to the answer from a random ``z`` kept the argmax on 44% of rows (the true class at a
 median 4e-6), inverting from the answer on 99% (docs/divqat.md: it gave clones at 0.1-39% at 1M queries).
 Without a defense (or with a piecewise-constant one) it is the plain attack, step for step.
 
