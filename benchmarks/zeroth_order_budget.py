@@ -16,7 +16,8 @@ gets mean +- std over the study's seeds without re-running the rest of the study
 everything that decides the victims stays as the study ran it (an override of another section is refused).
 The study folder is read, not written: the victims are loaded from a private copy of it. Records go to
 ``OUT/records.json`` as each cell finishes (a rerun skips finished cells; ``--shard i/n`` runs every n-th
-cell, so several processes can share the work), then ``OUT/summary.json`` and ``OUT/summary.md``.
+cell, so several processes can share the work), then ``OUT/summary.json`` and ``OUT/summary.md`` (with each
+DivQAT victim's gain over QAT, paired by seed).
 """
 
 from __future__ import annotations
@@ -77,32 +78,48 @@ def read_records(path: Path) -> dict:
         raise ConfigError(f"{path} is corrupt ({err}); delete it to start the cells again") from None
 
 
-def summarise(records: dict) -> dict:
-    """Per victim/defense/attack: clone and defender accuracy, mean +- std over seeds, and the curves."""
-    groups: dict[str, list[dict]] = {}
+def summarise(records: dict, reference: str = "qat-server") -> dict:
+    """Per victim/defense/attack: clone and defender accuracy, mean +- std over seeds, and the curves; for
+    every other victim, ``gain``: the adversary error gain over the ``reference`` victim with the same
+    defense and attack, paired by seed (``clone_acc_ref(s) - clone_acc(s)``, in points; positive = the
+    victim's clone is worse), over the seeds both cells have."""
+    groups: dict[str, dict[int, dict]] = {}
     for key, record in records.items():
-        groups.setdefault(key.split("@", 1)[1], []).append(record)
+        seed, cell = key.split("@", 1)
+        groups.setdefault(cell, {})[int(seed)] = record
     out = {}
-    for cell, recs in sorted(groups.items()):
-        row = {"seeds": len(recs), "queries_used": [r["queries_used"] for r in recs]}
+    for cell, per_seed in sorted(groups.items()):
+        recs = [per_seed[seed] for seed in sorted(per_seed)]
+        row = {"seeds": len(recs), "seed_ids": sorted(per_seed), "queries_used": [r["queries_used"] for r in recs]}
         for name in ("clone_acc", "defender_acc", "agreement"):
             values = [100 * r[name] for r in recs]
             row[name] = {"mean": statistics.fmean(values),
                          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
         row["histories"] = [r.get("history") for r in recs]
+        victim, rest = cell.split("/", 1)
+        ref = groups.get(f"{reference}/{rest}")
+        common = sorted(set(ref or {}) & set(per_seed)) if victim != reference else []
+        if common:
+            gains = [100 * (ref[seed]["clone_acc"] - per_seed[seed]["clone_acc"]) for seed in common]
+            row["gain"] = {"reference": f"{reference}/{rest}", "seeds": common, "values": gains,
+                           "mean": statistics.fmean(gains), "std": statistics.stdev(gains) if len(gains) > 1 else 0.0}
         out[cell] = row
     return out
 
 
-def markdown(summary: dict, overrides: list[str], study: Path) -> str:
+def markdown(summary: dict, overrides: list[str], study: Path, reference: str = "qat-server") -> str:
     lines = [f"# DFME / MAZE at a working budget on the victims of `{study}`", "",
-             f"Overrides: `{' '.join(overrides) or '(none)'}`. Accuracies in %, mean ± std over seeds.", "",
-             "| victim / defense / attack | seeds | queries | defender acc | clone acc | agreement |",
-             "|---|---|---|---|---|---|"]
+             f"Overrides: `{' '.join(overrides) or '(none)'}`. Accuracies in %, mean ± std over seeds; gain: "
+             f"`{reference}`'s clone minus this victim's, paired by seed (positive = this victim's clone is worse).", "",
+             "| victim / defense / attack | seeds | queries | defender acc | clone acc | agreement | gain, paired (per seed) |",
+             "|---|---|---|---|---|---|---|"]
     for cell, row in summary.items():
         acc = {k: f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" for k in ("defender_acc", "clone_acc", "agreement")}
+        gain = row.get("gain")
+        gain_text = (f"{gain['mean']:+.1f} ± {gain['std']:.1f} ({', '.join(f'{g:+.1f}' for g in gain['values'])})"
+                     if gain else "-")
         lines.append(f"| {cell} | {row['seeds']} | {max(row['queries_used']):,} | {acc['defender_acc']} | "
-                     f"{acc['clone_acc']} | {acc['agreement']} |")
+                     f"{acc['clone_acc']} | {acc['agreement']} | {gain_text} |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,10 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     everything = {}
     for path in sorted(args.out.glob("records-*.json")):
         everything |= read_records(path)
-    summary = summarise(everything)
+    reference = f"qat-{study_cfg.divqat.backend}"
+    summary = summarise(everything, reference)
+    text = markdown(summary, args.overrides, args.study, reference)
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    atomic_write_text(args.out / "summary.md", markdown(summary, args.overrides, args.study))
-    print(markdown(summary, args.overrides, args.study))
+    atomic_write_text(args.out / "summary.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

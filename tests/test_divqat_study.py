@@ -394,6 +394,15 @@ def test_zeroth_order_budget_script_reuses_the_victims_and_leaves_the_study_alon
     assert all(r["queries_used"] > 48 and r["queries_used"] <= 96 and r["counts_agree"] for r in more.values())
     summary = json.loads((tmp_path / "more" / "summary.json").read_text())
     assert all(row["seeds"] == 2 for row in summary.values())
+    # every DivQAT victim's gain over QAT-server (the smoke study's backend), paired by seed from the records
+    divqat_cells = [cell for cell in summary if cell.startswith("divqat-")]
+    assert divqat_cells and all("gain" not in row for cell, row in summary.items() if cell.startswith("qat-server/"))
+    for cell in divqat_cells:
+        gain, rest = summary[cell]["gain"], cell.split("/", 1)[1]
+        expected = [100 * (more[f"{s}@qat-server/{rest}"]["clone_acc"] - more[f"{s}@{cell}"]["clone_acc"]) for s in (0, 1)]
+        assert gain["seeds"] == [0, 1] and gain["values"] == pytest.approx(expected)
+        assert gain["mean"] == pytest.approx(sum(expected) / 2)
+    assert "gain, paired (per seed)" in (tmp_path / "more" / "summary.md").read_text()
     # a study whose attacks held no DFME/MAZE: a clear error naming the fix, not an empty table
     with pytest.raises(SystemExit, match="attack.names"):
         script.main([str(out), "--out", str(tmp_path / "none"), "attack.names=[\"knockoff\"]"])
