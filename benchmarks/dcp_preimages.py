@@ -26,12 +26,8 @@ import argparse
 import torch
 
 from qrobust.attacks.extraction.defense_aware import recover_probabilities
+from qrobust.attacks.extraction.dfme import mean_corrected_log
 from qrobust.defenses.output import make_defense
-
-
-def centred_log(q: torch.Tensor) -> torch.Tensor:
-    log_q = q.clamp_min(1e-6).log()
-    return log_q - log_q.mean(dim=1, keepdim=True)
 
 
 def fit_from_random_start(answers: torch.Tensor, defense, steps: int, seed: int) -> torch.Tensor:
@@ -39,7 +35,7 @@ def fit_from_random_start(answers: torch.Tensor, defense, steps: int, seed: int)
     z = (2.0 * torch.randn(answers.shape, generator=torch.Generator().manual_seed(seed + 1))).requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=0.05)
     for _ in range(steps):
-        loss = (centred_log(defense(torch.softmax(z, 1))) - centred_log(answers)).abs().mean()
+        loss = (mean_corrected_log(defense(torch.softmax(z, 1))) - mean_corrected_log(answers)).abs().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -89,8 +89,9 @@ def summarise(records: dict, reference: str = "qat-server") -> dict:
         groups.setdefault(cell, {})[int(seed)] = record
     out = {}
     for cell, per_seed in sorted(groups.items()):
-        recs = [per_seed[seed] for seed in sorted(per_seed)]
-        row = {"seeds": len(recs), "seed_ids": sorted(per_seed), "queries_used": [r["queries_used"] for r in recs]}
+        seeds = sorted(per_seed)
+        recs = [per_seed[seed] for seed in seeds]
+        row = {"seeds": len(recs), "seed_ids": seeds, "queries_used": [r["queries_used"] for r in recs]}
         for name in ("clone_acc", "defender_acc", "agreement"):
             values = [100 * r[name] for r in recs]
             row[name] = {"mean": statistics.fmean(values),
@@ -133,8 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     work = [(seed, cell) for seed in study_cfg.seeds for cell in SPEC.cells(attack_cfg, seed)
             if cell.params["attack"] in ZEROTH_ORDER]
     if not work:
-        names = getattr(attack_cfg.attack, "names", None)
-        raise SystemExit(f"{args.study}: no DFME/MAZE cells to run (attack.names = {names}, zeroth_order_victims = "
+        raise SystemExit(f"{args.study}: no DFME/MAZE cells to run (attack.names = {attack_cfg.attack.names}, zeroth_order_victims = "
                          f"{attack_cfg.attack.zeroth_order_victims}); add 'attack.names=[\"dfme\",\"maze\"]' and "
                          "the victims with 'attack.zeroth_order_victims=[...]'")
     work.sort(key=lambda item: (item[1].params["attack"], item[0], item[1].key))  # shards share DFME and MAZE
