@@ -37,6 +37,7 @@ from qrobust.experiment.settings import stored_study_config
 from qrobust.runs import atomic_write_text
 from qrobust.studies.divqat.config import StudyConfig
 from qrobust.studies.divqat.spec import SPEC
+from qrobust.studies.tables import paired_differences
 
 ATTACK_SECTIONS = ("dfme.", "maze.", "attack.names=", "attack.zeroth_order_victims=", "attack.zeroth_order_defenses=")
 ZEROTH_ORDER = ("dfme", "maze")
@@ -99,11 +100,11 @@ def summarise(records: dict, reference: str = "qat-server") -> dict:
         row["histories"] = [r.get("history") for r in recs]
         victim, rest = cell.split("/", 1)
         ref = groups.get(f"{reference}/{rest}")
-        common = sorted(set(ref or {}) & set(per_seed)) if victim != reference else []
-        if common:
-            gains = [100 * (ref[seed]["clone_acc"] - per_seed[seed]["clone_acc"]) for seed in common]
-            row["gain"] = {"reference": f"{reference}/{rest}", "seeds": common, "values": gains,
-                           "mean": statistics.fmean(gains), "std": statistics.stdev(gains) if len(gains) > 1 else 0.0}
+        if ref is not None and victim != reference:
+            diff = paired_differences({s: 100 * r["clone_acc"] for s, r in ref.items()},
+                                      {s: 100 * r["clone_acc"] for s, r in per_seed.items()})
+            if diff is not None:
+                row["gain"] = {"reference": f"{reference}/{rest}", **diff}
         out[cell] = row
     return out
 

@@ -2,6 +2,7 @@
 nesting kept, non-numbers taken from the first seed; plus a check helper the study tests reuse."""
 
 import math
+import statistics
 
 import pytest
 
@@ -47,3 +48,19 @@ def test_the_checker_catches_a_wrong_mean(seed_statistics):
     bad = {"a": {"mean": 0.35, "std": good["a"]["std"], "n": 2}}
     with pytest.raises(AssertionError):
         seed_statistics(bad, per_seed)
+
+
+def test_paired_differences_pair_by_seed_not_by_position():
+    """Two victims' per-seed values are compared seed for seed (the shared seeds only, whatever the dict
+    order), with the sample std of the differences; no shared seed gives None, not a zero gain."""
+    from qrobust.studies.tables import paired_differences
+
+    diff = paired_differences({2: 0.5, 0: 0.9, 1: 0.7}, {1: 0.6, 0: 0.8, 3: 0.1})
+    assert diff["seeds"] == [0, 1]
+    assert diff["values"] == pytest.approx([0.1, 0.1])
+    assert diff["mean"] == pytest.approx(0.1) and diff["std"] == pytest.approx(0.0, abs=1e-12)
+    diff = paired_differences({0: 3.0, 1: 1.0}, {0: 1.0, 1: 2.0})
+    assert diff["values"] == [2.0, -1.0] and diff["mean"] == 0.5
+    assert diff["std"] == pytest.approx(statistics.stdev([2.0, -1.0]))
+    assert paired_differences({0: 1.0}, {0: 0.25}) == {"seeds": [0], "values": [0.75], "mean": 0.75, "std": 0.0}
+    assert paired_differences({0: 1.0}, {1: 1.0}) is None

@@ -1,8 +1,10 @@
-"""Formatting shared by the studies' reports: one way to print a mean +- std cell."""
+"""Shared by the studies' reports: one way to print a mean +- std cell, one way to pair two victims by seed."""
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -23,3 +25,15 @@ def fmt(cell: Any, seeds: int, percent: bool = True, spec: str = ".3f", signed: 
     if percent:
         return f"{100 * mean:{sign}.1f}" + (f" ± {100 * std:.1f}" if seeds > 1 else "")
     return f"{mean:{sign}{spec}}" + (f" ± {std:{spec}}" if seeds > 1 else "")
+
+
+def paired_differences(reference: Mapping[Any, float], other: Mapping[Any, float]) -> dict | None:
+    """``reference[s] - other[s]`` for every seed ``s`` both have (sorted), with their mean and sample std
+    (0.0 with one seed): the paired comparison of two victims trained and attacked with the same seeds. None
+    when no seed is shared."""
+    seeds = sorted(set(reference) & set(other))
+    if not seeds:
+        return None
+    values = [reference[s] - other[s] for s in seeds]
+    return {"seeds": seeds, "values": values, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}

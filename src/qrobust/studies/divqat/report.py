@@ -15,7 +15,7 @@ from qrobust.defenses.output import defense_accuracy_warning
 from qrobust.experiment.engine import compute_seconds
 from qrobust.studies.divqat.attacks import ATTACK_LABELS, EXTRACTION_ATTACKS
 from qrobust.studies.divqat.config import StudyConfig, victim_names
-from qrobust.studies.tables import fmt, mean_of
+from qrobust.studies.tables import fmt, mean_of, paired_differences
 
 PAPER_BUDGETS = "KnockoffNets 50k queries, DFME 20M, MAZE 5M (CIFAR-10)"
 
@@ -39,14 +39,18 @@ def error_gains(cfg: StudyConfig, agg: dict) -> dict:
 
 def paired_gain_std(cfg: StudyConfig, agg: dict, name: str, defense: str, attack: str) -> float | None:
     """Std over seeds of the per-seed gain ``clone_acc_QAT(s) - clone_acc_DivQAT(s)`` (seeds paired: the same
-    seed's data splits and cell seed); None with fewer than two seeds or without per-seed values."""
+    seed's data splits and cell seed; :func:`paired_differences`); None with fewer than two seeds or without
+    per-seed values."""
     cells = agg["cells"]
     cell = cells.get(name, {}).get(defense, {}).get(attack)
     ref = cells.get(f"qat-{cfg.divqat.backend}", {}).get(defense, {}).get(attack)
     if not cell or not ref or "clone_acc_per_seed" not in cell or "clone_acc_per_seed" not in ref:
         return None
-    diffs = [q - d for q, d in zip(ref["clone_acc_per_seed"], cell["clone_acc_per_seed"], strict=True)]
-    return statistics.stdev(diffs) if len(diffs) > 1 else None
+    ref_values, values = ref["clone_acc_per_seed"], cell["clone_acc_per_seed"]
+    if len(ref_values) != len(values):  # both lists follow the study's seeds: a mismatch is a bug upstream
+        raise ValueError(f"{name}/{defense}/{attack}: {len(values)} per-seed values, {len(ref_values)} for QAT")
+    diff = paired_differences(dict(enumerate(ref_values)), dict(enumerate(values)))
+    return diff["std"] if diff and len(diff["values"]) > 1 else None
 
 
 def defense_warnings(cfg: StudyConfig, defenses: dict) -> list[str]:
