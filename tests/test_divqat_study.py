@@ -14,7 +14,7 @@ from qrobust.cli import main
 from qrobust.errors import ConfigError
 from qrobust.experiment import Cell
 from qrobust.experiment import stages as engine_stages
-from qrobust.experiment.engine import seed_stages
+from qrobust.experiment.engine import RUN_KEYS, seed_stages
 from qrobust.studies.divqat import SPEC, DivQATSpec, cell_plan, load_study_config, preset_path, run_study
 from qrobust.studies.divqat.report import (
     _short_label,
@@ -28,7 +28,6 @@ from qrobust.studies.divqat.victims import select_operating_point
 
 VICTIMS = ["qat-server", "qat-mobile", "divqat-0.1-server", "divqat-op-server"]
 N_CELLS = len(VICTIMS) * (5 + 4 + 4)  # none: 5 attacks; rs, dcp: knockoff, defense-aware, DFME, MAZE
-RUN_KEYS = ("seconds", "executor", "wall_seconds_this_call", "environment")  # how and how fast, not what
 
 
 def _numbers(results: dict) -> str:

@@ -212,3 +212,71 @@ def test_ray_reports_a_failed_prepare_with_its_own_error(tmp_path, ray_executor)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     with pytest.raises(ConfigError, match="seed 1 cannot be prepared"):
         run_study(FailsToPrepare(), _cfg(tmp_path / "ray"), ray_executor)
+
+
+def test_every_call_is_logged_with_the_cpu_that_ran_each_cell(tmp_path, monkeypatch):
+    """calls.json keeps one entry per call (environment, executor, each finished cell with its CPU); a study
+    resumed on another CPU says so in results.json, results.md and `qrobust status`, not silently."""
+    import qrobust.experiment.engine as engine
+    from qrobust.experiment.status import format_status, study_status
+
+    monkeypatch.setattr(engine, "cpu_name", lambda: "CPU A")
+    first = run_study(Toy(), _cfg(tmp_path))
+    folder = tmp_path / "toy"
+    calls = json.loads((folder / "calls.json").read_text())
+    assert len(calls) == 1 and calls[0]["executor"] == "local" and "finished" in calls[0]
+    assert {"git_commit", "cpu", "torch"} <= set(calls[0]["environment"])
+    assert sorted((c["seed"], c["cell"]) for c in calls[0]["cells"]) == sorted(
+        (s, f"noise-{n:g}") for s in (0, 1) for n in (0.0, 0.2, 0.5))
+    assert first["cells_by_cpu"] == {"CPU A": 6} and first["calls"][0]["cells_run"] == 6
+    assert "## Where it ran" in (folder / "results.md").read_text()
+    assert "different CPUs" not in (folder / "results.md").read_text()
+    # seed 1 loses two records; the resume runs them on another machine
+    path = folder / "seed-1" / "cells.json"
+    cells = json.loads(path.read_text())
+    del cells["noise-0.2"], cells["noise-0.5"]
+    path.write_text(json.dumps(cells))
+    monkeypatch.setattr(engine, "cpu_name", lambda: "CPU B")
+    again = run_study(Toy(), _cfg(tmp_path))
+    calls = json.loads((folder / "calls.json").read_text())
+    assert [len(c["cells"]) for c in calls] == [6, 2]
+    assert {c["cpu"] for c in calls[1]["cells"]} == {"CPU B"} and {c["seed"] for c in calls[1]["cells"]} == {1}
+    assert again["cells_by_cpu"] == {"CPU A": 6, "CPU B": 2} and len(again["calls"]) == 2
+    report = (folder / "results.md").read_text()
+    assert "ran on 2 different CPUs" in report and "CPU A: 6, CPU B: 2" in report
+    text = format_status("toy", study_status(Toy(), _cfg(tmp_path), folder))
+    assert "calls so far: 2" in text and "more than one CPU" in text
+
+
+def test_a_corrupt_call_log_stops_the_study_and_keeps_the_cells(tmp_path):
+    """calls.json only records provenance: corrupt, it is reported as corrupt with the fix (delete it) and
+    the finished cells are kept and reused after that."""
+    run_study(Toy(), _cfg(tmp_path))
+    folder = tmp_path / "toy"
+    cells_before = (folder / "seed-0" / "cells.json").read_text()
+    (folder / "calls.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="calls.json is corrupt.*delete it"):
+        run_study(Toy(), _cfg(tmp_path))
+    assert (folder / "seed-0" / "cells.json").read_text() == cells_before
+    (folder / "calls.json").write_text('{"a": 1}')  # valid JSON, not a list of calls
+    with pytest.raises(ConfigError, match="not a list of calls"):
+        run_study(Toy(), _cfg(tmp_path))
+    (folder / "calls.json").unlink()
+    CALLS.clear()
+    run_study(Toy(), _cfg(tmp_path))
+    assert CALLS == ["prepare 0", "prepare 1"]  # no cell recomputed
+    assert len(json.loads((folder / "calls.json").read_text())) == 1
+
+
+def test_a_folder_holding_only_config_and_call_log_may_be_taken_over(tmp_path):
+    """A start that failed before its first result leaves config.toml and calls.json: nothing to lose, so a
+    corrected command runs there; a folder that also holds a result is refused."""
+    from qrobust.errors import RunFolderError
+    from qrobust.runs import RunDir
+
+    RunDir(tmp_path / "run", {"lr": 0.1})
+    (tmp_path / "run" / "calls.json").write_text("[]")
+    RunDir(tmp_path / "run", {"lr": 0.2})  # taken over
+    (tmp_path / "run" / "results.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="different run"):
+        RunDir(tmp_path / "run", {"lr": 0.3})

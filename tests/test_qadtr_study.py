@@ -10,13 +10,11 @@ import torch
 
 from qrobust.cli import main
 from qrobust.errors import ConfigError
+from qrobust.experiment.engine import RUN_KEYS  # how, where and how fast it ran: differs by design
 from qrobust.studies.qadtr import DEFENSES, load_study_config, preset_path, run_study
 
 NAMES = ["none", "pbat", "dwq", "aqapa", "aqapa+dbwt", "qadtr"]
 FACTORS = ("seen", "unseen_size", "unseen_shape", "unseen_place", "unseen_all")
-# What differs between two runs of the same study: timings, the executor, the machine.
-RUN_KEYS = {"seconds", "executor", "wall_seconds_this_call", "environment"}
-
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):

@@ -13,6 +13,7 @@ import qrobust.experiment.stages as stages_module
 from qrobust.attacks.whitebox import pgd, robust_accuracy
 from qrobust.cli import main
 from qrobust.errors import ConfigError
+from qrobust.experiment.engine import RUN_KEYS as ENGINE_RUN_KEYS
 from qrobust.experiment.engine import seed_stages
 from qrobust.studies.sq import ATTACKS, SPEC, SQSpec, load_study_config, preset_path, run_study
 
@@ -20,8 +21,7 @@ MODELS = ["fp32", "fp32-ft", "fp32-inq", "qat2", "sq", "sq-mi"]  # trained (a ch
 EVALUATED = MODELS + ["sq-mi-round"]  # + the sq-mi network with its SQs rounding (deterministic control)
 CELLS = [f"eval/{m}" for m in EVALUATED] + ["adaptive", "ablation/sq-mi", "ablation/sq-mi-beta0.5"]
 # What differs between two runs of the same study by design: timings and where/how it ran.
-RUN_KEYS = ("seconds", "wall_seconds_this_call", "train_seconds_this_call", "train_seconds_total", "executor",
-            "environment")
+RUN_KEYS = (*ENGINE_RUN_KEYS, "train_seconds_this_call", "train_seconds_total")
 
 
 def _keep_threads():

@@ -22,6 +22,7 @@ import re
 import subprocess
 import tomllib
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """This machine's CPU model (``/proc/cpuinfo``'s "model name"; else what :mod:`platform` knows): results
+    that time or compare machines name the CPU they ran on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment(device: str) -> dict:
     return {
         "git_commit": git_commit(),
+        "cpu": cpu_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device,
@@ -124,6 +139,10 @@ def environment(device: str) -> dict:
         "threads": torch.get_num_threads(),
     }
 
+
+# Files that record how and where a run ran, not what it computed: a folder holding only these (and folders)
+# holds no results, so a corrected command may take it over.
+PROVENANCE_FILES = ("config.toml", "calls.json")
 
 # Settings that say where a run reads its data, not what it computes: stored in config.toml, not compared,
 # so `--data-dir` / `--download` on one call and not on the next resume the same run.
@@ -147,8 +166,8 @@ def remove_stray_tmp(folder: Path) -> int:
 
 def holds_no_results(folder: Path) -> bool:
     """True when nothing under ``folder`` would be lost by starting another run there: it holds only
-    folders, ``config.toml`` files (a start that failed before its first result) and stray temporary files."""
-    return all(p.is_dir() or p.name == "config.toml" or is_stray_tmp(p) for p in folder.rglob("*"))
+    folders, :data:`PROVENANCE_FILES` (a start that failed before its first result) and stray temporary files."""
+    return all(p.is_dir() or p.name in PROVENANCE_FILES or is_stray_tmp(p) for p in folder.rglob("*"))
 
 
 class RunDir:

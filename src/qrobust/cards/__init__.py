@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
-from qrobust.runs import atomic_write_bytes, atomic_write_text, git_commit
+from qrobust.runs import atomic_write_bytes, atomic_write_text, cpu_name, git_commit
 
 from . import battery, render
 from .budget import BUDGETS, USER_BUDGETS, Budget, get_budget
@@ -39,22 +39,10 @@ from .sources import Subject, from_folder, split_width
 CARD_FORMAT = 2  # bump when a cached section's meaning or labels change
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict:
     import qrobust
 
-    return {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "qrobust": qrobust.__version__, "git_commit": git_commit(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 

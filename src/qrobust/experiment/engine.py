@@ -12,6 +12,10 @@ aggregation and atomic writes for every study (the specifications are in ``qrobu
    another seed keeps it), then the study's ``results.json`` (mean +- std over seeds),
    ``results.md`` and figures.
 
+Every call is logged in the folder's ``calls.json`` (:mod:`.calls`): its environment, and each cell it
+finished with the CPU that ran it; ``results.json`` holds the calls (``calls``) and ``results.md`` ends
+with where the cells ran, warning when a resumed study mixed CPUs.
+
 Cell records do not hold timings (they differ between runs and executors); seconds per cell and per
 stage go to each seed's ``timings.json`` and into the study's ``results.json`` under ``seconds``.
 """
@@ -24,11 +28,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from qrobust.experiment.calls import CallLog, calls_summary, cells_by_cpu, provenance_markdown
 from qrobust.experiment.executors import LocalExecutor
 from qrobust.experiment.settings import open_study
 from qrobust.experiment.spec import Cell, StudySpec
 from qrobust.experiment.stages import CellStore, Stages
-from qrobust.runs import environment
+from qrobust.runs import cpu_name, environment
+
+# The keys of a study's results.json that say how, where and how fast it ran, not what it computed: two runs
+# of one study (local vs Ray, one call vs resumed) differ in these by design.
+RUN_KEYS = ("seconds", "executor", "wall_seconds_this_call", "environment", "calls", "cells_by_cpu")
 
 CELL_SECONDS = "cell "  # timings.json: "cell <key>" holds a cell's seconds, "prepare" the seed's preparation
 
@@ -60,7 +69,7 @@ def _prepare(spec: StudySpec, cfg: Any, root: Path, seed: int) -> tuple[dict, An
 def _run_cell(spec: StudySpec, cfg: Any, ctx: Any, cell: Cell) -> dict:
     t0 = time.perf_counter()
     record = spec.run_cell(cfg, ctx, cell)
-    return {"record": record, "seconds": time.perf_counter() - t0}
+    return {"record": record, "seconds": time.perf_counter() - t0, "cpu": cpu_name()}  # the worker's CPU
 
 
 class _Bound:
@@ -79,6 +88,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
     root, run = open_study(cfg)
     t0 = time.perf_counter()
     started_with = environment(str(cfg.device))  # the code this call ran (HEAD may move while it runs)
+    log = CallLog(run, started_with, executor.name)
     prepared = executor.prepare(_Bound(_prepare, spec, cfg, root), list(cfg.seeds))
     stages = {seed: seed_stages(spec, cfg, root, seed) for seed in cfg.seeds}
     stores = {seed: CellStore(stages[seed]) for seed in cfg.seeds}
@@ -103,6 +113,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
         for seed, cell, out in executor.run_cells(_Bound(_run_cell, spec, cfg), work):
             stores[seed].put(cell.key, out["record"])
             stages[seed].add_seconds(CELL_SECONDS + cell.key, out["seconds"])
+            log.cell_done(seed, cell.key, out.get("cpu", "unknown"))
             left[seed] -= 1
             if left[seed] == 0:
                 finish(seed)
@@ -113,13 +124,15 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
     for seed in cfg.seeds:
         if seed not in finished:
             finish(seed)
+    log.finish()
     per_seed = [finished[seed] for seed in cfg.seeds]
     results = {"complete": True, "name": cfg.name, "seeds": list(cfg.seeds), **spec.aggregate(cfg, per_seed),
                "seconds": {str(seed): stages[seed].read_json("timings.json") or {} for seed in cfg.seeds},
                "executor": executor.name, "wall_seconds_this_call": time.perf_counter() - t0,
-               "environment": started_with}
+               "environment": started_with, "calls": calls_summary(log.calls),
+               "cells_by_cpu": cells_by_cpu(log.calls)}
     run.write_json("results.json", results)
-    run.write_text("results.md", spec.report(cfg, results, root))
+    run.write_text("results.md", spec.report(cfg, results, root) + provenance_markdown(log.calls))
     return results
 
 

@@ -2,8 +2,9 @@
 
 A ``full`` study runs for CPU-hours, often on a cluster, and resumes per stage and per cell. This
 reads what the engine has written (``config.toml``, each seed's ``cells.json`` and ``timings.json``,
-the ``results.json`` files) and says, per seed, which cells are done and which are left, and how much
-compute the rest needs.
+the ``results.json`` files, ``calls.json``) and says, per seed, which cells are done and which are left,
+how much compute the rest needs, and how many cells each CPU ran (a warning when a resumed folder mixes
+CPUs: its timings then mix their speeds).
 
 The estimate of what is left: each missing cell costs the mean of the finished cells of its *kind* (the
 last part of its key, e.g. ``dfme`` in ``qat-server/none/dfme``), over every seed of this folder; a
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qrobust.errors import ConfigError
+from qrobust.experiment.calls import calls_summary, cells_by_cpu, read_calls
 from qrobust.experiment.engine import CELL_SECONDS, cell_done, work_seconds
 from qrobust.experiment.spec import StudySpec
 
@@ -69,6 +71,7 @@ def study_status(spec: StudySpec, cfg: Any, root: str | Path) -> dict:
             "seconds_so_far": work_seconds(timings),
             "results_written": (folder / "results.json").is_file(),
         }
+    calls = read_calls(root)
     mean_by_kind = {k: statistics.fmean(v) for k, v in per_kind.items()}
     estimate, unmeasured = 0.0, Counter()
     for left in left_by_seed.values():
@@ -84,6 +87,8 @@ def study_status(spec: StudySpec, cfg: Any, root: str | Path) -> dict:
         "estimated_seconds_left": estimate,
         "unmeasured_cells_left": dict(unmeasured),
         "complete": (root / "results.json").is_file() and all(s["left"] == 0 for s in seeds.values()),
+        "calls": calls_summary(calls),
+        "cells_by_cpu": cells_by_cpu(calls),
     }
 
 
@@ -102,6 +107,13 @@ def format_status(study: str, status: dict) -> str:
         lines.append(f"  seed {seed}: {s['done']}/{s['cells']} cells done" + (f"; left: {left}" if left else "")
                      + f"; {_hours(s['seconds_so_far'])} of stages and cells so far"
                      + ("; results.json written" if s["results_written"] else ""))
+    per_cpu = status.get("cells_by_cpu", {})
+    if status.get("calls"):
+        lines.append(f"calls so far: {len(status['calls'])}; cells run per CPU: "
+                     + (", ".join(f"{cpu}: {n}" for cpu, n in sorted(per_cpu.items())) or "none yet"))
+    if len(per_cpu) > 1:
+        lines.append("warning: the cells ran on more than one CPU (calls.json says which ran where): the time "
+                     "left below mixes their speeds, and compare timings within one CPU only")
     if status["complete"]:
         lines.append("complete: results.json and results.md are in the folder")
         return "\n".join(lines)
