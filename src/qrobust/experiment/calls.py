@@ -36,14 +36,14 @@ def read_calls(folder: str | Path) -> list[dict]:
     path = Path(folder) / CALLS_FILE
     if not path.is_file():
         return []
+    fix = ("it only records which machine ran which cells; delete it and run the same command again (the "
+           "cells are kept in each seed's cells.json)")
     try:
         calls = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        calls = err
+        raise ConfigError(f"{path} is corrupt ({err}): {fix}") from None
     if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-        why = f" ({calls})" if isinstance(calls, Exception) else " (not a list of calls)"
-        raise ConfigError(f"{path} is corrupt{why}: it only records which machine ran which cells; delete it "
-                          "and run the same command again (the cells are kept in each seed's cells.json)")
+        raise ConfigError(f"{path} is corrupt (not a list of calls): {fix}")
     return calls
 
 

@@ -113,7 +113,7 @@ def run_study(spec: StudySpec, cfg: Any, executor: Any = None) -> dict:
         for seed, cell, out in executor.run_cells(_Bound(_run_cell, spec, cfg), work):
             stores[seed].put(cell.key, out["record"])
             stages[seed].add_seconds(CELL_SECONDS + cell.key, out["seconds"])
-            log.cell_done(seed, cell.key, out.get("cpu", "unknown"))
+            log.cell_done(seed, cell.key, out["cpu"])
             left[seed] -= 1
             if left[seed] == 0:
                 finish(seed)

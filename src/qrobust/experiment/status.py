@@ -107,8 +107,8 @@ def format_status(study: str, status: dict) -> str:
         lines.append(f"  seed {seed}: {s['done']}/{s['cells']} cells done" + (f"; left: {left}" if left else "")
                      + f"; {_hours(s['seconds_so_far'])} of stages and cells so far"
                      + ("; results.json written" if s["results_written"] else ""))
-    per_cpu = status.get("cells_by_cpu", {})
-    if status.get("calls"):
+    per_cpu = status["cells_by_cpu"]
+    if status["calls"]:
         lines.append(f"calls so far: {len(status['calls'])}; cells run per CPU: "
                      + (", ".join(f"{cpu}: {n}" for cpu, n in sorted(per_cpu.items())) or "none yet"))
     if len(per_cpu) > 1:

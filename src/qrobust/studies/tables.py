@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping
 from typing import Any
+
+from qrobust.experiment.aggregate import mean_std
 
 
 def mean_of(cell: Any) -> float:
@@ -29,11 +30,11 @@ def fmt(cell: Any, seeds: int, percent: bool = True, spec: str = ".3f", signed: 
 
 def paired_differences(reference: Mapping[Any, float], other: Mapping[Any, float]) -> dict | None:
     """``reference[s] - other[s]`` for every seed ``s`` both have (sorted), with their mean and sample std
-    (0.0 with one seed): the paired comparison of two victims trained and attacked with the same seeds. None
+    (0.0 with one seed; :func:`~qrobust.experiment.aggregate.mean_std`): the paired comparison of two victims trained and attacked with the same seeds. None
     when no seed is shared."""
     seeds = sorted(set(reference) & set(other))
     if not seeds:
         return None
     values = [reference[s] - other[s] for s in seeds]
-    return {"seeds": seeds, "values": values, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    stats = mean_std(values)
+    return {"seeds": seeds, "values": values, "mean": stats["mean"], "std": stats["std"]}

@@ -80,15 +80,15 @@ from qrobust.registry import ATTACKS
 from qrobust.utils import eval_mode, module_device
 
 _LOG_FLOOR = 1e-6  # victim probabilities are clamped here before the log (defenses can output exact 0)
+SCHEDULES = ("multistep", "cosine", "none")
+MULTISTEP_AT = (0.1, 0.3, 0.5)  # DFME: lr x MULTISTEP_GAMMA at these fractions of the iterations
+MULTISTEP_GAMMA = 0.3
 
 
 def mean_corrected_log(p: Tensor) -> Tensor:
     """``log max(p, 1e-6) - mean_k log max(p_k, 1e-6)``: the victim's logits up to a constant, what DFME's l1 compares."""
     log_p = p.clamp_min(_LOG_FLOOR).log()
     return log_p - log_p.mean(dim=1, keepdim=True)
-SCHEDULES = ("multistep", "cosine", "none")
-MULTISTEP_AT = (0.1, 0.3, 0.5)  # DFME: lr x MULTISTEP_GAMMA at these fractions of the iterations
-MULTISTEP_GAMMA = 0.3
 
 
 def _widen(t: Tensor) -> Tensor:
