@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from qrobust.config import load_dataclass_config
 from qrobust.errors import ConfigError
+from qrobust.experiment.aggregate import mean_std
 from qrobust.experiment.engine import seed_stages
 from qrobust.experiment.settings import stored_study_config
 from qrobust.runs import atomic_write_text
@@ -95,8 +95,7 @@ def summarise(records: dict, reference: str = "qat-server") -> dict:
         row = {"seeds": len(recs), "seed_ids": seeds, "queries_used": [r["queries_used"] for r in recs]}
         for name in ("clone_acc", "defender_acc", "agreement"):
             values = [100 * r[name] for r in recs]
-            row[name] = {"mean": statistics.fmean(values),
-                         "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+            row[name] = {**mean_std(values), "values": values}
         row["histories"] = [r.get("history") for r in recs]
         victim, rest = cell.split("/", 1)
         ref = groups.get(f"{reference}/{rest}")

@@ -393,6 +393,11 @@ def test_zeroth_order_budget_script_reuses_the_victims_and_leaves_the_study_alon
     assert all(r["queries_used"] > 48 and r["queries_used"] <= 96 and r["counts_agree"] for r in more.values())
     summary = json.loads((tmp_path / "more" / "summary.json").read_text())
     assert all(row["seeds"] == 2 for row in summary.values())
+    for cell, row in summary.items():  # mean +- sample std over the two seeds' records, in points
+        values = [100 * more[f"{s}@{cell}"]["clone_acc"] for s in (0, 1)]
+        assert row["clone_acc"]["values"] == pytest.approx(values) and row["clone_acc"]["n"] == 2
+        assert row["clone_acc"]["mean"] == pytest.approx(sum(values) / 2)
+        assert row["clone_acc"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
     # every DivQAT victim's gain over QAT-server (the smoke study's backend), paired by seed from the records
     divqat_cells = [cell for cell in summary if cell.startswith("divqat-")]
     assert divqat_cells and all("gain" not in row for cell, row in summary.items() if cell.startswith("qat-server/"))
