@@ -30,8 +30,8 @@ def fmt(cell: Any, seeds: int, percent: bool = True, spec: str = ".3f", signed: 
 
 def paired_differences(reference: Mapping[Any, float], other: Mapping[Any, float]) -> dict | None:
     """``reference[s] - other[s]`` for every seed ``s`` both have (sorted), with their mean and sample std
-    (0.0 with one seed; :func:`~qrobust.experiment.aggregate.mean_std`): the paired comparison of two victims trained and attacked with the same seeds. None
-    when no seed is shared."""
+    (0.0 with one seed; :func:`~qrobust.experiment.aggregate.mean_std`): the paired comparison of two
+    victims trained and attacked with the same seeds. None when no seed is shared."""
     seeds = sorted(set(reference) & set(other))
     if not seeds:
         return None
