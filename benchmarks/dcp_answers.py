@@ -19,29 +19,45 @@ reports for several probe sets how often the defense acts and what it does to th
 The probe sets: the study's test images, uniform noise, the untrained DFME and MAZE generators at the
 study's widths (what the attacks send first; trained, the generators seek the victim's low-confidence
 regions), and test images blended with noise. Reads the study folder, writes nothing.
+
+With ``--attack dfme|maze --queries N`` it also runs that attack on the defended victim as the study's
+cell does (the cell's seed, a fresh clone, the study's settings but a budget of N queries) and reports
+the same statistics over the queries the attack itself sent, in windows of its budget: what the defense
+did to the answers the trained generator asked for, which the study's cells do not store.
+
+    python benchmarks/dcp_answers.py runs/divqat-full --seed 0 --victim divqat-op-server --attack dfme \\
+        --queries 300000
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 
 from qrobust.attacks.extraction.dfme import Generator
+from qrobust.attacks.extraction.metrics import clone_accuracy
+from qrobust.attacks.extraction.victim import Victim
 from qrobust.defenses.output import make_defense
 from qrobust.errors import ConfigError
 from qrobust.experiment.settings import stored_study_config
+from qrobust.experiment.spec import cell_seed
 from qrobust.metrics import predict_logits
 from qrobust.quant import QuantConfig, quantize
 from qrobust.runs import safe_load
+from qrobust.studies.divqat.attacks import EXTRACTION_ATTACKS
 from qrobust.studies.divqat.config import StudyConfig, operating_point_name
 from qrobust.studies.divqat.data import SeedData, build_model
 from qrobust.studies.divqat.victims import operating_point_checkpoint
 
 PROBES = 2000
+WINDOWS = (0.0, 0.1, 0.3, 0.6, 1.0)  # shares of the attack's budget: one row of statistics per window
+STATS = ("median_conf", "gate", "flip", "l1", "tail_rho", "margin_clean", "margin_defended")
 
 
 def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -67,6 +83,53 @@ def answer_stats(p: torch.Tensor, y: torch.Tensor, threshold: float | None) -> d
         "margin_clean": (two_p[:, 0] - two_p[:, 1]).mean().item(),
         "margin_defended": (two_y[:, 0] - two_y[:, 1]).mean().item(),
     }
+
+
+class RecordingDefense:
+    """An output defense unchanged, plus :func:`answer_stats` of every batch it answers (with its size)."""
+
+    def __init__(self, fn, threshold: float | None):
+        self.fn, self.threshold, self.batches = fn, threshold, []
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        y = self.fn(p)
+        self.batches.append((p.shape[0], answer_stats(p.double(), y.double(), self.threshold)))
+        return y
+
+    def windows(self, edges: tuple[float, ...] = WINDOWS) -> list[dict]:
+        """Row-weighted means of the batch statistics over windows of the rows answered (by their
+        position in the attack: ``edges`` are shares of all rows answered)."""
+        total = sum(n for n, _ in self.batches)
+        out, seen = [], 0
+        bounds = [round(e * total) for e in edges]
+        groups: list[list] = [[] for _ in bounds[1:]]
+        for n, stats in self.batches:
+            k = next(i for i, hi in enumerate(bounds[1:]) if seen < hi or i == len(bounds) - 2)
+            groups[k].append((n, stats))
+            seen += n
+        for (lo, hi), group in zip(pairwise(bounds), groups, strict=True):
+            rows = sum(n for n, _ in group)
+            if rows:
+                out.append({"from": lo, "to": hi, "rows": rows,
+                            **{k: sum(n * s[k] for n, s in group) / rows for k in STATS}})
+        return out
+
+
+def attack_answers(cfg: StudyConfig, data: SeedData, seed: int, victim_name: str, model: torch.nn.Module,
+                   defense_name: str, defense, threshold: float | None, attack_name: str,
+                   queries: int) -> tuple[list[dict], float]:
+    """Run ``attack_name`` (dfme / maze) on the defended victim as the study's cell does, at ``queries``;
+    returns the per-window answer statistics and the clone's test accuracy."""
+    section = getattr(cfg, attack_name)
+    cfg = dataclasses.replace(cfg, **{attack_name: dataclasses.replace(section, queries=queries)})
+    recorder = RecordingDefense(defense, threshold)
+    seed_of_cell = cell_seed(seed, victim_name, defense_name, attack_name)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed_of_cell)
+        clone = build_model(cfg, cfg.model.clone_arch or cfg.model.arch, data.info)
+        victim = Victim(model, output="probs", budget=queries, defense=recorder)
+        EXTRACTION_ATTACKS[attack_name].run(cfg, data.for_cells(), victim, clone, seed_of_cell)
+    return recorder.windows(), clone_accuracy(clone, data.test_x, data.test_y)
 
 
 def load_victim(root: Path, cfg: StudyConfig, seed: int, name: str, info) -> torch.nn.Module:
@@ -98,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--victim", default="qat-server")
     parser.add_argument("--defense", default="dcp", help="a defense calibrated in defenses.json (dcp, rs)")
+    parser.add_argument("--attack", choices=("dfme", "maze"), help="also run this attack and report its queries")
+    parser.add_argument("--queries", type=int, default=300_000, help="the attack's budget (default 300000)")
     args = parser.parse_args(argv)
+    if args.queries < 1:
+        parser.error(f"--queries {args.queries}: give a positive budget, e.g. 300000")
     try:
         cfg = stored_study_config(StudyConfig(), args.study)
         defenses = json.loads((args.study / f"seed-{args.seed}" / "defenses.json").read_text())
@@ -137,9 +204,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, images in probes.items():
         p = predict_logits(victim, images, 512).softmax(1).double()
         s = answer_stats(p, defense(p), threshold)
-        print(f"| {name} | {s['median_conf']:.3f} | {s['gate']:.3f} | {s['flip']:.3f} | {s['l1']:.3f} | "
-              f"{s['tail_rho']:+.2f} | {s['margin_clean']:.3f} -> {s['margin_defended']:.3f} |")
+        print(row(name, s))
+    if args.attack:
+        windows, acc = attack_answers(cfg, data, args.seed, args.victim, victim, args.defense, defense, threshold,
+                                      args.attack, args.queries)
+        print(f"\n{args.attack.upper()} on the {args.defense}-defended victim, {args.queries} queries (the cell's seed): "
+              f"clone accuracy {100 * acc:.1f}%")
+        print("| its queries | median conf | gate | argmax flipped | l1 | tail rho (clean vs defended) | top margin |")
+        print("|---|---|---|---|---|---|---|")
+        for w in windows:
+            print(row(f"{w['from']}-{w['to']}", w))
     return 0
+
+
+def row(name: str, s: dict) -> str:
+    return (f"| {name} | {s['median_conf']:.3f} | {s['gate']:.3f} | {s['flip']:.3f} | {s['l1']:.3f} | "
+            f"{s['tail_rho']:+.2f} | {s['margin_clean']:.3f} -> {s['margin_defended']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ steps on synthetic data of the paper's shape."""
 import json
 import math
 import statistics
+from itertools import pairwise
 
 import pytest
 import torch
@@ -428,6 +429,13 @@ def test_dcp_answers_script_reports_what_the_defense_does_to_each_probe_set(stud
     stats = script.answer_stats(p, reversed_tail, threshold=0.6)
     assert stats["tail_rho"] == pytest.approx(-1.0) and stats["flip"] == 0.0 and stats["gate"] == 1.0
     assert stats["margin_defended"] == pytest.approx(0.1) and stats["l1"] == pytest.approx(0.6)
+    # the recorder answers as the defense does and weights each window's statistics by its rows
+    recorder = script.RecordingDefense(lambda q: q.flip(1), threshold=0.6)
+    assert torch.equal(recorder(p), p.flip(1))
+    recorder(torch.tensor([[0.9, 0.05, 0.03, 0.02]] * 3, dtype=torch.float64))
+    windows = recorder.windows((0.0, 0.25, 1.0))
+    assert [(w["from"], w["to"], w["rows"]) for w in windows] == [(0, 1, 1), (1, 4, 3)]
+    assert windows[0]["gate"] == 1.0 and windows[1]["gate"] == 0.0
     out, _ = study
     threads = torch.get_num_threads()
     try:
@@ -439,6 +447,16 @@ def test_dcp_answers_script_reports_what_the_defense_does_to_each_probe_set(stud
         for row in rows[1:]:
             _, conf, gate, flip, l1, rho, _ = row.strip("| ").split(" | ")
             assert 0 <= float(gate) <= 1 and 0 <= float(flip) <= 1 and 0 <= float(l1) <= 2 and -1 <= float(rho) <= 1
+        # --attack: the same statistics over the attack's own queries, in windows that cover all its rows
+        assert script.main([str(out), "--seed", "1", "--victim", "qat-server", "--attack", "maze",
+                            "--queries", "3000"]) == 0
+        text = capsys.readouterr().out
+        assert "MAZE on the dcp-defended victim, 3000 queries" in text and "clone accuracy" in text
+        windows = [line for line in text.split("| its queries |")[1].splitlines() if line.startswith("| ")
+                   and "---" not in line]
+        spans = [tuple(int(x) for x in w.split(" | ")[0][2:].split("-")) for w in windows]
+        assert len(spans) >= 2 and spans[0][0] == 0 and all(a[1] == b[0] for a, b in pairwise(spans))
+        assert 0 < spans[-1][1] <= 3000
         assert script.main([str(out), "--seed", "1", "--victim", "qat-nowhere"]) == 2
         assert script.main([str(out), "--seed", "7"]) == 2
         assert "defenses.json" in capsys.readouterr().err
