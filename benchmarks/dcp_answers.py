@@ -32,6 +32,7 @@ did to the answers the trained generator asked for, which the study's cells do n
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import sys
@@ -56,7 +57,7 @@ from qrobust.studies.divqat.data import SeedData, build_model
 from qrobust.studies.divqat.victims import operating_point_checkpoint
 
 PROBES = 2000
-WINDOWS = (0.0, 0.1, 0.3, 0.6, 1.0)  # shares of the attack's budget: one row of statistics per window
+WINDOWS = (0.0, 0.1, 0.3, 0.6, 1.0)  # shares of the rows the attack was answered: one row of statistics each
 STATS = ("median_conf", "gate", "flip", "l1", "tail_rho", "margin_clean", "margin_defended")
 
 
@@ -100,13 +101,13 @@ class RecordingDefense:
         """Row-weighted means of the batch statistics over windows of the rows answered (by their
         position in the attack: ``edges`` are shares of all rows answered)."""
         total = sum(n for n, _ in self.batches)
-        out, seen = [], 0
         bounds = [round(e * total) for e in edges]
         groups: list[list] = [[] for _ in bounds[1:]]
-        for n, stats in self.batches:
-            k = next(i for i, hi in enumerate(bounds[1:]) if seen < hi or i == len(bounds) - 2)
-            groups[k].append((n, stats))
+        seen = 0
+        for n, stats in self.batches:  # a batch goes to the window its first row falls in
+            groups[min(bisect.bisect_right(bounds, seen), len(groups)) - 1].append((n, stats))
             seen += n
+        out = []
         for (lo, hi), group in zip(pairwise(bounds), groups, strict=True):
             rows = sum(n for n, _ in group)
             if rows:
@@ -118,17 +119,18 @@ class RecordingDefense:
 def attack_answers(cfg: StudyConfig, data: SeedData, seed: int, victim_name: str, model: torch.nn.Module,
                    defense_name: str, defense, threshold: float | None, attack_name: str,
                    queries: int) -> tuple[list[dict], float]:
-    """Run ``attack_name`` (dfme / maze) on the defended victim as the study's cell does, at ``queries``;
+    """Run ``attack_name`` (dfme / maze) on the defended victim as the study's cell does
+    (``DivQATSpec.run_cell``: its seed, clone, output and budget from the settings), at ``queries``;
     returns the per-window answer statistics and the clone's test accuracy."""
     section = getattr(cfg, attack_name)
     cfg = dataclasses.replace(cfg, **{attack_name: dataclasses.replace(section, queries=queries)})
-    recorder = RecordingDefense(defense, threshold)
+    attack, recorder = EXTRACTION_ATTACKS[attack_name], RecordingDefense(defense, threshold)
     seed_of_cell = cell_seed(seed, victim_name, defense_name, attack_name)
     with torch.random.fork_rng():
         torch.manual_seed(seed_of_cell)
         clone = build_model(cfg, cfg.model.clone_arch or cfg.model.arch, data.info)
-        victim = Victim(model, output="probs", budget=queries, defense=recorder)
-        EXTRACTION_ATTACKS[attack_name].run(cfg, data.for_cells(), victim, clone, seed_of_cell)
+        victim = Victim(model, output=attack.output, budget=attack.budget(cfg), defense=recorder)
+        attack.run(cfg, data.for_cells(), victim, clone, seed_of_cell)
     return recorder.windows(), clone_accuracy(clone, data.test_x, data.test_y)
 
 
@@ -199,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.randn(PROBES, cfg.maze.latent_dim)),
         }
     print(f"{args.study} seed {args.seed}, victim {args.victim}, {args.defense} {params}")
-    print("| probes | median conf | gate | argmax flipped | l1 | tail rho (clean vs defended) | top margin |")
-    print("|---|---|---|---|---|---|---|")
+    print(header("probes"))
     for name, images in probes.items():
         p = predict_logits(victim, images, 512).softmax(1).double()
         s = answer_stats(p, defense(p), threshold)
@@ -210,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
                                       args.attack, args.queries)
         print(f"\n{args.attack.upper()} on the {args.defense}-defended victim, {args.queries} queries (the cell's seed): "
               f"clone accuracy {100 * acc:.1f}%")
-        print("| its queries | median conf | gate | argmax flipped | l1 | tail rho (clean vs defended) | top margin |")
-        print("|---|---|---|---|---|---|---|")
+        print(header("its queries"))
         for w in windows:
             print(row(f"{w['from']}-{w['to']}", w))
     return 0
+
+
+def header(first: str) -> str:
+    return (f"| {first} | median conf | gate | argmax flipped | l1 | tail rho (clean vs defended) | top margin |\n"
+            "|---|---|---|---|---|---|---|")
 
 
 def row(name: str, s: dict) -> str:
