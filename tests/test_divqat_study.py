@@ -20,6 +20,7 @@ from qrobust.studies.divqat import SPEC, DivQATSpec, cell_plan, load_study_confi
 from qrobust.studies.divqat.report import (
     _short_label,
     mean_error_gains,
+    mean_gain_sentence,
     mean_history,
     query_panels,
     results_markdown,
@@ -137,6 +138,14 @@ def test_the_noise_floor_is_left_out_of_the_mean_error_gain():
     gains = {"divqat-0.1-server": {"none": {"knockoff": 0.02, "noise": 0.5}, "rs": {"knockoff": 0.04}}}
     mean = mean_error_gains(cfg, gains)
     assert mean == pytest.approx({"knockoff": 0.03}) and "noise" not in mean
+
+
+def test_the_mean_gain_sentence_says_when_no_attack_gives_one():
+    cfg = load_study_config(preset_path("smoke"))
+    assert mean_gain_sentence(cfg, {"divqat-0.1-server": {"none": {"knockoff": 0.02, "noise": 0.5}}}).endswith(
+        "in points: KnockoffNets +2.0.")
+    only_noise = mean_gain_sentence(cfg, {"divqat-0.1-server": {"none": {"noise": 0.5}}})
+    assert only_noise.endswith("none: no attack other than a reference ran on a DivQAT victim.")
 
 
 def test_the_operating_point_is_the_largest_kl_within_the_accuracy_cost():

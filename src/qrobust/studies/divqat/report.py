@@ -128,6 +128,17 @@ def mean_error_gains(cfg: StudyConfig, gains: dict) -> dict[str, float]:
     return out
 
 
+def mean_gain_sentence(cfg: StudyConfig, gains: dict) -> str:
+    """The report's sentence on the mean adversary error gain; it says so when no attack gives one (a study
+    of the noise floor alone, or without DivQAT victims) instead of ending on an empty list."""
+    mean_gain = mean_error_gains(cfg, gains)
+    head = ("Mean adversary error gain of DivQAT over QAT (all DivQAT victims and defenses; the noise floor is a "
+            "reference, not an attack, and is left out), in points: ")
+    if not mean_gain:
+        return head + "none: no attack other than a reference ran on a DivQAT victim."
+    return head + ", ".join(f"{ATTACK_LABELS[a]} {100 * v:+.1f}" for a, v in mean_gain.items()) + "."
+
+
 def operating_point_lines(cfg: StudyConfig, agg: dict) -> list[str]:
     """The operating point per seed (validation images) as a markdown table, for the paper's loss and,
     when run, the beyond-paper hinge variant."""
@@ -221,13 +232,10 @@ def results_markdown(cfg: StudyConfig, agg: dict, gains: dict, seeds: int, secon
         lines += ["", "**Warning**: " + " ".join(f"{w}." for w in warned)]
     ledger_ok = all(c["ledger_matches_queries"] for per_d in cells.values() for per_a in per_d.values()
                     for c in per_a.values())
-    mean_gain = mean_error_gains(cfg, gains)
     lines += ["", "ECE: expected calibration error of the answers served (15 equal-width confidence bins), in "
               "points; NLL: their mean negative log-likelihood of the true label (nats; probabilities floored at "
               "1e-12), both on the test images.", "",
-              "Mean adversary error gain of DivQAT over QAT (all DivQAT victims and defenses; the noise floor is a "
-              "reference, not an attack, and is left out), in points: "
-              + ", ".join(f"{ATTACK_LABELS[a]} {100 * v:+.1f}" for a, v in mean_gain.items()) + ".", "",
+              mean_gain_sentence(cfg, gains), "",
               "Independent query count (rows the victim's model computed = rows its defense saw = its ledger = the "
               f"queries the attack reports) in every cell: {'yes' if ledger_ok else '**NO**'}. Agreement (clone = "
               "victim label), l1 and per-seed histories are in results.json.", "",
