@@ -43,7 +43,6 @@ import torch
 
 from qrobust.attacks.extraction.dfme import Generator
 from qrobust.attacks.extraction.metrics import clone_accuracy
-from qrobust.attacks.extraction.victim import Victim
 from qrobust.defenses.output import make_defense
 from qrobust.errors import ConfigError
 from qrobust.experiment.settings import stored_study_config
@@ -51,9 +50,9 @@ from qrobust.experiment.spec import cell_seed
 from qrobust.metrics import predict_logits
 from qrobust.quant import QuantConfig, quantize
 from qrobust.runs import safe_load
-from qrobust.studies.divqat.attacks import EXTRACTION_ATTACKS
 from qrobust.studies.divqat.config import StudyConfig, operating_point_name
 from qrobust.studies.divqat.data import SeedData, build_model
+from qrobust.studies.divqat.spec import attacked_cell
 from qrobust.studies.divqat.victims import operating_point_checkpoint
 
 PROBES = 2000
@@ -124,14 +123,10 @@ def attack_answers(cfg: StudyConfig, data: SeedData, seed: int, victim_name: str
     returns the per-window answer statistics and the clone's test accuracy."""
     section = getattr(cfg, attack_name)
     cfg = dataclasses.replace(cfg, **{attack_name: dataclasses.replace(section, queries=queries)})
-    attack, recorder = EXTRACTION_ATTACKS[attack_name], RecordingDefense(defense, threshold)
+    recorder = RecordingDefense(defense, threshold)
     seed_of_cell = cell_seed(seed, victim_name, defense_name, attack_name)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed_of_cell)
-        clone = build_model(cfg, cfg.model.clone_arch or cfg.model.arch, data.info)
-        victim = Victim(model, output=attack.output, budget=attack.budget(cfg), defense=recorder)
-        attack.run(cfg, data.for_cells(), victim, clone, seed_of_cell)
-    return recorder.windows(), clone_accuracy(clone, data.test_x, data.test_y)
+    with attacked_cell(cfg, data.for_cells(), seed_of_cell, model, recorder, attack_name) as (_, clone, _):
+        return recorder.windows(), clone_accuracy(clone, data.test_x, data.test_y)
 
 
 def load_victim(root: Path, cfg: StudyConfig, seed: int, name: str, info) -> torch.nn.Module:

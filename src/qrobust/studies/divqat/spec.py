@@ -5,6 +5,8 @@ budgeted victim and a fresh clone seeded with ``cell_seed(seed, victim, defense,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +27,23 @@ RECORD_KEYS = ("defender_acc", "clone_acc", "agreement", "l1", "queries_used", "
                "budget", "stopped_early", "history", "independent_counts", "counts_agree")
 DEFENSE_KEYS = ("l1_val", "l1_test", "defender_acc", "ece", "nll")  # per victim x defense, mean/std over seeds
 _NUMERIC = ("defender_acc", "clone_acc", "agreement", "l1", "queries_used", "victim_ledger_total")
+
+
+@contextmanager
+def attacked_cell(cfg: StudyConfig, data: dict, seed: int, model: torch.nn.Module, defense,
+                  attack_name: str) -> Iterator[tuple[Victim, torch.nn.Module, object]]:
+    """A cell's attack, as the study runs it: under a forked RNG seeded with the cell's ``seed``, a fresh
+    clone and a fresh budget, the victim ``model`` answering through ``defense`` with the attack's output;
+    yields (victim, clone, attack result) for evaluation inside the same RNG state, which is restored on
+    exit. ``DivQATSpec.run_cell`` and ``benchmarks/dcp_answers.py`` (a recording defense) share it."""
+    attack = EXTRACTION_ATTACKS[attack_name]
+    device = resolve_device(cfg.device)
+    cuda = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        clone = build_model(cfg, cfg.model.clone_arch or cfg.model.arch, data["info"]).to(device)
+        victim = Victim(model, output=attack.output, budget=attack.budget(cfg), defense=defense)
+        yield victim, clone, attack.run(cfg, data, victim, clone, seed)
 
 
 class DivQATSpec(StudySpec):
@@ -59,17 +78,11 @@ class DivQATSpec(StudySpec):
         clone accuracy, agreement, l1 (test), queries used, the victim's ledger, clone accuracy vs queries.
         Seeds itself; the global RNG and the context's models are left as found."""
         victim_name, defense, attack_name = cell.params["victim"], cell.params["defense"], cell.params["attack"]
-        attack, data = EXTRACTION_ATTACKS[attack_name], ctx["data"]
-        device = resolve_device(cfg.device)
+        data = ctx["data"]
         seed = cell_seed(ctx["seed"], victim_name, defense, attack_name)
-        cuda = [torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            clone = build_model(cfg, cfg.model.clone_arch or cfg.model.arch, data["info"]).to(device)
-            budget = attack.budget(cfg)
-            victim = Victim(ctx["models"][victim_name], output=attack.output, budget=budget,
-                            defense=output_defense(defense, ctx["defense_params"][victim_name][defense]))
-            result = attack.run(cfg, data, victim, clone, seed)
+        answers = output_defense(defense, ctx["defense_params"][victim_name][defense])
+        with attacked_cell(cfg, data, seed, ctx["models"][victim_name], answers, attack_name) as (victim, clone, result):
+            budget = victim.budget
             test_x, test_y = data["test_x"], data["test_y"]
             return {
                 "defender_acc": victim.accuracy(test_x, test_y),
